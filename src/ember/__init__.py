@@ -1,0 +1,3 @@
+"""ember: open text-to-image, frugal, honest and licensed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,246 @@
+"""Frozen configuration dataclasses and the named presets.
+
+Every model ember builds is described by a `ModelConfig`; it is written (as JSON) into each
+checkpoint's metadata and each run folder, so a file always says what it is.
+Field names follow the CompVis ldm configs (`model_channels`, `channel_mult`, ...) because the
+state-dict names we load follow ldm too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Prediction = Literal["eps", "v"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """ldm `UNetModel` hyper-parameters (openaimodel.py)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1, 2, 4, ...) at which SpatialTransformers are inserted.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Exactly one of num_heads / num_head_channels is used (the other is -1), as in ldm.
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv
+    norm_groups: int = 32
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) of a transformer with `channels` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """ldm `AutoencoderKL` hyper-parameters (ddconfig + embed_dim)."""
+
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A frozen text encoder.
+
+    kind="clip": a transformers `CLIPTextModel` (SD 1.x CLIP ViT-L/14, SD 2.x OpenCLIP ViT-H/14).
+    kind="minilm": the all-MiniLM-L6-v2 BERT encoder used by ember's own default model.
+    `layer`: "last" takes the final hidden state; "penultimate" the one before it (SD 2.x),
+    both followed by the final layer norm, as ldm's FrozenOpenCLIPEmbedder does.
+    """
+
+    kind: Literal["clip", "minilm"] = "clip"
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_length: int = 77
+    hidden_act: str = "quick_gelu"
+    layer: Literal["last", "penultimate"] = "last"
+    pad_token_id: int = 49407  # SD 1.x pads with <|endoftext|>; OpenCLIP pads with 0 ("!")
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training-time noise schedule (diffusers' scheduler_config.json fields)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear", "cosine"] = "scaled_linear"
+    prediction: Prediction = "eps"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text: TextConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    size: int = 512  # native image size in pixels
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet.in_channels == 9
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> ModelConfig:
+        return model_config_from_dict(json.loads(text))
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (possibly nested) frozen dataclass from `asdict` output, lists back to tuples."""
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(f"unknown {cls.__name__} field {key!r}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(
+        name=data["name"],
+        unet=_build(UNetConfig, data["unet"]),
+        vae=_build(VAEConfig, data["vae"]),
+        text=_build(TextConfig, data["text"]),
+        schedule=_build(ScheduleConfig, data.get("schedule", {})),
+        size=data.get("size", 512),
+    )
+
+
+CLIP_L = TextConfig()
+OPENCLIP_H = TextConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_layers=24,
+    num_heads=16,
+    hidden_act="gelu",
+    layer="penultimate",
+    pad_token_id=0,
+)
+MINILM = TextConfig(
+    kind="minilm",
+    vocab_size=30522,
+    hidden_size=384,
+    intermediate_size=1536,
+    num_layers=6,
+    num_heads=12,
+    max_length=32,
+    hidden_act="gelu",
+    pad_token_id=0,
+    bos_token_id=101,
+    eos_token_id=102,
+)
+
+SD_VAE = VAEConfig()
+SD15_UNET = UNetConfig()
+SD21_UNET = UNetConfig(
+    num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
+)
+
+# Tiny architectures for tests: same code paths (cross-attention, down/up sampling, mid block).
+TINY_UNET = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_heads=2,
+    context_dim=32,
+    norm_groups=8,
+)
+TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+TINY_TEXT = TextConfig(hidden_size=32, intermediate_size=37, num_layers=2, num_heads=4)
+
+# ember's own default model: 64x64 images, a 4x VAE (16x16x4 latents), MiniLM text context.
+EMBER_VAE = VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=1.0)
+EMBER_UNET = UNetConfig(
+    model_channels=96,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(2, 4),
+    num_heads=-1,
+    num_head_channels=32,
+    context_dim=384,
+    use_linear_in_transformer=True,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig("sd15", SD15_UNET, SD_VAE, CLIP_L),
+    "sd15-inpaint": ModelConfig(
+        "sd15-inpaint", dataclasses.replace(SD15_UNET, in_channels=9), SD_VAE, CLIP_L
+    ),
+    "sd21": ModelConfig(
+        "sd21", SD21_UNET, SD_VAE, OPENCLIP_H, ScheduleConfig(prediction="v"), size=768
+    ),
+    "sd21-base": ModelConfig("sd21-base", SD21_UNET, SD_VAE, OPENCLIP_H),
+    "tiny": ModelConfig("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, size=64),
+    "tiny-v": ModelConfig(
+        "tiny-v", TINY_UNET, TINY_VAE, TINY_TEXT, ScheduleConfig(prediction="v"), size=64
+    ),
+    "tiny-inpaint": ModelConfig(
+        "tiny-inpaint", dataclasses.replace(TINY_UNET, in_channels=9), TINY_VAE, TINY_TEXT, size=64
+    ),
+    "ember-small": ModelConfig(
+        "ember-small", EMBER_UNET, EMBER_VAE, MINILM, ScheduleConfig(prediction="v"), size=64
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that determines an image. Stored in each PNG's `ember` record."""
+
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = "euler_a"
+    schedule: str = "default"
+    steps: int = 20
+    cfg: float = 7.0
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    strength: float = 0.75  # img2img / inpaint only
+    clip_skip: int = 1
+    eta: float = 1.0  # noise scale of ancestral / SDE samplers (ddim uses 0 unless asked)
+    extra: dict[str, Any] = field(default_factory=dict)
