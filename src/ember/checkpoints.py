@@ -1,0 +1,534 @@
+"""Checkpoint I/O: original single-file SD checkpoints, diffusers folders, hashes, strict loading.
+
+In memory every model is a `LatentDiffusion` whose state-dict names are CompVis ldm's, so an
+original SD 1.x single file loads without renaming. SD 2.x files keep their text model in OpenCLIP naming
+(`cond_stage_model.model.*`); it is converted to and from the transformers layout at the edge.
+Only safetensors are read; pickled `.ckpt`/`.bin` files are refused (unpickling runs code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ember import config as C
+from ember.errors import EmberError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+CONFIG_KEY = "ember_config"
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+OPENCLIP = TEXT + "model."
+# Keys that SD files carry but ember's modules do not hold: schedule buffers (ember computes the
+# schedule from the config), EMA copies, CLIP's position-id buffer, OpenCLIP's unused heads.
+IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev",
+                    "sqrt_", "log_one_minus", "posterior_", "logvar")  # fmt: skip
+IGNORED_SUFFIXES = ("position_ids",)
+PASSTHROUGH_TEXT_KEYS = ("text_projection", "logit_scale")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the pipeline, with what the image record needs to name it."""
+
+    model: torch.nn.Module  # LatentDiffusion
+    tokenizer: object
+    config: C.ModelConfig
+    path: str
+    name: str
+    sha256: str
+    short_hash: str
+    extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files: validation and hashes
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Validate a safetensors file's header against its size; return the parsed header.
+
+    safetensors' own errors are terse; this names the problem so a user knows the file is at fault.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EmberError(f"model file not found: {path}")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise EmberError(
+            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded; ember "
+            f"reads only .safetensors. Convert it safely with: ember convert {path} OUT.safetensors"
+        )
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise EmberError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise EmberError(f"{path}: not a safetensors file or truncated (header length {n})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EmberError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise EmberError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            width = SAFETENSORS_DTYPES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise EmberError(f"{path}: malformed safetensors entry for tensor {name!r}") from None
+        if not 0 <= begin <= end <= data_len:
+            raise EmberError(
+                f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of "
+                f"{data_len}); the file is truncated or corrupt"
+            )
+        if end - begin != count * width:
+            raise EmberError(f"{path}: tensor {name!r} size does not match its shape and dtype")
+        spans.append((begin, end))
+    spans.sort()
+    for (_, e0), (b1, _) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise EmberError(f"{path}: overlapping tensors in safetensors header")
+    return header
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validated read of all tensors and the string metadata."""
+    header = check_safetensors(path)
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def file_hashes(path: str | Path) -> tuple[str, str]:
+    """(sha256, A1111 short hash = first 10 hex digits). A folder hashes its weight files in order.
+
+    Hashing a 2-4 GB file takes seconds, so results are cached by (path, size, mtime).
+    """
+    path = Path(path).resolve()
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache_file = (
+        Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember")) / "hashes.json"
+    )
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(str(path))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp:
+        return hit["sha256"], hit["sha256"][:10]
+    digest = _sha256_files(files)
+    cache[str(path)] = {"stamp": stamp, "sha256": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".hashes.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs the next run a re-hash
+    return digest, digest[:10]
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
+    """Write atomically (temp file, fsync, rename): a kill mid-write leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# detecting what a single file is
+
+
+def detect_config(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> C.ModelConfig:
+    """The ModelConfig of an ldm-named state dict: ember's own metadata, else the SD family."""
+    if CONFIG_KEY in metadata:
+        return C.ModelConfig.from_json(metadata[CONFIG_KEY])
+    probe = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    first = UNET + "input_blocks.0.0.weight"
+    if probe not in sd or first not in sd:
+        raise EmberError(
+            "not a Stable Diffusion 1.x/2.x checkpoint (no ldm U-Net keys); pass --config NAME "
+            f"to say which architecture it is ({', '.join(C.PRESETS)})"
+        )
+    context_dim = sd[probe].shape[1]
+    in_channels = sd[first].shape[1]
+    if context_dim == 768:
+        cfg = C.get_preset("sd15")
+    elif context_dim == 1024:
+        cfg = C.get_preset("sd21-base")
+    else:
+        raise EmberError(f"unknown SD family: cross-attention width {context_dim}; use --config")
+    if in_channels != cfg.unet.in_channels:
+        cfg = dataclasses.replace(
+            cfg,
+            name=cfg.name + "-inpaint",
+            unet=dataclasses.replace(cfg.unet, in_channels=in_channels),
+        )
+    if context_dim == 1024 and OPENCLIP + "transformer.resblocks.23.ln_1.weight" not in sd:
+        # A 23-layer text model was written from a diffusers folder: its last layer is the one used.
+        n = _count_layers(sd, OPENCLIP + "transformer.resblocks.")
+        cfg = dataclasses.replace(
+            cfg, text=dataclasses.replace(cfg.text, num_layers=n, layer="last")
+        )
+    return cfg
+
+
+def _count_layers(sd: dict, prefix: str) -> int:
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def is_v_prediction(model: torch.nn.Module, cfg: C.ModelConfig) -> bool:
+    """Tell a v-prediction SD 2.x U-Net from an eps one by how it denoises a known input.
+
+    Same test as A1111: at a high noise level, the parametrisation whose reconstruction of a flat
+    image is closer to that image is the one the network was trained with.
+    """
+    from ember.diffusion.schedules import train_alphas_cumprod
+
+    unet = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    dtype = next(unet.parameters()).dtype
+    x0 = torch.full((1, 4, 8, 8), 0.5, dtype=dtype)
+    ctx = torch.zeros((1, 77, cfg.unet.context_dim), dtype=dtype)
+    a = train_alphas_cumprod(cfg.schedule).to(dtype)
+    t = 999
+    noise = torch.randn(x0.shape, generator=gen, dtype=dtype)
+    x_t = a[t].sqrt() * x0 + (1 - a[t]).sqrt() * noise
+    with torch.no_grad():
+        out = unet(x_t, torch.tensor([float(t)], dtype=dtype), ctx)
+    x0_eps = (x_t - (1 - a[t]).sqrt() * out) / a[t].sqrt()
+    x0_v = a[t].sqrt() * x_t - (1 - a[t]).sqrt() * out
+    return bool((x0_v - x0).abs().mean() < (x0_eps - x0).abs().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(
+    path: str | Path,
+    config: str | C.ModelConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a single-file `.safetensors` or a diffusers folder into a strict `LatentDiffusion`."""
+    path = Path(path)
+    if isinstance(config, str):
+        try:
+            config = C.get_preset(config)
+        except ValueError as exc:
+            raise EmberError(str(exc)) from None
+    note = progress or (lambda _msg: None)
+    if path.is_dir():
+        note("reading diffusers folder")
+        sd, cfg, extra = read_diffusers(path)
+        cfg = config or cfg
+    else:
+        note("reading checkpoint")
+        raw, metadata = read_safetensors(path)
+        cfg = config or detect_config(raw, metadata)
+        sd, extra = ldm_to_internal(raw, cfg)
+    model = build_model(cfg, sd, dtype=dtype)
+    if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
+        if cfg.unet.context_dim == 1024 and cfg.schedule.prediction == "eps":
+            if is_v_prediction(model, cfg):
+                cfg = dataclasses.replace(
+                    cfg, name="sd21", size=768,
+                    schedule=dataclasses.replace(cfg.schedule, prediction="v"),
+                )  # fmt: skip
+                model.config = cfg
+    from ember.models.text import build_tokenizer
+
+    sha, short = file_hashes(path)
+    name = path.stem if not path.is_dir() else path.name
+    return LoadedModel(model, build_tokenizer(cfg.text), cfg, str(path), name, sha, short, extra)
+
+
+def _metadata_of(path: Path) -> dict:
+    return dict(check_safetensors(path).get("__metadata__") or {})
+
+
+def build_model(
+    cfg: C.ModelConfig, sd: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Build on the meta device, check every key, then assign the tensors (no double allocation)."""
+    from ember.models.ldm import LatentDiffusion, load_state_dict_strict
+    from ember.models.text import build_text_encoder
+
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        load_state_dict_strict(model, sd)
+    except ValueError as exc:
+        raise EmberError(f"checkpoint does not match the {cfg.name} architecture: {exc}") from None
+    _materialise_buffers(model)
+    model.config = cfg
+    return model.eval().requires_grad_(False)
+
+
+def _materialise_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (not in any file) stay on meta after assign-loading; rebuild them."""
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if name == "position_ids":
+                    module._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+                else:
+                    raise EmberError(f"internal: buffer {name} was not loaded")
+
+
+def ldm_to_internal(
+    raw: dict[str, torch.Tensor], cfg: C.ModelConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An SD single-file dict -> ember's module names, plus pass-through extras (kept for saving)."""
+    from ember.models.text import openclip_to_hf
+
+    sd, extra, openclip = {}, {}, {}
+    for key, value in raw.items():
+        if key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key.startswith(OPENCLIP):
+            openclip[key[len(OPENCLIP) :]] = value
+        else:
+            sd[key] = value
+    if openclip:
+        converted = openclip_to_hf(openclip)
+        for key, value in converted.items():
+            if key.split(".")[-1] in PASSTHROUGH_TEXT_KEYS or key in PASSTHROUGH_TEXT_KEYS:
+                extra[OPENCLIP + key] = value
+            else:
+                sd[TEXT + key] = value
+        if cfg.text.layer == "penultimate":
+            # The last OpenCLIP block is never used for SD 2.x conditioning; keep it for lossless saving.
+            last = f"{TEXT}transformer.text_model.encoder.layers.{cfg.text.num_layers - 1}."
+            for key in [k for k in sd if k.startswith(last)]:
+                extra[key] = sd.pop(key)
+    return sd, extra
+
+
+def internal_to_ldm(
+    sd: dict[str, torch.Tensor], cfg: C.ModelConfig, extra: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Inverse of `ldm_to_internal`: SD 2.x text model back to OpenCLIP names."""
+    from ember.models.text import hf_to_openclip
+
+    out = dict(sd)
+    out.update({k: v for k, v in extra.items() if not k.startswith(OPENCLIP)})
+    if cfg.text.kind == "clip" and cfg.unet.context_dim == 1024 and cfg.text.hidden_size == 1024:
+        text = {k[len(TEXT) :]: out.pop(k) for k in list(out) if k.startswith(TEXT)}
+        text.update({k[len(OPENCLIP) :]: v for k, v in extra.items() if k.startswith(OPENCLIP)})
+        out.update({OPENCLIP + k: v for k, v in hf_to_openclip(text).items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and the diffusers layout
+
+
+def convert_pickled(src: Path, out: Path) -> None:
+    """Rewrite a pickled `.ckpt` as safetensors without ever running its code.
+
+    `torch.load(weights_only=True)` unpickles only tensors and plain containers and refuses anything
+    else; there is deliberately no fallback to a full unpickle.
+    """
+    if out.suffix != ".safetensors":
+        raise EmberError(f"output {out} must end in .safetensors")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=False)
+    except FileNotFoundError:
+        raise EmberError(f"not found: {src}") from None
+    except Exception as exc:  # noqa: BLE001 - any refusal is the file's fault, reported in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmberError(f"{src}: refused to load safely ({first[:200]})") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise EmberError(f"{src}: no state dict of tensors inside")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise EmberError(f"{src}: no tensors inside")
+    # Tied or shared storage is written once per name: safetensors forbids aliasing.
+    save_safetensors({k: v.clone() for k, v in tensors.items()}, out, {"format": "pt"})
+
+
+def save_single_file(loaded: LoadedModel, path: str | Path) -> None:
+    sd = internal_to_ldm(loaded.model.state_dict(), loaded.config, loaded.extra)
+    save_safetensors(sd, path, {CONFIG_KEY: loaded.config.to_json(), "format": "pt"})
+
+
+def read_diffusers(
+    folder: Path,
+) -> tuple[dict[str, torch.Tensor], C.ModelConfig, dict[str, torch.Tensor]]:
+    """A diffusers pipeline folder -> ldm-named state dict and its ModelConfig."""
+    from ember import keymaps
+    from ember.models.text import text_config_from_hf
+
+    if not (folder / "model_index.json").exists():
+        raise EmberError(f"{folder} is not a diffusers folder (no model_index.json)")
+    parts = {}
+    for part, weights in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
+        cfg_file = folder / part / "config.json"
+        file = folder / part / f"{weights}.safetensors"
+        if not file.exists():
+            pickled = [p.name for p in (folder / part).glob(f"{weights}*.bin")]
+            hint = (
+                " (only a pickled .bin is present; ember reads safetensors only)" if pickled else ""
+            )
+            raise EmberError(f"{folder}: missing {part}/{weights}.safetensors{hint}")
+        tensors, _ = read_safetensors(file)
+        parts[part] = (json.loads(cfg_file.read_text()), tensors)
+    unet_cfg = keymaps.unet_config_from_diffusers(parts["unet"][0])
+    vae_cfg = keymaps.vae_config_from_diffusers(parts["vae"][0])
+    text_cfg = text_config_from_hf(parts["text_encoder"][0])
+    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
+    sched_cfg = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
+    size = int(parts["unet"][0].get("sample_size", 64)) * vae_cfg.downsample
+    cfg = C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size)
+    index = json.loads((folder / "model_index.json").read_text())
+    if "_ember_config" in index:  # written by ember: the exact config, name and all
+        cfg = C.model_config_from_dict(index["_ember_config"])
+    sd = {}
+    sd.update(
+        {UNET + k: v for k, v in keymaps.unet_diffusers_to_ldm(parts["unet"][1], unet_cfg).items()}
+    )
+    sd.update(
+        {VAE + k: v for k, v in keymaps.vae_diffusers_to_ldm(parts["vae"][1], vae_cfg).items()}
+    )
+    extra = {}
+    for k, v in parts["text_encoder"][1].items():
+        if k.endswith(IGNORED_SUFFIXES):
+            continue
+        sd[TEXT + "transformer." + k] = v
+    return sd, cfg, extra
+
+
+def _pad_id(folder: Path, text_cfg: C.TextConfig) -> int:
+    """SD 1.x tokenizers pad with <|endoftext|>, SD 2.x with "!" (id 0)."""
+    special = folder / "tokenizer" / "special_tokens_map.json"
+    if special.exists():
+        pad = json.loads(special.read_text()).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad == "!":
+            return 0
+        if pad == "<|endoftext|>":
+            return 49407
+    return text_cfg.pad_token_id
+
+
+def _schedule_from_diffusers(file: Path) -> C.ScheduleConfig:
+    if not file.exists():
+        return C.ScheduleConfig()
+    d = json.loads(file.read_text())
+    return C.ScheduleConfig(
+        num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
+        beta_start=float(d.get("beta_start", 0.00085)),
+        beta_end=float(d.get("beta_end", 0.012)),
+        beta_schedule={"squaredcos_cap_v2": "cosine"}.get(
+            d.get("beta_schedule", "scaled_linear"), d.get("beta_schedule", "scaled_linear")
+        ),
+        prediction="v" if d.get("prediction_type") == "v_prediction" else "eps",
+        steps_offset=int(d.get("steps_offset", 1)),
+        set_alpha_to_one=bool(d.get("set_alpha_to_one", False)),
+    )
+
+
+def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
+    """Write a diffusers pipeline folder (safetensors weights, configs, tokenizer, scheduler)."""
+    from ember import keymaps
+    from ember.models.text import text_config_to_hf
+
+    folder = Path(folder)
+    cfg = loaded.config
+    sd = loaded.model.state_dict()
+    comp = {
+        p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in (UNET, VAE, TEXT)
+    }
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    save_safetensors(
+        keymaps.unet_ldm_to_diffusers(comp[UNET], cfg.unet),
+        folder / "unet" / "diffusion_pytorch_model.safetensors", meta,
+    )  # fmt: skip
+    save_safetensors(
+        keymaps.vae_ldm_to_diffusers(comp[VAE], cfg.vae),
+        folder / "vae" / "diffusion_pytorch_model.safetensors", meta,
+    )  # fmt: skip
+    text = {k[len("transformer.") :]: v for k, v in comp[TEXT].items()}
+    text.update({k[len(TEXT + "transformer.") :]: v for k, v in loaded.extra.items()
+                 if k.startswith(TEXT + "transformer.")})  # fmt: skip
+    save_safetensors(text, folder / "text_encoder" / "model.safetensors", meta)
+    unet_json = keymaps.unet_config_to_diffusers(cfg.unet)
+    unet_json["sample_size"] = cfg.size // cfg.vae.downsample
+    _write_json(folder / "unet" / "config.json", unet_json)
+    _write_json(folder / "vae" / "config.json", keymaps.vae_config_to_diffusers(cfg.vae))
+    _write_json(folder / "text_encoder" / "config.json", text_config_to_hf(cfg.text))
+    s = cfg.schedule
+    _write_json(folder / "scheduler" / "scheduler_config.json", {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": s.num_train_timesteps,
+        "beta_start": s.beta_start, "beta_end": s.beta_end,
+        "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
+        "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
+        "steps_offset": s.steps_offset, "set_alpha_to_one": s.set_alpha_to_one, "clip_sample": False,
+    })  # fmt: skip
+    loaded.tokenizer.to_transformers().save_pretrained(folder / "tokenizer")
+    _write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_ember_config": json.loads(cfg.to_json()),
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    })  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,170 @@
+"""PNG files that carry their own generation record.
+
+Each PNG holds two text chunks:
+- `parameters`: the A1111 infotext, so every existing PNG-info reader shows the settings;
+- `ember`: a JSON record with everything needed to regenerate the image byte for byte.
+PNG writing uses no timestamps or other varying chunks, so the same pixels and record give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ember.config import GenerationParams
+from ember.errors import EmberError
+
+RECORD_KEY = "ember"
+INFOTEXT_KEY = "parameters"
+
+# ember sampler name -> A1111 sampler name (schedule is a separate field since A1111 1.9).
+A1111_SAMPLER_NAMES = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "ddim": "DDIM",
+    "lcm": "LCM",
+    "unipc": "UniPC",
+}
+A1111_SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """The full generation record of one image (one item of a batch)."""
+
+    params: GenerationParams  # with batch=1 and the image's own seed
+    model_name: str
+    model_path: str
+    model_sha256: str
+    model_hash: str  # A1111 short hash (first 10 hex digits of the sha256)
+    ember_version: str
+    torch_version: str
+    dtype: str
+    device: str
+    mode: str = "txt2img"  # txt2img | img2img | inpaint
+    init_image_sha256: str | None = None
+    mask_sha256: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> ImageRecord:
+        data = json.loads(text)
+        known = {f.name for f in fields(GenerationParams)}
+        params = GenerationParams(**{k: v for k, v in data.pop("params").items() if k in known})
+        names = {f.name for f in fields(ImageRecord)}
+        return ImageRecord(params=params, **{k: v for k, v in data.items() if k in names})
+
+
+def format_infotext(record: ImageRecord) -> str:
+    """The A1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs."""
+    p = record.params
+    pairs: dict[str, Any] = {
+        "Steps": p.steps,
+        "Sampler": A1111_SAMPLER_NAMES.get(p.sampler, p.sampler),
+        "Schedule type": A1111_SCHEDULE_NAMES.get(p.schedule, p.schedule),
+        "CFG scale": _num(p.cfg),
+        "Seed": p.seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": record.model_hash,
+        "Model": record.model_name,
+    }
+    if record.mode != "txt2img":
+        pairs["Denoising strength"] = _num(p.strength)
+    if p.clip_skip > 1:
+        pairs["Clip skip"] = p.clip_skip
+    pairs["Version"] = f"ember {record.ember_version}"
+    lines = [p.prompt]
+    if p.negative_prompt:
+        lines.append(f"Negative prompt: {p.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _quote(text: str) -> str:
+    # A1111 quotes values that contain the separators of its key-value list.
+    return json.dumps(text) if ("," in text or ":" in text or "\n" in text) else text
+
+
+def tensor_to_uint8(images) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, rounded exactly as diffusers does."""
+    arr = images.detach().to("cpu").float().permute(0, 2, 3, 1).numpy()
+    return (arr * 255).round().astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray, record: ImageRecord | None = None) -> bytes:
+    """Encode one (H, W, 3) uint8 image as PNG with the record's text chunks."""
+    info = PngImagePlugin.PngInfo()
+    if record is not None:
+        info.add_text(INFOTEXT_KEY, format_infotext(record))
+        info.add_itxt(RECORD_KEY, record.to_json())
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=6)
+    return buf.getvalue()
+
+
+def write_png(path: str | Path, pixels: np.ndarray, record: ImageRecord | None = None) -> Path:
+    """Write atomically: a half-written PNG never takes the place of a good one."""
+    path = Path(path)
+    data = png_bytes(pixels, record)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def read_png_text(source: str | Path | bytes) -> dict[str, str]:
+    """The text chunks of a PNG (from a path or bytes)."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img.load()
+    except FileNotFoundError:
+        raise EmberError(f"image not found: {source}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise EmberError(f"cannot read image {_name(source)}: {exc}") from None
+    return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+
+
+def read_record(source: str | Path | bytes) -> ImageRecord:
+    text = read_png_text(source)
+    if RECORD_KEY not in text:
+        raise EmberError(f"{_name(source)} has no ember generation record")
+    try:
+        return ImageRecord.from_json(text[RECORD_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmberError(f"{_name(source)}: unreadable ember record ({exc})") from None
+
+
+def _name(source: str | Path | bytes) -> str:
+    return "image" if isinstance(source, bytes) else str(source)
+
+
+def load_image(path: str | Path, *, mode: str = "RGB", size: tuple[int, int] | None = None):
+    """Read an input image as a PIL image; a clear error for anything unreadable."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise EmberError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise EmberError(f"cannot read image {path}: {exc}") from None
+    img = img.convert(mode)
+    if size is not None and img.size != size:
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    return img

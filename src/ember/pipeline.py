@@ -1,0 +1,250 @@
+"""txt2img, img2img and inpainting, composed from the model, the denoisers and the samplers.
+
+Works on tensors only (images in [0, 1] in and out); files and PIL live in `images.py` and the CLI.
+Randomness: image i of a batch owns a CPU `torch.Generator` seeded `seed + i`, from which (in this
+order, as diffusers does with a list of generators) its VAE posterior sample, its initial noise and its
+sampler noise are drawn. So an image does not depend on its batch-mates, and the same seed gives the
+same picture as diffusers and A1111.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ember.config import GenerationParams
+from ember.errors import EmberError
+
+MAX_SIDE = 2048
+MAX_PIXELS = 2048 * 2048
+MAX_STEPS = 1000
+MAX_BATCH = 64
+MAX_SEED = 2**32 - 1
+
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Optional image inputs: `init_image` (B or 1, 3, H, W) in [0, 1]; `mask` (1, 1, H, W), 1 = repaint."""
+
+    init_image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "txt2img"
+
+
+def validate(params: GenerationParams, multiple: int = 8) -> GenerationParams:
+    """Check user-facing limits; return params with sampler/schedule resolved to ember names."""
+    from ember.diffusion.samplers import resolve_sampler
+
+    for name in ("width", "height"):
+        v = getattr(params, name)
+        if not isinstance(v, int) or v < multiple or v > MAX_SIDE or v % multiple:
+            raise EmberError(
+                f"{name} {v} is not allowed: use a multiple of {multiple} from {multiple} to {MAX_SIDE}"
+            )
+    if params.width * params.height > MAX_PIXELS:
+        raise EmberError(
+            f"size {params.width}x{params.height} is over the limit of {MAX_PIXELS} pixels"
+        )
+    if not isinstance(params.steps, int) or not 1 <= params.steps <= MAX_STEPS:
+        raise EmberError(f"steps {params.steps} is not allowed: use 1 to {MAX_STEPS}")
+    if not isinstance(params.batch, int) or not 1 <= params.batch <= MAX_BATCH:
+        raise EmberError(f"batch {params.batch} is not allowed: use 1 to {MAX_BATCH}")
+    if not math.isfinite(params.cfg) or not 0 <= params.cfg <= 100:
+        raise EmberError(f"cfg {params.cfg} is not allowed: use a number from 0 to 100")
+    if not math.isfinite(params.strength) or not 0 <= params.strength <= 1:
+        raise EmberError(f"strength {params.strength} is not allowed: use a number from 0 to 1")
+    if not math.isfinite(params.eta) or not 0 <= params.eta <= 10:
+        raise EmberError(f"eta {params.eta} is not allowed: use a number from 0 to 10")
+    if not isinstance(params.seed, int) or not 0 <= params.seed <= MAX_SEED:
+        raise EmberError(f"seed {params.seed} is not allowed: use 0 to {MAX_SEED}")
+    if not isinstance(params.clip_skip, int) or not 1 <= params.clip_skip <= 12:
+        raise EmberError(f"clip skip {params.clip_skip} is not allowed: use 1 to 12")
+    try:
+        sampler, implied_schedule = resolve_sampler(params.sampler)
+    except ValueError as exc:
+        raise EmberError(str(exc)) from None
+    schedule = params.schedule
+    if schedule in ("default", "automatic", "Automatic", "") and implied_schedule:
+        schedule = implied_schedule
+    schedule = schedule.lower()
+    if schedule == "automatic":
+        schedule = "default"
+    if schedule not in ("default", "karras", "exponential"):
+        raise EmberError(
+            f"unknown schedule {params.schedule!r}; choose default, karras or exponential"
+        )
+    return dataclasses.replace(params, sampler=sampler, schedule=schedule)
+
+
+def generators(seed: int, batch: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+
+
+def randn(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
+    """One draw of `shape[1:]` per generator, stacked: diffusers' `randn_tensor` with a generator list."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens])
+
+
+@torch.no_grad()
+def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond), each (1, L, D), with A1111 weighting and long-prompt chunking."""
+    from ember.prompts import encode_prompts
+
+    encoder = loaded.model.cond_stage_model
+    return encode_prompts(
+        params.prompt, params.negative_prompt, loaded.tokenizer, encoder, clip_skip=params.clip_skip
+    )
+
+
+@torch.no_grad()
+def generate(
+    loaded,
+    params: GenerationParams,
+    inputs: Inputs = Inputs(),
+    *,
+    callback: Callback | None = None,
+    text: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Generate `params.batch` images -> (B, 3, H, W) float32 in [0, 1].
+
+    `text` lets a caller pass cached (cond, uncond) embeddings from `encode_text`.
+    """
+    from ember.diffusion import denoisers as D
+    from ember.diffusion.samplers import SAMPLERS
+    from ember.diffusion.schedules import get_sigmas, truncate_for_strength
+
+    cfg = loaded.config
+    model = loaded.model
+    params = validate(params, multiple=8)
+    B, ds = params.batch, cfg.vae.downsample
+    if params.width % ds or params.height % ds:
+        raise EmberError(f"size must be a multiple of {ds} for this model")
+    shape = (B, cfg.vae.embed_dim, params.height // ds, params.width // ds)
+    gens = generators(params.seed, B)
+    dtype = loaded.dtype
+
+    cond, uncond = text if text is not None else encode_text(loaded, params)
+    cond = cond.to(dtype).expand(B, -1, -1)
+    uncond = uncond.to(dtype).expand(B, -1, -1)
+
+    unet = model.model.diffusion_model
+
+    def unet_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(dtype), t.to(dtype), context).float()
+
+    sigmas = get_sigmas(params.schedule, params.steps, cfg.schedule, sampler=params.sampler)
+    init_latents = concat = latent_mask = None
+    if inputs.init_image is not None:
+        image = _check_image(inputs.init_image, params)
+        init_latents = encode_images(loaded, image.expand(B, -1, -1, -1), gens)
+        if inputs.mask is not None and not cfg.inpainting:
+            latent_mask = _latent_mask(inputs.mask, params, shape)
+        if inputs.mask is not None and cfg.inpainting:
+            concat = _inpaint_concat(loaded, image.expand(B, -1, -1, -1), inputs.mask, params, gens)
+    if init_latents is not None and not (cfg.inpainting and params.strength >= 1.0):
+        sigmas = truncate_for_strength(sigmas, params.steps, params.strength)
+    noise = randn(shape, gens)
+    if init_latents is not None and not (cfg.inpainting and params.strength >= 1.0):
+        x = init_latents + noise * sigmas[0]
+    else:
+        x = noise * D.initial_noise_scale(sigmas, params.sampler)
+
+    denoiser_cls = D.VDenoiser if cfg.schedule.prediction == "v" else D.EpsDenoiser
+    denoiser = denoiser_cls(unet_fn, cfg.schedule)
+    if params.cfg != 1.0:
+        denoiser = D.CFGDenoiser(denoiser, params.cfg)
+    if latent_mask is not None:
+        denoiser = MaskBlendDenoiser(denoiser, init_latents, latent_mask)
+    conditioning = D.Conditioning(
+        context=cond, uncond_context=uncond if params.cfg != 1.0 else None, concat=concat
+    )
+    sampler = SAMPLERS[params.sampler]
+    if len(sigmas) > 1:
+        x = sampler(
+            denoiser, x, sigmas, conditioning, generator=gens, eta=params.eta, callback=callback
+        )
+    x = D.final_latents(x, sigmas, params.sampler)
+    if latent_mask is not None:
+        x = init_latents * (1 - latent_mask) + x * latent_mask
+    images = decode_latents(loaded, x)
+    if not torch.isfinite(images).all():
+        raise EmberError("the model produced NaN/inf values; no image was written")
+    return images
+
+
+class MaskBlendDenoiser:
+    """Inpainting with an ordinary model: keep the known region (A1111's latent blending)."""
+
+    def __init__(self, inner, init_latents: torch.Tensor, mask: torch.Tensor):
+        self.inner, self.init_latents, self.mask = inner, init_latents, mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        denoised = self.inner(x, sigma, cond)
+        return self.init_latents * (1 - self.mask) + denoised * self.mask
+
+
+def _check_image(image: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    if image.shape[-2:] != (params.height, params.width):
+        raise EmberError(
+            f"init image is {image.shape[-1]}x{image.shape[-2]} but the size is "
+            f"{params.width}x{params.height}"
+        )
+    return image
+
+
+def _latent_mask(mask: torch.Tensor, params: GenerationParams, shape) -> torch.Tensor:
+    if mask.shape[-2:] != (params.height, params.width):
+        raise EmberError(
+            f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {params.width}x{params.height}"
+        )
+    binary = (mask >= 0.5).float()
+    return F.interpolate(binary, size=shape[-2:]).expand(shape[0], 1, -1, -1)
+
+
+def _inpaint_concat(loaded, image, mask, params, gens) -> torch.Tensor:
+    """9-channel inpainting U-Nets take [mask, masked-image latents] beside the noisy latents."""
+    B = image.shape[0]
+    binary = (mask >= 0.5).float()
+    if mask.shape[-2:] != (params.height, params.width):
+        raise EmberError(
+            f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {params.width}x{params.height}"
+        )
+    masked = image * (binary < 0.5)
+    masked_latents = encode_images(loaded, masked, gens)
+    ds = loaded.config.vae.downsample
+    small = F.interpolate(binary, size=(params.height // ds, params.width // ds)).expand(
+        B, -1, -1, -1
+    )
+    return torch.cat([small, masked_latents], dim=1)
+
+
+@torch.no_grad()
+def encode_images(loaded, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> scaled latents, each sampled with its image's generator."""
+    vae = loaded.model.first_stage_model
+    dtype = loaded.dtype
+    out = []
+    for i, g in enumerate(gens):
+        posterior = vae.encode((images[i : i + 1] * 2 - 1).to(dtype))
+        out.append(posterior.sample(g).float())
+    return torch.cat(out) * loaded.config.vae.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(loaded, latents: torch.Tensor) -> torch.Tensor:
+    vae = loaded.model.first_stage_model
+    z = (latents / loaded.config.vae.scaling_factor).to(loaded.dtype)
+    pixels = vae.decode(z).float()
+    return (pixels / 2 + 0.5).clamp(0, 1)
