@@ -1,8 +1,8 @@
 """Checkpoint I/O: original single-file SD checkpoints, diffusers folders, hashes, strict loading.
 
 In memory every model is a `LatentDiffusion` whose state-dict names are CompVis ldm's, so an
-original SD 1.x single file loads without renaming. SD 2.x files keep their text model in OpenCLIP naming
-(`cond_stage_model.model.*`); it is converted to and from the transformers layout at the edge.
+original SD 1.x single file loads without renaming. SD 2.x files keep their text model in
+OpenCLIP naming (`cond_stage_model.model.*`); it is converted to and from the transformers layout at the edge.
 Only safetensors are read; pickled `.ckpt`/`.bin` files are refused (unpickling runs code).
 """
 
@@ -325,7 +325,7 @@ def _materialise_buffers(model: torch.nn.Module) -> None:
 def ldm_to_internal(
     raw: dict[str, torch.Tensor], cfg: C.ModelConfig
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An SD single-file dict -> ember's module names, plus pass-through extras (kept for saving)."""
+    """An SD single-file dict -> ember's module names, plus pass-through extras for saving."""
     from ember.models.text import openclip_to_hf
 
     sd, extra, openclip = {}, {}, {}
@@ -343,11 +343,6 @@ def ldm_to_internal(
                 extra[OPENCLIP + key] = value
             else:
                 sd[TEXT + key] = value
-        if cfg.text.layer == "penultimate":
-            # The last OpenCLIP block is never used for SD 2.x conditioning; keep it for lossless saving.
-            last = f"{TEXT}transformer.text_model.encoder.layers.{cfg.text.num_layers - 1}."
-            for key in [k for k in sd if k.startswith(last)]:
-                extra[key] = sd.pop(key)
     return sd, extra
 
 
@@ -488,6 +483,13 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
     folder = Path(folder)
     cfg = loaded.config
     sd = loaded.model.state_dict()
+    if cfg.text.layer == "penultimate":
+        # diffusers stores SD 2.x text models without the final (never used) block and reads the
+        # last layer: drop that block here, as diffusers' own conversion does.
+        last = f"{TEXT}transformer.text_model.encoder.layers.{cfg.text.num_layers - 1}."
+        sd = {k: v for k, v in sd.items() if not k.startswith(last)}
+        text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.num_layers - 1, layer="last")
+        cfg = dataclasses.replace(cfg, text=text_cfg)
     comp = {
         p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in (UNET, VAE, TEXT)
     }
@@ -517,13 +519,15 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
         "beta_start": s.beta_start, "beta_end": s.beta_end,
         "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
         "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
-        "steps_offset": s.steps_offset, "set_alpha_to_one": s.set_alpha_to_one, "clip_sample": False,
+        "steps_offset": s.steps_offset, "set_alpha_to_one": s.set_alpha_to_one,
+        "clip_sample": False,
     })  # fmt: skip
     loaded.tokenizer.to_transformers().save_pretrained(folder / "tokenizer")
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_ember_config": json.loads(cfg.to_json()),
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False,
