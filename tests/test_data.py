@@ -1,0 +1,183 @@
+"""Datasets: shapes-world ground truth, the common folder format, licences, emoji."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ember.data import shapes
+from ember.data.folder import DatasetError, ImageCaptionDataset, load_dataset
+
+# ----------------------------------------------------------------------------- shapes world
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    return shapes.generate_shapes(tmp_path_factory.mktemp("shapes") / "train", 300, seed=7)
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_shapes_files_and_array_agree(shapes_dir):
+    rows = _rows(shapes_dir)
+    array = np.load(shapes_dir / "images.npy", mmap_mode="r")
+    assert array.shape == (300, 64, 64, 3) and array.dtype == np.uint8
+    for i in (0, 123, 299):
+        png = np.asarray(Image.open(shapes_dir / rows[i]["file"]).convert("RGB"))
+        np.testing.assert_array_equal(png, array[i])
+    lic = json.loads((shapes_dir / "LICENSE.json").read_text())
+    assert lic["spdx"] == "CC0-1.0" and "seed 7" in lic["source"]
+    assert all(r["license"] == "CC0-1.0" for r in rows)
+
+
+def test_shapes_ground_truth_is_consistent(shapes_dir):
+    rows = _rows(shapes_dir)
+    array = np.load(shapes_dir / "images.npy")
+    seen_categories = set()
+    for row, image in zip(rows, array, strict=True):
+        truth = row["truth"]
+        seen_categories.add(truth["category"])
+        bg = np.array(shapes.BACKGROUNDS[truth["background"]])
+        assert 1 <= len(truth["objects"]) <= 4
+        for obj in truth["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            rgb = np.array(shapes.COLOURS[obj["colour"]])
+            assert np.linalg.norm(rgb - bg) >= shapes.MIN_CONTRAST
+            # The object's colour is really painted at its centre.
+            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+            assert np.abs(image[cy, cx].astype(int) - rgb).max() <= 2
+        # Border pixels are pure background.
+        assert np.abs(image[0].astype(int) - bg).max() <= 1
+        spec = shapes.scene_spec_from_dict(truth["spec"])
+        assert row["caption"][0] == shapes.describe(spec)
+        if spec.relation:
+            a, b = truth["objects"][0]["bbox"], truth["objects"][1]["bbox"]
+            assert shapes.relation_between(a, b) == {spec.relation}
+    assert seen_categories == set(shapes.CATEGORIES)
+
+
+def test_held_out_compositions_never_in_training(shapes_dir):
+    for row in _rows(shapes_dir):
+        truth = row["truth"]
+        for obj in truth["objects"]:
+            assert (obj["colour"], obj["shape"]) not in shapes.HELD_OUT_PAIRS
+        spec = shapes.scene_spec_from_dict(truth["spec"])
+        assert not shapes.is_held_out(spec)
+    # The held-out split is made only of held-out compositions.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        assert shapes.is_held_out(shapes.sample_split_spec(rng, "held-out"))
+
+
+def test_shapes_deterministic_by_seed(tmp_path):
+    a = shapes.generate_shapes(tmp_path / "a", 20, seed=3, write_png=False)
+    b = shapes.generate_shapes(tmp_path / "b", 20, seed=3, write_png=False)
+    c = shapes.generate_shapes(tmp_path / "c", 20, seed=4, write_png=False)
+    np.testing.assert_array_equal(np.load(a / "images.npy"), np.load(b / "images.npy"))
+    assert (a / "manifest.jsonl").read_text() == (b / "manifest.jsonl").read_text()
+    assert not np.array_equal(np.load(a / "images.npy"), np.load(c / "images.npy"))
+
+
+def test_position_relation_rule():
+    left, right = (0, 20, 10, 30), (40, 20, 50, 30)
+    assert shapes.relation_between(left, right) == {"left of"}
+    assert shapes.relation_between(right, left) == {"right of"}
+    assert shapes.relation_between((20, 0, 30, 10), (20, 40, 30, 50)) == {"above"}
+    assert shapes.relation_between((0, 0, 10, 10), (1, 1, 11, 11)) == set()
+
+
+# ----------------------------------------------------------------------------- folder format
+
+
+def _write_folder(root: Path, n: int, licensed: bool = True, folder_licence: bool = False) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (32, 24), (i * 20, 100, 50)).save(root / f"{i}.png")
+        row = {"file": f"{i}.png", "caption": [f"caption {i}", f"other {i}"]}
+        if licensed:
+            row |= {"license": "CC-BY-4.0", "source": "mine", "attribution": "Me"}
+        rows.append(row)
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if folder_licence:
+        lic = {"spdx": "CC0-1.0", "source": "folder", "attribution": ""}
+        (root / "LICENSE.json").write_text(json.dumps(lic))
+    return root
+
+
+def test_folder_refuses_unlicensed(tmp_path):
+    root = _write_folder(tmp_path / "d", 5, licensed=False)
+    with pytest.raises(DatasetError, match=r"5 of 5 items have no licence.*0\.png"):
+        load_dataset(root)
+    ds = load_dataset(root, allow_unlicensed=True)
+    assert len(ds) == 5 and ds.unlicensed_count == 5
+    assert ds.licence_summary() == [
+        {"spdx": "unlicensed", "source": "", "attribution": "", "count": 5}
+    ]
+
+
+def test_folder_licence_default_and_summary(tmp_path):
+    root = _write_folder(tmp_path / "d", 4, licensed=False, folder_licence=True)
+    rows = _rows(root)
+    rows[0] |= {"license": "CC-BY-4.0", "source": "mine", "attribution": "Me"}
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(root)
+    assert ds.unlicensed_count == 0
+    summary = {s["spdx"]: s for s in ds.licence_summary()}
+    assert summary["CC0-1.0"]["count"] == 3 and summary["CC-BY-4.0"]["count"] == 1
+    assert summary["CC-BY-4.0"]["attribution"] == "Me"
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    root = _write_folder(tmp_path / "d", 4)
+    (root / "2.png").write_bytes(b"\x89PNG not really")
+    os.remove(root / "3.png")
+    ds = load_dataset(root)
+    assert len(ds) == 2
+    assert sorted(Path(s["file"]).name for s in ds.skipped) == ["2.png", "3.png"]
+    assert "skipped 2" in caplog.text
+
+
+def test_image_caption_dataset(tmp_path, shapes_dir):
+    ds = ImageCaptionDataset(load_dataset(_write_folder(tmp_path / "d", 3)), size=16)
+    x, caption = ds[1]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert -1 <= x.min() and x.max() <= 1
+    assert caption in ("caption 1", "other 1")
+    assert ds[1][1] == caption  # deterministic per index
+    captions = {ImageCaptionDataset(ds.dataset, size=16, seed=s)[1][1] for s in range(20)}
+    assert captions == {"caption 1", "other 1"}
+    # The shapes folder loads through its array, same pixels as the PNG.
+    shapes_ds = ImageCaptionDataset(load_dataset(shapes_dir))
+    x, _ = shapes_ds[5]
+    png = np.asarray(Image.open(shapes_dir / "images/000005.png").convert("RGB"))
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), png / 127.5 - 1, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- emoji
+
+EMOJI_CACHE = Path(os.environ.get("EMBER_EMOJI_CACHE", Path.home() / ".cache/ember/emoji"))
+
+
+@pytest.mark.skipif(not EMOJI_CACHE.exists(), reason="npm emoji cache absent")
+def test_emoji_dataset_from_cache(tmp_path):
+    from ember.data.emoji import build_emoji_dataset
+
+    out = build_emoji_dataset(
+        tmp_path / "emoji", cache_dir=EMOJI_CACHE, limit=8, backgrounds=("white", "blue")
+    )
+    rows = _rows(out)
+    assert rows and all(r["license"] in ("Apache-2.0", "CC-BY-4.0") for r in rows)
+    twemoji = [r for r in rows if r["license"] == "CC-BY-4.0"]
+    assert twemoji and all("Twemoji" in r["attribution"] for r in twemoji)
+    assert any("twemoji style" in c for r in rows for c in r["caption"])
+    assert any("on a blue background" in c for r in rows for c in r["caption"])
+    ds = load_dataset(out)
+    assert ds.unlicensed_count == 0 and len(ds) == len(rows)
