@@ -2,9 +2,9 @@
 
 Works on tensors only (images in [0, 1] in and out); files and PIL live in `images.py` and the CLI.
 Randomness: image i of a batch owns a CPU `torch.Generator` seeded `seed + i`, from which (in this
-order, as diffusers does with a list of generators) its VAE posterior sample, its initial noise and its
-sampler noise are drawn. So an image does not depend on its batch-mates, and the same seed gives the
-same picture as diffusers and A1111.
+order, as diffusers does with a list of generators) its VAE posterior sample, its initial noise and
+its sampler noise are drawn. So an image does not depend on its batch-mates, and the same seed gives
+the same picture as diffusers and A1111.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class Inputs:
-    """Optional image inputs: `init_image` (B or 1, 3, H, W) in [0, 1]; `mask` (1, 1, H, W), 1 = repaint."""
+    """Optional inputs: `init_image` (1, 3, H, W) in [0, 1]; `mask` (1, 1, H, W), 1 = repaint."""
 
     init_image: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -108,80 +108,119 @@ def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.T
     )
 
 
-@torch.no_grad()
+# Settings that must agree for requests to share one U-Net batch.
+SHARED = ("width", "height", "sampler", "schedule", "steps", "cfg", "strength", "eta")
+
+
 def generate(
     loaded,
     params: GenerationParams,
     inputs: Inputs = Inputs(),
     *,
     callback: Callback | None = None,
-    text: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Generate `params.batch` images -> (B, 3, H, W) float32 in [0, 1].
+    """Generate `params.batch` images -> (B, 3, H, W) float32 in [0, 1]."""
+    return generate_batch(loaded, [params], [inputs], callback=callback)[0]
 
-    `text` lets a caller pass cached (cond, uncond) embeddings from `encode_text`.
+
+@torch.no_grad()
+def generate_batch(
+    loaded,
+    requests: list[GenerationParams],
+    inputs: list[Inputs] | None = None,
+    *,
+    callback: Callback | None = None,
+) -> list[torch.Tensor]:
+    """Run several requests that share size and sampler settings as one U-Net batch.
+
+    Each request keeps its own prompts, seeds and noise, so its images are those it would get alone
+    (up to float summation order in batched kernels). Returns one (B_i, 3, H, W) tensor per request.
     """
     from ember.diffusion import denoisers as D
     from ember.diffusion.samplers import SAMPLERS
     from ember.diffusion.schedules import get_sigmas, truncate_for_strength
 
     cfg = loaded.config
-    model = loaded.model
-    params = validate(params, multiple=8)
-    B, ds = params.batch, cfg.vae.downsample
-    if params.width % ds or params.height % ds:
+    inputs = inputs or [Inputs() for _ in requests]
+    requests = [validate(p) for p in requests]
+    first = requests[0]
+    for p, inp in zip(requests[1:], inputs[1:], strict=True):
+        if any(getattr(p, k) != getattr(first, k) for k in SHARED) or inp.mode != inputs[0].mode:
+            raise ValueError("requests in one batch must share size, sampler and mode settings")
+    texts = [encode_text(loaded, p) for p in requests]
+    if len({(c.shape[1], u.shape[1]) for c, u in texts}) > 1:
+        # Prompts of different lengths cannot share one cross-attention batch unchanged.
+        return [
+            generate_batch(loaded, [p], [i], callback=callback)[0]
+            for p, i in zip(requests, inputs, strict=True)
+        ]
+
+    ds = cfg.vae.downsample
+    if first.width % ds or first.height % ds:
         raise EmberError(f"size must be a multiple of {ds} for this model")
-    shape = (B, cfg.vae.embed_dim, params.height // ds, params.width // ds)
-    gens = generators(params.seed, B)
+    counts = [p.batch for p in requests]
+    B = sum(counts)
+    shape = (B, cfg.vae.embed_dim, first.height // ds, first.width // ds)
+    gens = [g for p in requests for g in generators(p.seed, p.batch)]
     dtype = loaded.dtype
-
-    cond, uncond = text if text is not None else encode_text(loaded, params)
-    cond = cond.to(dtype).expand(B, -1, -1)
-    uncond = uncond.to(dtype).expand(B, -1, -1)
-
-    unet = model.model.diffusion_model
+    cond = torch.cat(
+        [c.to(dtype).expand(n, -1, -1) for (c, _), n in zip(texts, counts, strict=True)]
+    )
+    uncond = torch.cat(
+        [u.to(dtype).expand(n, -1, -1) for (_, u), n in zip(texts, counts, strict=True)]
+    )
+    unet = loaded.model.model.diffusion_model
 
     def unet_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return unet(x.to(dtype), t.to(dtype), context).float()
 
-    sigmas = get_sigmas(params.schedule, params.steps, cfg.schedule, sampler=params.sampler)
+    mode = inputs[0].mode
+    sigmas = get_sigmas(first.schedule, first.steps, cfg.schedule, sampler=first.sampler)
     init_latents = concat = latent_mask = None
-    if inputs.init_image is not None:
-        image = _check_image(inputs.init_image, params)
-        init_latents = encode_images(loaded, image.expand(B, -1, -1, -1), gens)
-        if inputs.mask is not None and not cfg.inpainting:
-            latent_mask = _latent_mask(inputs.mask, params, shape)
-        if inputs.mask is not None and cfg.inpainting:
-            concat = _inpaint_concat(loaded, image.expand(B, -1, -1, -1), inputs.mask, params, gens)
-    if init_latents is not None and not (cfg.inpainting and params.strength >= 1.0):
-        sigmas = truncate_for_strength(sigmas, params.steps, params.strength)
+    if mode != "txt2img":
+        images = torch.cat([_check_image(i.init_image, first).expand(n, -1, -1, -1)
+                            for i, n in zip(inputs, counts, strict=True)])  # fmt: skip
+        init_latents = encode_images(loaded, images, gens)
+        if mode == "inpaint":
+            masks = torch.cat(
+                [i.mask.expand(n, -1, -1, -1) for i, n in zip(inputs, counts, strict=True)]
+            )
+            if cfg.inpainting:
+                concat = _inpaint_concat(loaded, images, masks, first, gens)
+            else:
+                latent_mask = _latent_mask(masks, first, shape)
+    from_image = init_latents is not None and not (cfg.inpainting and first.strength >= 1.0)
+    if from_image:
+        sigmas = truncate_for_strength(sigmas, first.steps, first.strength)
     noise = randn(shape, gens)
-    if init_latents is not None and not (cfg.inpainting and params.strength >= 1.0):
+    if from_image:
         x = init_latents + noise * sigmas[0]
     else:
-        x = noise * D.initial_noise_scale(sigmas, params.sampler)
+        x = noise * D.initial_noise_scale(sigmas, first.sampler)
 
     denoiser_cls = D.VDenoiser if cfg.schedule.prediction == "v" else D.EpsDenoiser
     denoiser = denoiser_cls(unet_fn, cfg.schedule)
-    if params.cfg != 1.0:
-        denoiser = D.CFGDenoiser(denoiser, params.cfg)
+    if first.cfg != 1.0:
+        denoiser = D.CFGDenoiser(denoiser, first.cfg)
     if latent_mask is not None:
         denoiser = MaskBlendDenoiser(denoiser, init_latents, latent_mask)
     conditioning = D.Conditioning(
-        context=cond, uncond_context=uncond if params.cfg != 1.0 else None, concat=concat
+        context=cond, uncond_context=uncond if first.cfg != 1.0 else None, concat=concat
     )
-    sampler = SAMPLERS[params.sampler]
     if len(sigmas) > 1:
+        sampler = SAMPLERS[first.sampler]
         x = sampler(
-            denoiser, x, sigmas, conditioning, generator=gens, eta=params.eta, callback=callback
+            denoiser, x, sigmas, conditioning, generator=gens, eta=first.eta, callback=callback
         )
-    x = D.final_latents(x, sigmas, params.sampler)
+    x = D.final_latents(x, sigmas, first.sampler)
     if latent_mask is not None:
         x = init_latents * (1 - latent_mask) + x * latent_mask
+    if not torch.isfinite(x).all():
+        raise EmberError("the model produced NaN/inf values; no image was written")
     images = decode_latents(loaded, x)
     if not torch.isfinite(images).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
-    return images
+    return list(images.split(counts))
 
 
 class MaskBlendDenoiser:
@@ -210,7 +249,7 @@ def _latent_mask(mask: torch.Tensor, params: GenerationParams, shape) -> torch.T
             f"mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {params.width}x{params.height}"
         )
     binary = (mask >= 0.5).float()
-    return F.interpolate(binary, size=shape[-2:]).expand(shape[0], 1, -1, -1)
+    return F.interpolate(binary, size=shape[-2:]).expand(shape[0], -1, -1, -1)
 
 
 def _inpaint_concat(loaded, image, mask, params, gens) -> torch.Tensor:
