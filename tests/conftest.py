@@ -6,3 +6,83 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import inspect  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _diffusers_kwargs(cls, config: dict) -> dict:
+    names = set(inspect.signature(cls.__init__).parameters)
+    return {k: v for k, v in config.items() if k in names}
+
+
+def build_diffusers_folder(folder, preset: str, *, seed: int = 0):
+    """A tiny SD pipeline with random weights, built and saved by diffusers itself."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ember import keymaps
+    from ember.config import get_preset
+    from ember.models.text import build_tokenizer, text_config_to_hf
+
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    unet_conf = keymaps.unet_config_to_diffusers(cfg.unet)
+    unet_conf["sample_size"] = cfg.size // cfg.vae.downsample
+    unet = diffusers.UNet2DConditionModel(
+        **_diffusers_kwargs(diffusers.UNet2DConditionModel, unet_conf)
+    )
+    vae_conf = keymaps.vae_config_to_diffusers(cfg.vae)
+    vae = diffusers.AutoencoderKL(**_diffusers_kwargs(diffusers.AutoencoderKL, vae_conf))
+    text = CLIPTextModel(CLIPTextConfig(**text_config_to_hf(cfg.text)))
+    tokenizer = build_tokenizer(cfg.text).to_transformers()
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=cfg.schedule.beta_start,
+        beta_end=cfg.schedule.beta_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if cfg.schedule.prediction == "v" else "epsilon",
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    return build_diffusers_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", "tiny")
+
+
+@pytest.fixture(scope="session")
+def sd2v_folder(tmp_path_factory):
+    return build_diffusers_folder(tmp_path_factory.mktemp("sd2v") / "tiny-sd2v", "tiny-v", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory):
+    """A tiny random-weight ember single-file model (preset `tiny`, 64x64 native)."""
+    from ember import checkpoints
+    from ember.config import get_preset
+    from ember.models.ldm import LatentDiffusion
+    from ember.models.text import build_text_encoder
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
+    checkpoints.save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json(), "format": "pt"})
+    return path

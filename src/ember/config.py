@@ -183,6 +183,11 @@ TINY_UNET = UNetConfig(
 )
 TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 TINY_TEXT = TextConfig(hidden_size=32, intermediate_size=37, num_layers=2, num_heads=4)
+# SD 2.x-shaped tiny parts: linear transformer projections, fixed head width, OpenCLIP-style padding.
+TINY_UNET_V2 = dataclasses.replace(
+    TINY_UNET, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True
+)
+TINY_TEXT_V2 = dataclasses.replace(TINY_TEXT, hidden_act="gelu", pad_token_id=0)
 
 # ember's own default model: 64x64 images, a 4x VAE (16x16x4 latents), MiniLM text context.
 EMBER_VAE = VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=1.0)
@@ -208,7 +213,7 @@ PRESETS: dict[str, ModelConfig] = {
     "sd21-base": ModelConfig("sd21-base", SD21_UNET, SD_VAE, OPENCLIP_H),
     "tiny": ModelConfig("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, size=64),
     "tiny-v": ModelConfig(
-        "tiny-v", TINY_UNET, TINY_VAE, TINY_TEXT, ScheduleConfig(prediction="v"), size=64
+        "tiny-v", TINY_UNET_V2, TINY_VAE, TINY_TEXT_V2, ScheduleConfig(prediction="v"), size=64
     ),
     "tiny-inpaint": ModelConfig(
         "tiny-inpaint", dataclasses.replace(TINY_UNET, in_channels=9), TINY_VAE, TINY_TEXT, size=64
