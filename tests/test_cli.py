@@ -1,0 +1,174 @@
+"""The command line: reproducible PNGs with their record, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ember import checkpoints
+from ember.cli import main
+
+
+def gen(model, out, *extra):
+    return main(["generate", "a red circle", "--model", str(model), "--steps", "3",
+                 "--seed", "5", "-q", "-o", str(out), *extra])  # fmt: skip
+
+
+def test_same_command_gives_identical_png_bytes(tmp_path, tiny_model_file):
+    assert gen(tiny_model_file, tmp_path / "a.png") == 0
+    assert gen(tiny_model_file, tmp_path / "b.png") == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_png_record_info_and_from(tmp_path, tiny_model_file, capsys):
+    a = tmp_path / "a.png"
+    assert (
+        gen(tiny_model_file, a, "--negative", "blue", "--cfg", "4.5", "--sampler", "Euler a") == 0
+    )
+    capsys.readouterr()
+    text = Image.open(a).text
+    assert text["parameters"].startswith(
+        "a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler a"
+    )
+    record = json.loads(text["ember"])
+    assert record["params"]["seed"] == 5 and record["params"]["cfg"] == 4.5
+    assert record["model_sha256"] == checkpoints.file_hashes(tiny_model_file)[0]
+    for key in ("ember_version", "torch_version", "dtype", "device", "model_hash"):
+        assert record[key]
+    assert main(["info", str(a)]) == 0
+    shown = capsys.readouterr().out
+    assert "Seed: 5" in shown and "CFG scale: 4.5" in shown and "model_sha256" in shown
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(a), "-q", "-o", str(again)]) == 0
+    assert again.read_bytes() == a.read_bytes()
+
+
+def test_batch_writes_numbered_files_with_own_seeds(tmp_path, tiny_model_file):
+    assert gen(tiny_model_file, tmp_path / "out.png", "--batch", "2") == 0
+    seeds = [json.loads(Image.open(tmp_path / f"out-{i}.png").text["ember"])["params"]["seed"]
+             for i in range(2)]  # fmt: skip
+    assert seeds == [5, 6]
+    single = tmp_path / "six.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_model_file), "--steps", "3",
+                 "--seed", "6", "-q", "-o", str(single)]) == 0  # fmt: skip
+    a = np.asarray(Image.open(single))
+    b = np.asarray(Image.open(tmp_path / "out-1.png"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def _expect_error(capsys, argv, needle):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert needle.lower() in err.lower(), err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--size", "65x64"], "multiple of 8"),
+        (["--size", "4096x4096"], "2048"),
+        (["--steps", "0"], "steps"),
+        (["--steps", "1001"], "steps"),
+        (["--sampler", "nope"], "nope"),
+        (["--size", "banana"], "size"),
+        (["--cfg", "nan"], "cfg"),
+    ],
+)
+def test_bad_generation_settings(tmp_path, tiny_model_file, capsys, extra, needle):
+    out = tmp_path / "x.png"
+    _expect_error(
+        capsys,
+        ["generate", "p", "--model", str(tiny_model_file), "-q", "-o", str(out), *extra],
+        needle,
+    )
+    assert not out.exists()
+
+
+def test_strength_and_mask_errors(tmp_path, tiny_model_file, capsys):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (32, 64), 255).save(mask)
+    base = ["generate", "p", "--model", str(tiny_model_file), "-q", "-o", str(tmp_path / "o.png")]
+    _expect_error(capsys, [*base, "--init-image", str(img), "--strength", "1.5"], "strength")
+    _expect_error(capsys, [*base, "--init-image", str(img), "--strength", "-0.1"], "strength")
+    _expect_error(capsys, [*base, "--init-image", str(img), "--mask", str(mask)], "mask")
+
+
+def _write_bad(path, kind, good):
+    data = good.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not-safetensors":
+        path.write_bytes(b"hello, I am not a model" * 100)
+    elif kind == "lying-offsets":
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [0, 10**12]
+        raw = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    elif kind == "huge-header":
+        path.write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    elif kind == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "not-safetensors", "lying-offsets", "huge-header", "empty"]
+)
+def test_bad_model_files(tmp_path, tiny_model_file, capsys, kind):
+    bad = tmp_path / "bad.safetensors"
+    _write_bad(bad, kind, tiny_model_file)
+    out = tmp_path / "o.png"
+    _expect_error(
+        capsys, ["generate", "p", "--model", str(bad), "-q", "-o", str(out)], "bad.safetensors"
+    )
+    assert not out.exists()
+
+
+def test_missing_model_and_pickle_refused(tmp_path, capsys):
+    _expect_error(
+        capsys, ["generate", "p", "--model", str(tmp_path / "nope.safetensors"), "-q"], "not found"
+    )
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"\x80\x04junk")
+    _expect_error(capsys, ["generate", "p", "--model", str(ckpt), "-q"], "ember convert")
+
+
+def test_pickled_checkpoint_converts_with_weights_only(tmp_path, capsys):
+    good = tmp_path / "ok.ckpt"
+    torch.save({"state_dict": {"a.weight": torch.ones(2, 3)}}, good)
+    out = tmp_path / "ok.safetensors"
+    assert main(["convert", str(good), str(out)]) == 0
+    assert torch.equal(checkpoints.read_safetensors(out)[0]["a.weight"], torch.ones(2, 3))
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'PWNED')!r}, 'w').write('x')",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"a": Evil()}}, evil)
+    _expect_error(capsys, ["convert", str(evil), str(tmp_path / "e.safetensors")], "refused")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_nan_model_writes_no_image(tmp_path, tiny_model_file, capsys):
+    tensors, meta = checkpoints.read_safetensors(tiny_model_file)
+    key = next(k for k in tensors if k.startswith("model.diffusion_model.out."))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    checkpoints.save_safetensors(tensors, bad, meta)
+    out = tmp_path / "o.png"
+    _expect_error(
+        capsys, ["generate", "p", "--model", str(bad), "--steps", "2", "-q", "-o", str(out)], "NaN"
+    )
+    assert not out.exists()
