@@ -1,0 +1,134 @@
+"""The latent-diffusion U-Net (Rombach et al. 2022, section 3.3; ldm `openaimodel.UNetModel`).
+
+The layout of `input_blocks` / `middle_block` / `output_blocks` and every submodule name is ldm's,
+so `UNetModel(cfg).state_dict()` has the keys found under `model.diffusion_model.` in an original
+SD 1.x/2.x single-file checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.config import UNetConfig
+from ember.models.layers import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence that hands the time embedding to ResBlocks and the context to transformers."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """ldm's `UNetModel` for text-conditioned latent diffusion (no class labels, no scale-shift).
+
+    Each resolution level holds `num_res_blocks` ResBlocks (each followed by a SpatialTransformer at
+    the downsampling factors in `cfg.attention_resolutions`) and, except the last, a Downsample.
+    The decoder mirrors it with one extra block per level fed by the skip connections.
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_at(ch)
+            return SpatialTransformer(
+                ch,
+                heads,
+                dim_head,
+                cfg.transformer_depth,
+                cfg.context_dim,
+                groups,
+                cfg.use_linear_in_transformer,
+            )
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
+        )
+        skip_chans = [mc]  # channels of every input block's output, consumed by the decoder
+        ch, ds = mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        assert not skip_chans
+
+        self.out = nn.Sequential(
+            normalization(ch, groups),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W), t (B,) float timesteps, context (B, L, context_dim).
+
+        H and W must be multiples of 2**(len(channel_mult) - 1) so skips line up with upsamples.
+        """
+        factor = 2 ** (len(self.cfg.channel_mult) - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(
+                f"U-Net input size {tuple(x.shape[-2:])} must be a multiple of {factor} per side"
+            )
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(
+            timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
+        )  # (B, 4mc)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
