@@ -1,0 +1,214 @@
+"""U-Net training task: frozen VAE and text encoder, both cached, eps or v targets, EMA export.
+
+Everything frozen is computed once and written to `RUN_DIR/cache/`:
+- latents: the VAE posterior's mean and logvar of every image (N, C, h, w); each step draws a
+  fresh z = mean + std * eps from them, exactly as encoding the image again would.
+- text: the encoder states of every distinct caption variant (U, L, D) and of the empty prompt
+  (classifier-free guidance trains on it with probability `caption_dropout`).
+A cache is reused only when its key (data fingerprint, VAE file hash, text config) matches.
+The final export is one single-file checkpoint with CompVis ldm names and `ember_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.diffusion.losses import DiffusionLoss
+from ember.models.text import build_text_encoder, build_tokenizer, load_minilm_pretrained
+from ember.models.unet import UNetModel
+from ember.train.config import TrainConfig
+from ember.train.data import TrainData, to_pixels
+from ember.train.loop import Dist
+from ember.train.samples import sample_euler_cfg, save_grid
+from ember.train.state import write_atomic
+from ember.train.vae import load_vae
+
+MODEL_FILE = "model.safetensors"
+SAMPLE_PROMPTS = 4
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of cache file `path` if it was written under `key`."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+    return load_file(path)
+
+
+class UNetTask:
+    name = "unet"
+
+    def __init__(self, cfg: TrainConfig, mcfg: ModelConfig, data: TrainData, d: Dist) -> None:
+        self.cfg, self.data, self.device = cfg, data, d.device
+        vae, mcfg = load_vae(cfg.vae, mcfg)
+        prediction = mcfg.schedule.prediction if cfg.prediction == "auto" else cfg.prediction
+        self.model_config = dataclasses.replace(
+            mcfg, schedule=dataclasses.replace(mcfg.schedule, prediction=prediction)
+        )
+        self.vae = vae.to(self.device)
+        self.scale = mcfg.vae.scaling_factor
+        self.tokenizer = build_tokenizer(mcfg.text)
+        self.text_encoder = self._text_encoder(mcfg).to(self.device)
+        cache = Path(cfg.run_dir) / "cache"
+        if d.is_main:
+            cache.mkdir(parents=True, exist_ok=True)
+            self._build_caches(cache)
+        d.barrier()
+        self._load_caches(cache)
+        torch.manual_seed(cfg.seed)
+        self.model = UNetModel(mcfg.unet)
+        self.num_items = len(data)
+        self.loss_fn = DiffusionLoss(
+            self.model_config.schedule,
+            prediction=prediction,
+            min_snr_gamma=cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else None,
+        )
+
+    def _text_encoder(self, mcfg: ModelConfig) -> nn.Module:
+        if mcfg.text.kind == "minilm":
+            return load_minilm_pretrained(mcfg.text).requires_grad_(False)
+        # No pretrained CLIP ships offline: a seeded random encoder (tests / tiny presets).
+        if not mcfg.name.startswith("tiny"):
+            print(f"warning: {mcfg.name}: random (untrained) text encoder", file=sys.stderr)
+        torch.manual_seed(self.cfg.seed + 1)
+        return build_text_encoder(mcfg.text).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ caches
+
+    def _keys(self) -> tuple[str, str]:
+        data_hash = hashlib.sha256(self.data.images.numpy().tobytes()).hexdigest()
+        latent_key = f"{data_hash}:{_sha256_file(Path(self.cfg.vae))}"
+        captions = json.dumps(self.data.captions)
+        text_key = hashlib.sha256(
+            (captions + json.dumps(dataclasses.asdict(self.model_config.text))).encode()
+        ).hexdigest()
+        return latent_key, text_key
+
+    @torch.no_grad()
+    def _build_caches(self, cache: Path) -> None:
+        latent_key, text_key = self._keys()
+        if _cached(cache / "latents.safetensors", latent_key) is None:
+            means, logvars = [], []
+            for chunk in self.data.images.split(64):
+                post = self.vae.encode(to_pixels(chunk.to(self.device)))
+                means.append(post.mean.float().cpu())
+                logvars.append(post.logvar.float().cpu())
+            tensors = {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
+            write_atomic(cache / "latents.safetensors", save(tensors, {"key": latent_key}))
+        if _cached(cache / "text.safetensors", text_key) is None:
+            unique = sorted({c for caps in self.data.captions for c in caps} | {""})
+            states = [self._encode_texts(unique[i : i + 64]) for i in range(0, len(unique), 64)]
+            tensors = {"states": torch.cat(states)}
+            meta = {"key": text_key, "captions": json.dumps(unique)}
+            write_atomic(cache / "text.safetensors", save(tensors, meta))
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        ids = torch.tensor([self.tokenizer.encode_padded(t) for t in texts], device=self.device)
+        return self.text_encoder(ids).float().cpu()  # (B, L, D)
+
+    def _load_caches(self, cache: Path) -> None:
+        from safetensors import safe_open
+
+        lat = load_file(cache / "latents.safetensors")
+        self.mean = lat["mean"].to(self.device)  # (N, C, h, w)
+        self.std = lat["logvar"].mul(0.5).exp().to(self.device)
+        with safe_open(str(cache / "text.safetensors"), "pt") as f:
+            unique = json.loads(f.metadata()["captions"])
+        self.states = load_file(cache / "text.safetensors")["states"].to(self.device)  # (U, L, D)
+        index = {c: i for i, c in enumerate(unique)}
+        self.empty = index[""]
+        flat = [index[c] for caps in self.data.captions for c in caps]
+        counts = [len(caps) for caps in self.data.captions]
+        self.caption_ids = torch.tensor(flat)
+        self.caption_count = torch.tensor(counts)
+        self.caption_start = torch.cumsum(self.caption_count, 0) - self.caption_count
+        self.prompts = list(dict.fromkeys(caps[0] for caps in self.data.captions))[:SAMPLE_PROMPTS]
+        self.prompt_ids = torch.tensor([index[p] for p in self.prompts])
+
+    # ------------------------------------------------------------------ training
+
+    def loss(
+        self, model: nn.Module, items: torch.Tensor, part: slice, gen: torch.Generator
+    ) -> torch.Tensor:
+        n, shape = len(items), tuple(self.mean.shape[1:])
+        # All draws for the whole global micro-batch, then this rank's slice (see loop.py).
+        z_eps = torch.randn((n, *shape), generator=gen)[part]
+        noise = torch.randn((n, *shape), generator=gen)[part]
+        t = torch.randint(0, len(self.loss_fn.alphas_cumprod), (n,), generator=gen)[part]
+        drop = (torch.rand(n, generator=gen) < self.cfg.caption_dropout)[part]
+        pick = torch.rand(n, generator=gen)[part]
+        idx = items[part]
+        variant = (pick * self.caption_count[idx]).long().clamp(max=self.caption_count[idx] - 1)
+        text = self.caption_ids[self.caption_start[idx] + variant]
+        text = torch.where(drop, torch.full_like(text, self.empty), text)
+        dev = self.device
+        idx_d = idx.to(dev)
+        x0 = (self.mean[idx_d] + self.std[idx_d] * z_eps.to(dev)) * self.scale  # (b, C, h, w)
+        noise, t = noise.to(dev), t.to(dev)
+        x_t = self.loss_fn.add_noise(x0, noise, t)
+        out = model(x_t, t.float(), self.states[text.to(dev)])
+        return self.loss_fn(out, x0, noise, t).mean()
+
+    @torch.no_grad()
+    def generate(self, unet: nn.Module, steps: int = 20, scale: float = 5.0) -> torch.Tensor:
+        """Pixels (P, 3, H, W) for the fixed sample prompts (Euler, CFG), seed fixed."""
+        ctx = self.states[self.prompt_ids.to(self.device)]
+        uncond = self.states[self.empty : self.empty + 1]
+        shape = (len(ctx), *self.mean.shape[1:])
+        gen = torch.Generator().manual_seed(self.cfg.seed + 777)
+        z = sample_euler_cfg(
+            unet, ctx, uncond, shape, self.model_config.schedule, steps=steps, scale=scale,
+            generator=gen,
+        )  # fmt: skip
+        return self.vae.decode(z / self.scale).float()
+
+    def write_samples(self, model: nn.Module, path: Path) -> None:
+        model.eval()
+        try:
+            save_grid(self.generate(model), 1, path)
+        finally:
+            model.train()
+        with open(Path(path).with_suffix(".txt"), "w") as f:
+            f.write("\n".join(self.prompts) + "\n")
+
+    def finish(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+        """Write `model.safetensors`: EMA U-Net + VAE + text encoder under ldm names."""
+        sd: dict[str, torch.Tensor] = {}
+        parts = (
+            ("model.diffusion_model.", model),
+            ("first_stage_model.", self.vae),
+            ("cond_stage_model.", self.text_encoder),
+        )
+        for prefix, module in parts:
+            for k, v in module.state_dict().items():
+                sd[prefix + k] = v.detach().float().contiguous().cpu()
+        meta = {
+            "ember_config": self.model_config.to_json(),
+            "ember_train_config": self.cfg.to_json(),
+            "format": "pt",
+        }
+        path = Path(run_dir) / MODEL_FILE
+        write_atomic(path, save(sd, meta))
+        return {"export": str(path), "prediction": self.model_config.schedule.prediction}

@@ -1,0 +1,292 @@
+"""Training subsystem: exact resume, atomic checkpoints, signals, DDP parity, NaN guard, licences.
+
+Tiny preset at 16x16 pixels, one thread per process so in-process and subprocess runs are
+bit-comparable. Processes that must be killed run as real subprocesses (`python -m ember.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ember.train import state as S
+from ember.train.config import TrainConfig, add_train_args, config_from_args
+from ember.train.loop import EpochSampler, lr_at
+from ember.train.run import main_train_unet, main_train_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--warmup-steps", "2",
+          "--log-every", "1", "--sample-every", "0", "--threads", "1", "--lr", "1e-3"]  # fmt: skip
+
+
+def make_data(root: Path, n: int = 8, *, unlicensed: int = 0, corrupt: int = 0) -> Path:
+    """A dataset folder of `n` random 16x16 PNGs (the last `unlicensed` without a licence)."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(root / "manifest.jsonl", "w") as f:
+        for i in range(n):
+            name = f"images/{i:03d}.png"
+            if i < corrupt:
+                (root / name).write_bytes(b"not a png")
+            else:
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name)
+            row = {"file": name, "caption": [f"a shape {i % 3}", f"shape number {i % 2}"]}
+            if i < n - unlicensed:
+                row |= {"license": "CC-BY-4.0", "source": "test set", "attribution": "A. Tester"}
+            f.write(json.dumps(row) + "\n")
+    return root
+
+
+def in_process(main, argv: list[str]) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **extra}
+    e.pop("EMBER_TEST_NAN_STEPS", None)
+    return e
+
+
+def spawn(args: list[str], **extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ember.train", *args]
+    return subprocess.Popen(cmd, env=env(**extra), stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 60) -> None:
+    """Read stderr until `marker` appears (the process is then parked in a test hook)."""
+    import select
+    import time
+
+    deadline, seen = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            line = proc.stderr.readline()
+            seen += line
+            if marker in line:
+                return
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise AssertionError(f"{marker!r} never appeared; stderr:\n{seen[-3000:]}")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def vae_run(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("vae")
+    argv = [str(data), str(run), *COMMON, "--steps", "4", "--checkpoint-every", "2",
+            "--sample-every", "2", "--edge-weight", "0.1"]  # fmt: skip
+    assert in_process(main_train_vae, argv) == 0
+    return run
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_cli_flags_come_from_the_dataclass():
+    parser = add_train_args(argparse.ArgumentParser(), "unet")
+    argv = ["d", "r", "--steps", "7", "--no-resume", "--allow-unlicensed", "--prediction", "v"]
+    args = parser.parse_args([*argv, "--lr", "3e-4", "--vae", "x.safetensors"])
+    cfg = config_from_args(args)
+    assert (cfg.steps, cfg.lr, cfg.prediction, cfg.allow_unlicensed) == (7, 3e-4, "v", True)
+    assert cfg.batch_size == TrainConfig.batch_size
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(SystemExit):
+        parser.parse_args(["d", "r", "--prediction", "x0"])
+    vae_parser = add_train_args(argparse.ArgumentParser(), "vae")
+    with pytest.raises(SystemExit):  # U-Net-only flags are not offered for the VAE
+        vae_parser.parse_args(["d", "r", "--caption-dropout", "0.2"])
+    with pytest.raises(ValueError, match="grad-accum"):
+        TrainConfig(data="d", run_dir="r", batch_size=6, grad_accum=4).validate()
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    a = EpochSampler(10, seed=3)
+    first = torch.cat([a.next(4) for _ in range(5)])  # crosses two epoch boundaries
+    assert sorted(first[:10].tolist()) == list(range(10))
+    b = EpochSampler(10, seed=3)
+    b.next(4), b.next(4)
+    info, tensors = b.state()
+    c = EpochSampler(10, seed=3)
+    c.restore(info, tensors)
+    assert torch.equal(torch.cat([c.next(4) for _ in range(3)]), first[8:])
+    assert not torch.equal(EpochSampler(10, seed=4).next(10), first[:10])
+
+
+def test_lr_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def test_vae_run_writes_export_metrics_samples_card(vae_run):
+    with safe_open(str(vae_run / "vae.safetensors"), "pt") as f:
+        mcfg = json.loads(f.metadata()["ember_config"])
+        assert "encoder.conv_in.weight" in f.keys()
+    card = json.loads((vae_run / "model_card.json").read_text())
+    factor = mcfg["vae"]["scaling_factor"]
+    assert factor == card["export"]["scaling_factor"] and factor != 1.0 and factor > 0
+    assert card["data"]["sources"][0]["attribution"] == "A. Tester"
+    assert card["run"]["images_seen"] == 16 and card["run"]["estimated_flops"] > 0
+    assert card["evaluation"] is None
+    lines = [json.loads(x) for x in (vae_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "elapsed_s"} <= lines[0].keys()
+    assert (vae_run / "samples" / "step_0000004.png").is_file()
+    assert json.loads((vae_run / "train_config.json").read_text())["steps"] == 4
+    ck = S.load_checkpoint(S.latest_checkpoint(vae_run))
+    assert ck.step == 4 and ck.state["train_config"]["preset"] == "tiny"
+    assert "A. Tester" in (vae_run / "MODEL_CARD.md").read_text()
+
+
+# --------------------------------------------------------------------------- U-Net: exact resume
+
+
+def test_unet_resume_after_kill9_is_bit_identical(data, vae_run, tmp_path):
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "6",
+            "--checkpoint-every", "3", "--grad-accum", "2", "--caption-dropout", "0.3",
+            "--min-snr-gamma", "5"]  # fmt: skip
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert in_process(main_train_unet, [str(data), str(full), *args]) == 0
+
+    proc = spawn(["unet", str(data), str(killed), *args], EMBER_TEST_HANG_AFTER_SAVE="3")
+    wait_for(proc, "EMBER_TEST_SAVED 3")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert S.load_checkpoint(S.latest_checkpoint(killed)).step == 3
+    assert in_process(main_train_unet, [str(data), str(killed), *args, "--resume"]) == 0
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_identical(
+            weights(full / "checkpoints/step_0000006" / name),
+            weights(killed / "checkpoints/step_0000006" / name),
+        )
+    assert_identical(weights(full / "model.safetensors"), weights(killed / "model.safetensors"))
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    sd = weights(full / "model.safetensors")
+    assert any(k.startswith("model.diffusion_model.") for k in sd)
+    assert any(k.startswith("first_stage_model.") for k in sd)
+    assert any(k.startswith("cond_stage_model.") for k in sd)
+
+
+def test_kill_between_write_and_rename_keeps_previous_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    args = [str(data), str(run), *COMMON, "--steps", "6", "--checkpoint-every", "2"]
+    proc = spawn(["vae", *args], EMBER_TEST_HANG_BEFORE_COMMIT="4")
+    wait_for(proc, "EMBER_TEST_WRITING 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((run / "checkpoints").glob(".tmp_step_0000004_*"))  # the half-committed one
+    latest = S.latest_checkpoint(run)
+    assert latest.name == "step_0000002" and S.load_checkpoint(latest).step == 2
+    assert in_process(main_train_vae, [*args, "--resume"]) == 0
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    assert S.latest_checkpoint(run).name == "step_0000006"
+
+
+def test_sigterm_saves_at_step_boundary_and_exits_zero(data, tmp_path):
+    run = tmp_path / "run"
+    args = [str(data), str(run), *COMMON, "--steps", "50", "--checkpoint-every", "2"]
+    proc = spawn(["vae", *args], EMBER_TEST_HANG_AFTER_SAVE="2")
+    wait_for(proc, "EMBER_TEST_SAVED 2")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in err
+    assert S.latest_checkpoint(run).name == "step_0000003"
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def test_torchrun_two_processes_match_one(data, vae_run, tmp_path):
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "3",
+            "--checkpoint-every", "0", "--ema-decay", "0"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert in_process(main_train_unet, [str(data), str(one), *args]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ember.train", "unet",
+           str(data), str(two), *args]  # fmt: skip
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    loss = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    loss2 = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+    a, b = weights(one / "model.safetensors"), weights(two / "model.safetensors")
+    assert a["model.diffusion_model.out.2.weight"].abs().sum() > 0  # zero-initialised: it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((two / "model_card.json").read_text())["run"]["processes"] == 2
+
+
+# --------------------------------------------------------------------------- faults, licences
+
+
+def test_nonfinite_loss_skips_step_then_stops(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("EMBER_TEST_NAN_STEPS", "1")
+    assert in_process(main_train_vae, [str(data), str(run), *COMMON, "--steps", "3"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["skipped"] is True and lines[1]["loss"] == "nan"
+    assert json.loads((run / "model_card.json").read_text())["run"]["skipped_nonfinite_steps"] == 1
+
+    run2 = tmp_path / "run2"
+    monkeypatch.setenv("EMBER_TEST_NAN_STEPS", "2,3,4,5")
+    argv = [str(data), str(run2), *COMMON, "--steps", "9", "--checkpoint-every", "2",
+            "--max-bad-steps", "3"]  # fmt: skip
+    assert in_process(main_train_vae, argv) == 3
+    latest = S.latest_checkpoint(run2)
+    assert latest.name == "step_0000004" and S.load_checkpoint(latest).step == 4
+    assert not (run2 / "vae.safetensors").exists()
+
+
+def test_unlicensed_data_refused_unless_allowed_and_recorded(tmp_path, capsys):
+    data = make_data(tmp_path / "d", n=6, unlicensed=2, corrupt=1)
+    argv = [str(data), str(tmp_path / "r"), *COMMON, "--steps", "1"]
+    assert in_process(main_train_vae, argv) == 2
+    assert "no licence" in capsys.readouterr().err
+    assert in_process(main_train_vae, [*argv, "--allow-unlicensed"]) == 0
+    card = json.loads((tmp_path / "r" / "model_card.json").read_text())["data"]
+    assert card["unlicensed_images"] == 2 and card["allow_unlicensed"] is True
+    assert card["skipped_corrupt_images"] == 1 and card["images"] == 5
+    assert "--allow-unlicensed used" in (tmp_path / "r" / "MODEL_CARD.md").read_text()
+
+
+def test_existing_run_needs_resume(data, vae_run):
+    argv = [str(data), str(vae_run), *COMMON, "--steps", "4"]
+    assert in_process(main_train_vae, argv) == 2
