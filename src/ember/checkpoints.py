@@ -301,6 +301,13 @@ def build_model(
 
     with torch.device("meta"):
         model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+    if cfg.text.kind == "minilm" and not any(k.startswith(TEXT) for k in sd):
+        # ember's own models use the pretrained all-MiniLM-L6-v2 as is: its weights come from the
+        # installed package rather than being copied into every model file.
+        from ember.models.text import load_minilm_pretrained
+
+        text = load_minilm_pretrained(cfg.text).state_dict()
+        sd = {**sd, **{TEXT + k: v for k, v in text.items()}}
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     try:
         load_state_dict_strict(model, sd)
@@ -441,6 +448,9 @@ def read_diffusers(
     for k, v in parts["text_encoder"][1].items():
         if k.endswith(IGNORED_SUFFIXES):
             continue
+        # transformers 5 writes CLIP keys without the `text_model.` level that 4.x and SD files use.
+        if text_cfg.kind == "clip" and not k.startswith("text_model."):
+            k = "text_model." + k
         sd[TEXT + "transformer." + k] = v
     return sd, cfg, extra
 
@@ -504,9 +514,12 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
         keymaps.vae_ldm_to_diffusers(comp[VAE], cfg.vae),
         folder / "vae" / "diffusion_pytorch_model.safetensors", meta,
     )  # fmt: skip
-    text = {k[len("transformer.") :]: v for k, v in comp[TEXT].items()}
-    text.update({k[len(TEXT + "transformer.") :]: v for k, v in loaded.extra.items()
-                 if k.startswith(TEXT + "transformer.")})  # fmt: skip
+    # Written the way transformers 5 writes CLIPTextModel (no `text_model.` level).
+    text = {
+        k.removeprefix("transformer.").removeprefix("text_model."): v for k, v in comp[TEXT].items()
+    }
+    text.update({k.removeprefix(TEXT + "transformer.").removeprefix("text_model."): v
+                 for k, v in loaded.extra.items() if k.startswith(TEXT + "transformer.")})  # fmt: skip
     save_safetensors(text, folder / "text_encoder" / "model.safetensors", meta)
     unet_json = keymaps.unet_config_to_diffusers(cfg.unet)
     unet_json["sample_size"] = cfg.size // cfg.vae.downsample

@@ -408,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return the code instead of exiting
+        return int(exc.code or 0)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -228,7 +228,9 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise ValueError(
+            f"unknown model config {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -247,5 +249,5 @@ class GenerationParams:
     batch: int = 1
     strength: float = 0.75  # img2img / inpaint only
     clip_skip: int = 1
-    eta: float = 1.0  # noise scale of ancestral / SDE samplers (ddim uses 0 unless asked)
+    eta: float | None = None  # noise of ancestral/SDE samplers; None: 1, or 0 for ddim
     extra: dict[str, Any] = field(default_factory=dict)

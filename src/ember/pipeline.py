@@ -65,14 +65,14 @@ def validate(params: GenerationParams, multiple: int = 8) -> GenerationParams:
         raise EmberError(f"cfg {params.cfg} is not allowed: use a number from 0 to 100")
     if not math.isfinite(params.strength) or not 0 <= params.strength <= 1:
         raise EmberError(f"strength {params.strength} is not allowed: use a number from 0 to 1")
-    if not math.isfinite(params.eta) or not 0 <= params.eta <= 10:
+    if params.eta is not None and (not math.isfinite(params.eta) or not 0 <= params.eta <= 10):
         raise EmberError(f"eta {params.eta} is not allowed: use a number from 0 to 10")
     if not isinstance(params.seed, int) or not 0 <= params.seed <= MAX_SEED:
         raise EmberError(f"seed {params.seed} is not allowed: use 0 to {MAX_SEED}")
     if not isinstance(params.clip_skip, int) or not 1 <= params.clip_skip <= 12:
         raise EmberError(f"clip skip {params.clip_skip} is not allowed: use 1 to 12")
     try:
-        sampler, implied_schedule = resolve_sampler(params.sampler)
+        sampler, implied_schedule = resolve_sampler(str(params.sampler))
     except ValueError as exc:
         raise EmberError(str(exc)) from None
     schedule = params.schedule
@@ -86,6 +86,13 @@ def validate(params: GenerationParams, multiple: int = 8) -> GenerationParams:
             f"unknown schedule {params.schedule!r}; choose default, karras or exponential"
         )
     return dataclasses.replace(params, sampler=sampler, schedule=schedule)
+
+
+def eta_for(params: GenerationParams) -> float:
+    """Noise scale of stochastic samplers: DDIM is deterministic unless asked, the others use 1."""
+    if params.eta is not None:
+        return params.eta
+    return 0.0 if params.sampler == "ddim" else 1.0
 
 
 def generators(seed: int, batch: int) -> list[torch.Generator]:
@@ -138,7 +145,12 @@ def generate_batch(
     """
     from ember.diffusion import denoisers as D
     from ember.diffusion.samplers import SAMPLERS
-    from ember.diffusion.schedules import get_sigmas, truncate_for_strength
+    from ember.diffusion.schedules import (
+        ddim_final_sigma,
+        get_sigmas,
+        initial_noise_scale,
+        truncate_for_strength,
+    )
 
     cfg = loaded.config
     inputs = inputs or [Inputs() for _ in requests]
@@ -196,7 +208,7 @@ def generate_batch(
     if from_image:
         x = init_latents + noise * sigmas[0]
     else:
-        x = noise * D.initial_noise_scale(sigmas, first.sampler)
+        x = noise * initial_noise_scale(sigmas, first.sampler)
 
     denoiser_cls = D.VDenoiser if cfg.schedule.prediction == "v" else D.EpsDenoiser
     denoiser = denoiser_cls(unet_fn, cfg.schedule)
@@ -209,10 +221,14 @@ def generate_batch(
     )
     if len(sigmas) > 1:
         sampler = SAMPLERS[first.sampler]
+        kwargs = {}
+        if first.sampler == "ddim":
+            # DDIM ends at the noise level of training step 0, not 0 (diffusers' final alpha).
+            kwargs["final_sigma"] = ddim_final_sigma(cfg.schedule)
+        eta = eta_for(first)
         x = sampler(
-            denoiser, x, sigmas, conditioning, generator=gens, eta=first.eta, callback=callback
+            denoiser, x, sigmas, conditioning, generator=gens, eta=eta, callback=callback, **kwargs
         )
-    x = D.final_latents(x, sigmas, first.sampler)
     if latent_mask is not None:
         x = init_latents * (1 - latent_mask) + x * latent_mask
     if not torch.isfinite(x).all():
