@@ -401,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ember", description="ember: open text-to-image on the hardware you have.")
     parser.add_argument("--version", action="version", version=f"ember {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for add in (add_generate, add_info, add_models, add_convert):
+    from ember.data.commands import add_data
+    from ember.eval.commands import add_eval
+
+    for add in (add_generate, add_info, add_models, add_convert, add_data, add_eval):
         add(sub)
     return parser
 

@@ -1,0 +1,82 @@
+"""`ember data shapes|emoji`: build the licensed training sets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ember.errors import EmberError
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="build training datasets (shapes world, emoji)")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATASET", required=True)
+
+    s = dsub.add_parser(
+        "shapes",
+        help="procedural 64x64 scenes with ground truth (CC0)",
+        description="Write N scenes of the shapes world with captions and ground truth. The "
+        "held-out compositions never appear in the train split.",
+    )
+    s.add_argument("out", help="output folder (ember dataset format, see docs/datasets.md)")
+    s.add_argument("--n", type=int, default=50000, help="number of images (default 50000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=["train", "held-out"], default="train")
+    s.add_argument("--no-png", action="store_true", help="write only images.npy, not PNG files")
+    s.set_defaults(run=run_shapes)
+
+    e = dsub.add_parser(
+        "emoji",
+        help="Noto (Apache-2.0) and Twemoji (CC-BY-4.0) emoji with captions",
+        description="Fetch the pinned emoji-datasource packages with `npm pack` into a cache (the "
+        "only ember command that uses the network) and write an image-caption dataset.",
+    )
+    e.add_argument("out")
+    e.add_argument("--cache", help="where the npm tarballs are kept (default ~/.cache/ember/emoji)")
+    e.add_argument(
+        "--backgrounds", default="white,blue,yellow,pink", help="comma-separated colours"
+    )
+    e.add_argument("--limit", type=int, help="keep only the first N emoji of each set")
+    e.add_argument("--no-skin-tones", action="store_true", help="drop skin-tone variants")
+    e.set_defaults(run=run_emoji)
+
+
+def _fresh(out: str) -> None:
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and any(path.iterdir()):
+        raise EmberError(f"{out} exists and is not empty; choose a new folder")
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    from ember.data.shapes import generate_shapes
+
+    if args.n < 1:
+        raise EmberError(f"--n must be at least 1, got {args.n}")
+    _fresh(args.out)
+    start = time.perf_counter()
+    generate_shapes(args.out, args.n, args.seed, split=args.split, write_png=not args.no_png)
+    print(f"ember: {args.n} scenes in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def run_emoji(args: argparse.Namespace) -> int:
+    from ember.data.emoji import build_emoji_dataset
+
+    _fresh(args.out)
+    backgrounds = tuple(b.strip() for b in args.backgrounds.split(",") if b.strip())
+    try:
+        build_emoji_dataset(
+            args.out,
+            cache_dir=args.cache,
+            backgrounds=backgrounds,
+            limit=args.limit,
+            skin_tones=not args.no_skin_tones,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise EmberError(str(exc)) from None
+    print(args.out)
+    return 0
