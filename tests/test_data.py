@@ -119,7 +119,7 @@ def test_folder_refuses_unlicensed(tmp_path):
     ds = load_dataset(root, allow_unlicensed=True)
     assert len(ds) == 5 and ds.unlicensed_count == 5
     assert ds.licence_summary() == [
-        {"spdx": "unlicensed", "source": "", "attribution": "", "count": 5}
+        {"spdx": "unlicensed", "attribution": "", "count": 5, "sources": 1, "example_sources": [""]}
     ]
 
 

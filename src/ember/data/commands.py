@@ -41,6 +41,15 @@ def add_data(sub) -> None:
     e.add_argument("--no-skin-tones", action="store_true", help="drop skin-tone variants")
     e.set_defaults(run=run_emoji)
 
+    m = dsub.add_parser(
+        "merge",
+        help="combine dataset folders into one (licences kept per item)",
+        description="Write a dataset folder whose manifest covers every source folder.",
+    )
+    m.add_argument("out")
+    m.add_argument("sources", nargs="+")
+    m.set_defaults(run=run_merge)
+
 
 def _fresh(out: str) -> None:
     from pathlib import Path
@@ -78,5 +87,13 @@ def run_emoji(args: argparse.Namespace) -> int:
         )
     except (ValueError, FileNotFoundError) as exc:
         raise EmberError(str(exc)) from None
+    print(args.out)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ember.data.merge import merge_datasets
+
+    merge_datasets(args.out, args.sources)
     print(args.out)
     return 0

@@ -78,14 +78,20 @@ class Dataset:
             return to_rgb(img)
 
     def licence_summary(self) -> list[dict]:
-        """[{spdx, source, attribution, count}] over all items, most common first (model cards)."""
-        counts = Counter(
-            it.licence or Licence(UNLICENSED) for it in self.items
-        )  # Licence is frozen, so hashable
-        return [
-            {"spdx": lic.spdx, "source": lic.source, "attribution": lic.attribution, "count": n}
-            for lic, n in counts.most_common()
-        ]
+        """[{spdx, attribution, count, sources, example_sources}] grouped by licence and credit line.
+
+        Model cards list this; per-file sources (one per emoji) are counted, with a few examples.
+        """
+        groups: dict[tuple[str, str], list[str]] = {}
+        for it in self.items:
+            lic = it.licence or Licence(UNLICENSED)
+            groups.setdefault((lic.spdx, lic.attribution), []).append(lic.source)
+        rows = []
+        for (spdx, attribution), sources in groups.items():
+            distinct = list(dict.fromkeys(sources))
+            rows.append({"spdx": spdx, "attribution": attribution, "count": len(sources),
+                         "sources": len(distinct), "example_sources": distinct[:3]})  # fmt: skip
+        return sorted(rows, key=lambda r: -r["count"])
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
