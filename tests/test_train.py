@@ -28,7 +28,7 @@ from ember.train.run import main_train_unet, main_train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--warmup-steps", "2",
-          "--log-every", "1", "--sample-every", "0", "--threads", "1", "--lr", "1e-3"]  # fmt: skip
+          "--log-every", "1", "--sample-every", "0", "--threads", "1", "--lr", "1e-3", "--bf16", "off"]  # fmt: skip
 
 
 def make_data(root: Path, n: int = 8, *, unlicensed: int = 0, corrupt: int = 0) -> Path:
@@ -203,6 +203,15 @@ def test_unet_resume_after_kill9_is_bit_identical(data, vae_run, tmp_path):
     assert any(k.startswith("first_stage_model.") for k in sd)
     assert any(k.startswith("cond_stage_model.") for k in sd)
 
+    from ember.checkpoints import load_model  # the generate-side loader reads the export
+
+    loaded = load_model(full / "model.safetensors")
+    with safe_open(str(vae_run / "vae.safetensors"), "pt") as f:
+        factor = json.loads(f.metadata()["ember_config"])["vae"]["scaling_factor"]
+    assert loaded.config.vae.scaling_factor == factor
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(loaded.model.state_dict()[key], sd[key])
+
 
 def test_kill_between_write_and_rename_keeps_previous_checkpoint(data, tmp_path):
     run = tmp_path / "run"
@@ -285,6 +294,16 @@ def test_unlicensed_data_refused_unless_allowed_and_recorded(tmp_path, capsys):
     assert card["unlicensed_images"] == 2 and card["allow_unlicensed"] is True
     assert card["skipped_corrupt_images"] == 1 and card["images"] == 5
     assert "--allow-unlicensed used" in (tmp_path / "r" / "MODEL_CARD.md").read_text()
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    run = tmp_path / "run"
+    argv = [str(data), str(run), *COMMON, "--steps", "2", "--bf16", "on"]
+    assert in_process(main_train_vae, argv) == 0
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["run"]["bf16_autocast"] is True
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(v, float) for v in losses)
 
 
 def test_existing_run_needs_resume(data, vae_run):

@@ -85,19 +85,45 @@ def set_threads(cfg: TrainConfig, d: Dist) -> None:
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
 
 
+def _bf16_matmul_speedup(n: int = 512, reps: int = 5) -> float:
+    """fp32 time / bf16 time of an n x n matmul (best of `reps`; noise only makes it cautious)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 def bf16_fast(device: torch.device) -> bool:
-    """True where bf16 matmuls run in hardware (CUDA Ampere+, or CPUs with AMX tiles)."""
+    """True where bf16 runs fast: CUDA with bf16, CPUs with AMX tiles, or CPUs with AVX512-BF16
+    where a quick matmul benchmark confirms the gain (without it, bf16 is emulated and slow)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
-            return " amx_bf16" in f.read()
+            flags = set(f.read().split())
     except OSError:
         return False
+    if "amx_bf16" in flags:
+        return True
+    return "avx512_bf16" in flags and _bf16_matmul_speedup() > 1.3
 
 
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_fast(device))
+def use_bf16(cfg: TrainConfig, d: Dist) -> bool:
+    """The autocast decision, made on rank 0 and shared so that every rank computes alike."""
+    on = cfg.bf16 == "on" or (cfg.bf16 == "auto" and d.is_main and bf16_fast(d.device))
+    if cfg.bf16 == "auto" and d.world > 1:
+        flag = torch.tensor([float(on)], device=d.device)
+        dist.broadcast(flag, src=0)
+        on = bool(flag.item())
+    return on
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -226,12 +252,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _count_flops(task: TrainTask, model: nn.Module, items: torch.Tensor, cfg: TrainConfig, d: Dist):
+def _count_flops(
+    task: TrainTask, model: nn.Module, items: torch.Tensor, cfg: TrainConfig, d: Dist, bf16: bool
+) -> float:
     """FLOPs of one forward+backward on one rank's micro-batch (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, _autocast(cfg, d.device):
+    with counter, _autocast(bf16, d.device):
         loss = task.loss(model, items, d.part(len(items)), step_generator(cfg.seed, -1, 0))
     with counter:
         loss.backward()
@@ -239,8 +267,8 @@ def _count_flops(task: TrainTask, model: nn.Module, items: torch.Tensor, cfg: Tr
     return float(counter.get_total_flops()) * cfg.grad_accum * d.world
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if use_bf16(cfg, device):
+def _autocast(bf16: bool, device: torch.device):
+    if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -299,6 +327,11 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
         ids = [d.local_rank] if d.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
+    # A resumed "auto" run keeps its first decision: a re-measured one could flip and break
+    # bit-exact resume.
+    resumed_bf16 = prog.extra.get("bf16") if start > 0 and cfg.bf16 == "auto" else None
+    bf16 = bool(resumed_bf16) if resumed_bf16 is not None else use_bf16(cfg, d)
+    prog.extra["bf16"] = bf16
     batch, accum = cfg.batch_size, cfg.grad_accum
     micro = batch // accum
     if micro % d.world:
@@ -308,7 +341,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
         )
     if prog.flops_per_step == 0.0 and d.is_main:
         probe = torch.arange(micro) % task.num_items
-        prog.flops_per_step = _count_flops(task, model, probe, cfg, d)
+        prog.flops_per_step = _count_flops(task, model, probe, cfg, d, bf16)
 
     def save(step: int) -> None:
         if not d.is_main:
@@ -334,7 +367,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
     metrics = open(metrics_path, "a") if d.is_main else None
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     window_t, window_images = time.perf_counter(), 0
-    autocast = _autocast(cfg, d.device)
+    autocast = _autocast(bf16, d.device)
     try:
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg)

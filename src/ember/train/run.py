@@ -26,7 +26,6 @@ from ember.train.loop import (
     init_dist,
     run_training,
     set_threads,
-    use_bf16,
 )
 
 TaskBuilder = Callable[[TrainConfig, object, TrainData, Dist], TrainTask]
@@ -50,7 +49,7 @@ def _run(cfg: TrainConfig, build: TaskBuilder, task_name: str) -> int:
                 progress=progress,
                 world=d.world,
                 device=d.device.type,
-                bf16=use_bf16(cfg, d.device),
+                bf16=bool(progress.extra.get("bf16")),
                 export=export,
             )
             write_card(Path(cfg.run_dir), card)
