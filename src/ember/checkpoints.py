@@ -325,6 +325,8 @@ def _materialise_buffers(model: torch.nn.Module) -> None:
             if buf is not None and buf.is_meta:
                 if name == "position_ids":
                     module._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+                elif name == "token_type_ids":  # BERT's default segment ids
+                    module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
                 else:
                     raise EmberError(f"internal: buffer {name} was not loaded")
 

@@ -394,6 +394,30 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train(sub) -> None:
+    from ember.train.config import add_train_args
+
+    p = sub.add_parser("train", help="train a VAE or U-Net on a licensed dataset folder")
+    tsub = p.add_subparsers(dest="train_task", metavar="PART", required=True, parser_class=Parser)
+    for task, text in (("vae", "the autoencoder (first stage)"), ("unet", "the denoising U-Net")):
+        t = tsub.add_parser(
+            task,
+            help=f"train {text}",
+            description=f"Train {text}. Resumable (--resume), checkpointed atomically, runs the "
+            "same under torchrun. See docs/training.md.",
+        )
+        add_train_args(t, task)
+        t.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ember.train.config import config_from_args
+    from ember.train.run import run_train_unet, run_train_vae
+
+    cfg = config_from_args(args)
+    return run_train_vae(cfg) if args.train_task == "vae" else run_train_unet(cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -404,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.data.commands import add_data
     from ember.eval.commands import add_eval
 
-    for add in (add_generate, add_info, add_models, add_convert, add_data, add_eval):
+    for add in (add_generate, add_info, add_models, add_convert, add_data, add_train, add_eval):
         add(sub)
     return parser
 

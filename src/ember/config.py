@@ -192,7 +192,7 @@ TINY_TEXT_V2 = dataclasses.replace(TINY_TEXT, hidden_act="gelu", pad_token_id=0)
 # ember's own default model: 64x64 images, a 4x VAE (16x16x4 latents), MiniLM text context.
 EMBER_VAE = VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=1.0)
 EMBER_UNET = UNetConfig(
-    model_channels=96,
+    model_channels=64,
     channel_mult=(1, 2, 2),
     num_res_blocks=2,
     attention_resolutions=(4, 2),
