@@ -1,0 +1,146 @@
+"""`ember serve` and `ember keys`: argparse subcommands wired into ember's parser by `cli.py`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ember.errors import EmberError
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EMBER_DATA", Path.home() / ".local" / "share" / "ember" / "server"))
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the A1111-compatible HTTP API, the job API and a web page",
+        description="Run ember as an HTTP server (FastAPI on uvicorn). A non-loopback --host needs "
+        "authentication: create a key with `ember keys create NAME` or pass --api-auth USER:PASS.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    p.add_argument("--model", help="model file/folder to load at start (default: bundled model)")
+    p.add_argument("--models-dir", help="folder of further models offered by /sdapi/v1/sd-models")
+    p.add_argument("--data-dir", help=f"queue database and gallery (default {default_data_dir()})")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' precision")
+    p.add_argument("--api-auth", help="USER:PASSWORD accepted as HTTP Basic (A1111's flag)")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="an origin (e.g. https://app.example) allowed to call the API from a browser; repeat",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="queued jobs before 503 (default 64)")
+    p.add_argument("--rate-limit", type=float, default=0.0,
+                   help="generation requests per minute per key (default 0: unlimited)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, help="images per U-Net batch (default 8)")
+    p.add_argument("--no-batching", action="store_true", help="one request per U-Net batch")
+    p.add_argument("--max-steps", type=int, default=150, help="per-request steps limit")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="per-image pixel limit")
+    p.set_defaults(run=run_serve)
+
+
+def build_settings(args: argparse.Namespace, data_dir: Path):
+    """The server Settings of parsed `serve` arguments (separate so tests can use it)."""
+    from ember.server.app import Settings
+    from ember.server.auth import AuthConfig, is_loopback, parse_basic
+    from ember.server.limits import Limits
+
+    if not 1 <= args.port <= 65535:
+        raise EmberError(f"port {args.port} is not allowed: use 1 to 65535")
+    for name in ("max_queue", "max_batch", "max_steps", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise EmberError(f"--{name.replace('_', '-')} must be at least 1")
+    basic = parse_basic(args.api_auth)
+    from ember.server.jobs import Store
+
+    store = Store(data_dir)
+    has_keys = store.has_keys()
+    store.close()
+    loopback = is_loopback(args.host)
+    if not loopback and basic is None and not has_keys:
+        raise EmberError(
+            f"refusing to serve on {args.host} without authentication: create a key with "
+            "`ember keys create NAME` or pass --api-auth USER:PASSWORD"
+        )
+    for origin in args.cors_origin:
+        if origin == "null" or not origin.startswith(("http://", "https://")) and origin != "*":
+            raise EmberError(f"--cors-origin {origin!r} must look like https://host[:port]")
+    return Settings(
+        data_dir=data_dir,
+        auth=AuthConfig(basic=basic, required=not loopback),
+        cors_origins=tuple(args.cors_origin),
+        limits=Limits(
+            max_steps=args.max_steps, max_pixels=args.max_pixels, max_batch=args.max_batch
+        ),  # fmt: skip
+        max_queue=args.max_queue,
+        rate_per_minute=args.rate_limit,
+        batching=not args.no_batching,
+        max_batch_images=args.max_batch,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ember.cli import models_dir, resolve_model_path
+    from ember.server.app import create_app
+    from ember.server.engine import ModelEngine
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = build_settings(args, data_dir)
+    extra = Path(args.models_dir) if args.models_dir else models_dir()
+    engine = ModelEngine(
+        [extra] if extra.exists() else [], resolve_model_path(args.model), dtype=args.dtype
+    )
+    app = create_app(settings, engine)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke the server's API keys")
+    p.add_argument("--data-dir", help=f"the server's data dir (default {default_data_dir()})")
+    actions = p.add_subparsers(dest="keys_action", metavar="ACTION", parser_class=type(p))
+    c = actions.add_parser("create", help="create a key (shown once; only its hash is stored)")
+    c.add_argument("name", help="who or what the key is for")
+    actions.add_parser("list", help="list keys (ids, names, dates; never the keys)")
+    r = actions.add_parser("revoke", help="revoke a key by id")
+    r.add_argument("key_id")
+    p.set_defaults(run=run_keys)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    import time
+
+    from ember.server.auth import create_key
+    from ember.server.jobs import Store
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir)
+    try:
+        action = getattr(args, "keys_action", None)
+        if action == "create":
+            key_id, secret = create_key(store, args.name)
+            print(secret)
+            print(f"key id {key_id}; send it as 'Authorization: Bearer <key>'. It is not shown "
+                  "again.", file=__import__("sys").stderr)  # fmt: skip
+        elif action == "list":
+            for row in store.list_keys():
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+                state = "revoked" if row["revoked"] else "active"
+                print(f"{row['id']}  {state:7}  {when}  {row['name']}")
+        elif action == "revoke":
+            if not store.revoke_key(args.key_id):
+                raise EmberError(f"no active key with id {args.key_id}")
+            print(f"revoked {args.key_id}")
+        else:
+            raise EmberError("give an action: ember keys create NAME | list | revoke ID")
+    finally:
+        store.close()
+    return 0

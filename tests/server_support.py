@@ -1,0 +1,139 @@
+"""Helpers for the server tests: a fast stand-in engine, a tiny real model, and app factories.
+
+`FakeEngine` implements `ember.server.engine.Engine` without a network: each image is seeded noise,
+so server behaviour (queue, batching, auth, limits, durability) is tested in milliseconds. The real
+engine is exercised by the tests that use `tiny_model_path`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ember.config import GenerationParams
+from ember.errors import EmberError
+from ember.images import A1111_SAMPLER_NAMES, ImageRecord
+from ember.server.engine import ModelInfo, WorkItem
+
+SAMPLER_BY_A1111 = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
+
+
+class FakeEngine:
+    """Deterministic images from seeds; `step_delay` seconds per step; records every batch."""
+
+    def __init__(self, step_delay: float = 0.0, size: int = 64) -> None:
+        self.step_delay = step_delay
+        self.size = size
+        self.batches: list[list[str]] = []
+        self._models = [
+            ModelInfo("fake-a", "/models/fake-a.safetensors", "a" * 64, "a" * 10),
+            ModelInfo("fake-b", "/models/fake-b.safetensors", "b" * 64, "b" * 10),
+        ]
+        self._current = self._models[0]
+        self.lock = threading.Lock()
+
+    def models(self) -> list[ModelInfo]:
+        return list(self._models)
+
+    def refresh(self) -> list[ModelInfo]:
+        return self.models()
+
+    def current(self) -> ModelInfo:
+        return self._current
+
+    def select(self, title: str) -> ModelInfo:
+        for m in self._models:
+            if title in (m.title, m.name):
+                self._current = m
+                return m
+        raise EmberError(f"unknown model {title!r}")
+
+    def native_size(self) -> int:
+        return self.size
+
+    def validate(self, params: GenerationParams) -> GenerationParams:
+        sampler = params.sampler.lower()
+        schedule = params.schedule.lower()
+        if sampler.endswith(" karras"):
+            sampler, schedule = sampler[: -len(" karras")], "karras"
+        sampler = SAMPLER_BY_A1111.get(sampler, sampler)
+        if sampler not in A1111_SAMPLER_NAMES:
+            raise EmberError(f"unknown sampler {params.sampler!r}")
+        schedule = {"automatic": "default", "": "default"}.get(schedule, schedule)
+        if schedule not in ("default", "karras", "exponential"):
+            raise EmberError(f"unknown schedule {params.schedule!r}")
+        if params.width % 8 or params.height % 8:
+            raise EmberError("size must be a multiple of 8")
+        if not 0 <= params.cfg <= 100:
+            raise EmberError(f"cfg {params.cfg} is not allowed")
+        if not 0 <= params.seed < 2**32:
+            raise EmberError(f"seed {params.seed} is not allowed")
+        if not 0 <= params.strength <= 1:
+            raise EmberError(f"strength {params.strength} is not allowed")
+        return dataclasses.replace(params, sampler=sampler, schedule=schedule)
+
+    def run(self, items: list[WorkItem], on_step) -> list[np.ndarray]:
+        self.batches.append([i.job_id for i in items])
+        p = items[0].params
+        for step in range(p.steps):
+            time.sleep(self.step_delay)
+            n = sum(i.params.batch for i in items)
+            previews = [np.zeros((p.height, p.width, 3), np.uint8)] * n if step % 2 else None
+            on_step(step + 1, p.steps, previews)
+        return [self.pixels(i.params) for i in items]
+
+    @staticmethod
+    def pixels(params: GenerationParams) -> np.ndarray:
+        out = []
+        for k in range(params.batch):
+            rng = np.random.default_rng(params.seed + k)
+            out.append(rng.integers(0, 256, (params.height, params.width, 3), dtype=np.uint8))
+        return np.stack(out)
+
+    def record(self, item: WorkItem, index: int) -> ImageRecord:
+        info = self._current
+        return ImageRecord(
+            params=dataclasses.replace(item.params, seed=item.params.seed + index, batch=1),
+            model_name=info.name, model_path=info.path, model_sha256=info.sha256,
+            model_hash=info.short_hash, ember_version="test", torch_version="none",
+            dtype="fp32", device="cpu", mode=item.mode,
+        )  # fmt: skip
+
+
+def make_settings(data_dir: Path, **kw):
+    from ember.server.app import Settings
+
+    kw.setdefault("batch_window", 0.0)
+    return Settings(data_dir=data_dir, **kw)
+
+
+def make_tiny_model(path: Path) -> Path:
+    """A tiny random-weight single-file model (preset `tiny`, 64x64)."""
+    import torch
+
+    from ember.checkpoints import LoadedModel, save_single_file
+    from ember.config import get_preset
+    from ember.models.ldm import LatentDiffusion
+    from ember.models.text import build_text_encoder, build_tokenizer
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, build_text_encoder(cfg.text)).eval()
+    loaded = LoadedModel(model, build_tokenizer(cfg.text), cfg, str(path), "tiny", "", "")
+    save_single_file(loaded, path)
+    return path
+
+
+def wait_for(fn, timeout: float = 20.0, interval: float = 0.02):
+    """Poll `fn` until it returns something truthy."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
