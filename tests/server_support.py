@@ -137,3 +137,56 @@ def wait_for(fn, timeout: float = 20.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError("timed out waiting")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, *, model: Path | None = None, step_delay: float = 0.0):
+    """`ember serve` in a subprocess (real engine with `model`, else FakeEngine) -> (proc, url)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, __file__, str(data_dir), str(port), str(model or ""), str(step_delay)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=90, interval=0.1)
+    return proc, url
+
+
+def _serve(data_dir: str, port: str, model: str, step_delay: str) -> None:
+    import uvicorn
+
+    from ember.server.app import create_app
+    from ember.server.engine import ModelEngine
+
+    engine = (
+        ModelEngine([], Path(model), preview_every=2) if model else FakeEngine(float(step_delay))
+    )
+    settings = make_settings(Path(data_dir), batch_window=0.02)
+    uvicorn.run(create_app(settings, engine), host="127.0.0.1", port=int(port), log_level="warning")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve(*sys.argv[1:5])
