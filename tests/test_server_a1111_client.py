@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
+
 from server_support import make_tiny_model, start_server
 
 webuiapi = pytest.importorskip("webuiapi")

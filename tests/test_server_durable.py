@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import httpx
+
 from server_support import start_server, wait_for
 
 
