@@ -74,6 +74,7 @@ class Server:
         )  # fmt: skip
         self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst)
         self.options: dict[str, Any] = dict(settings.options)
+        self.lifespans = 0
 
     def params(self, fields: dict[str, Any]) -> GenerationParams:
         """Request fields -> validated GenerationParams (EmberError for anything out of range)."""
@@ -332,13 +333,17 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.broker.loop = asyncio.get_running_loop()
-        server.worker.start()
+        # Test harnesses may nest lifespans: only the outermost starts and stops the worker.
+        server.lifespans += 1
+        if server.lifespans == 1:
+            server.broker.loop = asyncio.get_running_loop()
+            server.worker.start()
         try:
             yield
         finally:
-            server.worker.stop()
-            server.store.close()
+            server.lifespans -= 1
+            if server.lifespans == 0:
+                server.worker.stop()
 
     app = FastAPI(title="ember", version="1", lifespan=lifespan, responses=ERRORS)
     app.state.server = server

@@ -134,6 +134,10 @@ class Worker:
         self.images_made = 0
 
     def start(self) -> None:
+        if self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="ember-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
