@@ -272,6 +272,7 @@ def load_model(
         raw, metadata = read_safetensors(path)
         cfg = config or detect_config(raw, metadata)
         sd, extra = ldm_to_internal(raw, cfg)
+    note("building model")
     model = build_model(cfg, sd, dtype=dtype)
     if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
         if cfg.unet.context_dim == 1024 and cfg.schedule.prediction == "eps":
@@ -285,6 +286,7 @@ def load_model(
 
     sha, short = file_hashes(path)
     name = path.stem if not path.is_dir() else path.name
+    note("ready")
     return LoadedModel(model, build_tokenizer(cfg.text), cfg, str(path), name, sha, short, extra)
 
 
