@@ -79,21 +79,26 @@ async def run_load(url: str, clients: int, total: int, steps: int, pid: int) -> 
     }
 
 
+SERVE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import uvicorn
+from server_support import make_settings
+from ember.server.app import create_app
+from ember.server.engine import ModelEngine
+data, batching, max_batch, model, port = sys.argv[2:7]
+s = make_settings(Path(data), batching=batching == "1", batch_window=0.02,
+                  max_batch_images=int(max_batch), max_queue=256)
+engine = ModelEngine([], Path(model), preview_every=0)
+uvicorn.run(create_app(s, engine), host="127.0.0.1", port=int(port), log_level="warning")
+"""
+
+
 def serve(model: Path, data: Path, batching: bool, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "import uvicorn\n"
-        "from pathlib import Path\n"
-        "from server_support import make_settings\n"
-        "from ember.server.app import create_app\n"
-        "from ember.server.engine import ModelEngine\n"
-        "s = make_settings(Path(%r), batching=%r, batch_window=0.02, max_batch_images=%d,"
-        " max_queue=256)\n"
-        "uvicorn.run(create_app(s, ModelEngine([], Path(%r), preview_every=0)),"
-        " host='127.0.0.1', port=%d, log_level='warning')\n"
-    ) % (str(TESTS), str(data), batching, max_batch, str(model), port)  # noqa: UP031
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    args = [str(TESTS), str(data), str(int(batching)), str(max_batch), str(model), str(port)]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, *args])
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
