@@ -172,3 +172,60 @@ def test_nan_model_writes_no_image(tmp_path, tiny_model_file, capsys):
         capsys, ["generate", "p", "--model", str(bad), "--steps", "2", "-q", "-o", str(out)], "NaN"
     )
     assert not out.exists()
+
+
+def test_non_native_sizes_and_clip_skip(tmp_path, tiny_model_file):
+    out = tmp_path / "wide.png"
+    assert gen(tiny_model_file, out, "--size", "96x48", "--clip-skip", "2") == 0
+    assert Image.open(out).size == (96, 48)
+    assert "Clip skip: 2" in Image.open(out).text["parameters"]
+
+
+def test_models_lists_hashes(tmp_path, tiny_model_file, capsys):
+    assert main(["models", str(tiny_model_file)]) == 0
+    sha, short = checkpoints.file_hashes(tiny_model_file)
+    assert capsys.readouterr().out.split()[:2] == [short, sha]
+
+
+def _inpaint_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    init = tmp_path / "init.png"
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(init)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255  # repaint the right half
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(mask_path)
+    return init, mask_path
+
+
+def test_inpaint_with_ordinary_model_keeps_the_unmasked_half(tmp_path, tiny_model_file):
+    init, mask = _inpaint_inputs(tmp_path)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert (
+        gen(tiny_model_file, a, "--init-image", str(init), "--mask", str(mask), "--strength", "1")
+        == 0
+    )
+    assert main(["generate", "a blue square", "--model", str(tiny_model_file), "--steps", "3", "--seed", "9",
+                 "-q", "-o", str(b), "--init-image", str(init), "--mask", str(mask), "--strength", "1"]) == 0  # fmt: skip
+    x, y = (np.asarray(Image.open(p)).astype(int) for p in (a, b))
+    keep = np.abs(x[:, :24] - y[:, :24]).mean()
+    repaint = np.abs(x[:, 40:] - y[:, 40:]).mean()
+    assert repaint > 4 * keep, (keep, repaint)
+    assert json.loads(Image.open(a).text["ember"])["mode"] == "inpaint"
+
+
+def test_inpaint_with_nine_channel_unet(tmp_path):
+    from ember.config import get_preset
+    from ember.models.ldm import LatentDiffusion
+    from ember.models.text import build_text_encoder
+
+    cfg = get_preset("tiny-inpaint")
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+    path = tmp_path / "inpaint.safetensors"
+    sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
+    checkpoints.save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json()})
+    init, mask = _inpaint_inputs(tmp_path)
+    out = tmp_path / "o.png"
+    assert gen(path, out, "--init-image", str(init), "--mask", str(mask)) == 0
+    assert Image.open(out).size == (64, 64)
