@@ -31,6 +31,67 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def _onednn_usable(dtype: torch.dtype) -> bool:
+    """oneDNN convolutions with prepacked weights: on CPU builds with mkldnn, fp32 always, bf16
+    only where the CPU has native bf16 instructions (elsewhere oneDNN would emulate it slowly)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that, at inference on CPU, keeps its weight prepacked in oneDNN's blocked layout.
+
+    A plain `F.conv2d` call on CPU reorders the weight into that layout on every call; for the deep,
+    small-spatial layers of a U-Net (1280 channels at 8x8 or 4x4) the reorder costs more than the
+    convolution itself (measured 2-4x per layer, bench/profile-sd15-256.md). The packed copy is
+    made on first use and rebuilt whenever the weight's storage, version or dtype changes; with
+    gradients, autocast, other devices or dtypes this is exactly `nn.Conv2d`. Parameter names and
+    the state dict are unchanged.
+    """
+
+    _packed: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.device.type != "cpu"
+            or x.dtype != w.dtype
+            or x.ndim != 4
+            or w.is_meta
+            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            or torch.is_autocast_enabled("cpu")
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or not _onednn_usable(x.dtype)
+        ):
+            return super().forward(x)
+        key = (w.data_ptr(), w._version, w.dtype, x.shape[1])
+        if self._packed is None or self._packed[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(x.shape),
+            )
+            self._packed = (key, packed)
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed[1], bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "",
+        )  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        # The packed copy is a cache (and an opaque oneDNN tensor): never copy or pickle it.
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in float32 whatever the input dtype, as ldm's `GroupNorm32`.
 
@@ -63,19 +124,19 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             normalization(channels, groups),
             nn.SiLU(),
-            nn.Conv2d(channels, out_channels, 3, padding=1),
+            Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels, groups),
             nn.SiLU(),
             nn.Dropout(0.0),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x (B, C, H, W), emb (B, E)
@@ -90,7 +151,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -101,7 +162,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -204,8 +265,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in: nn.Module = nn.Linear(channels, inner)
             self.proj_out: nn.Module = zero_module(nn.Linear(inner, channels))
         else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
-            self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+            self.proj_in = Conv2d(channels, inner, 1)
+            self.proj_out = zero_module(Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )

@@ -12,6 +12,7 @@ from torch import nn
 
 from ember.config import UNetConfig
 from ember.models.layers import (
+    Conv2d,
     Downsample,
     ResBlock,
     SpatialTransformer,
@@ -68,7 +69,7 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))]
         )
         skip_chans = [mc]  # channels of every input block's output, consumed by the decoder
         ch, ds = mc, 1
@@ -105,7 +106,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch, groups),
             nn.SiLU(),
-            zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)),
+            zero_module(Conv2d(mc, cfg.out_channels, 3, padding=1)),
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

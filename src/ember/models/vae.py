@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import VAEConfig
-from ember.models.layers import GroupNorm32
+from ember.models.layers import Conv2d, GroupNorm32
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -27,11 +27,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -47,10 +47,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -67,7 +67,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -78,7 +78,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -101,7 +101,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         g = cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in = cfg.ch
         for level, mult in enumerate(cfg.ch_mult):
@@ -116,7 +116,7 @@ class Encoder(nn.Module):
             self.down.append(stage)
         self.mid = _Mid(block_in, g)
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
         super().__init__()
         g = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = _Mid(block_in, g)
         stages: list[nn.Module] = []
         for level in reversed(range(len(cfg.ch_mult))):
@@ -154,7 +154,7 @@ class Decoder(nn.Module):
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -204,8 +204,8 @@ class AutoencoderKL(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of cfg.downsample."""
