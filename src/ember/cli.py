@@ -104,7 +104,13 @@ def add_generate(sub) -> None:
     p.add_argument(
         "--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)"
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' precision")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights' precision; auto = bf16 on CPUs with native bf16 (AVX512-BF16, AMX), "
+        "else fp32 (default auto)",
+    )
     p.add_argument("--from", dest="from_image", help="regenerate the image recorded in this PNG")
     p.add_argument("-o", "--output", help="output PNG (a batch writes OUT-0.png, OUT-1.png, ...)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -161,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.size is None and not args.from_image:
         params = dataclasses.replace(params, width=loaded.config.size, height=loaded.config.size)
 
-    from ember.pipeline import Inputs, generate, validate
+    from ember.pipeline import Inputs, dtype_name, generate, validate
 
     params = validate(params)
     inputs = Inputs()
@@ -209,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
             model_hash=loaded.short_hash,
             ember_version=_version(),
             torch_version=torch.__version__,
-            dtype=args.dtype,
+            dtype=dtype_name(loaded.dtype),
             device="cpu",
             mode=inputs.mode,
             init_image_sha256=_sha(init_path),
@@ -275,12 +281,11 @@ def _batch_paths(path: Path, batch: int) -> list[Path]:
 
 
 def load_for_cli(name: str | None, config: str | None, dtype: str, *, quiet: bool):
-    import torch
-
     from ember.checkpoints import load_model
+    from ember.pipeline import resolve_dtype
 
     path = resolve_model_path(name)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch_dtype = resolve_dtype(dtype)
     stages = ["reading checkpoint", "building model", "ready"]
     bar = None
     if not quiet:

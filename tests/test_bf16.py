@@ -1,0 +1,96 @@
+"""The bf16 fast path: close to fp32, never chosen silently where the CPU lacks bf16, and the
+prepacked oneDNN convolution equal to `nn.Conv2d`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ember import pipeline
+from ember.checkpoints import load_model
+from ember.cli import main
+from ember.config import GenerationParams
+from ember.models.layers import Conv2d, _onednn_usable
+
+NO_BF16 = {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}  # an AVX-512 CPU without AVX512-BF16
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def test_bf16_image_within_30db_of_fp32(tiny_model_file):
+    params = GenerationParams(prompt="a red circle", sampler="dpmpp_2m", steps=8, cfg=7.0,
+                              width=64, height=64, seed=3, batch=2)  # fmt: skip
+    images = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_model(tiny_model_file, dtype=dtype)
+        assert loaded.dtype == dtype
+        images[dtype] = pipeline.generate(loaded, params)
+    assert images[torch.bfloat16].dtype == torch.float32  # the pipeline hands back fp32 pixels
+    assert images[torch.float32].std() > 0.01  # not a blank image, where any dtype would agree
+    assert psnr(images[torch.float32], images[torch.bfloat16]) >= 30.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (NO_BF16, torch.float32),
+        (set(), torch.float32),  # no /proc/cpuinfo: never guess bf16
+        (NO_BF16 | {"avx512_bf16"}, torch.bfloat16),
+        (NO_BF16 | {"amx_bf16", "amx_tile"}, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_follows_cpu_support(monkeypatch, flags, expected):
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(flags))
+    assert pipeline.resolve_dtype("auto") == expected
+    assert pipeline.resolve_dtype("fp32") == torch.float32  # explicit choices are kept
+    assert pipeline.resolve_dtype("bf16") == torch.bfloat16
+
+
+def test_cli_default_is_fp32_without_cpu_bf16(monkeypatch, tmp_path, tiny_model_file):
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(NO_BF16))
+    out = tmp_path / "a.png"
+    argv = ["generate", "a red circle", "--model", str(tiny_model_file), "--steps", "2", "-q"]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert json.loads(Image.open(out).text["ember"])["dtype"] == "fp32"
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
+    assert main([*argv, "-o", str(tmp_path / "b.png")]) == 0
+    assert json.loads(Image.open(tmp_path / "b.png").text["ember"])["dtype"] == "bf16"
+
+
+def test_unknown_dtype_is_a_clear_error():
+    with pytest.raises(pipeline.EmberError, match="fp16"):
+        pipeline.resolve_dtype("fp16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("stride", "padding", "k"), [(1, 1, 3), (2, 1, 3), (1, 0, 1)])
+def test_prepacked_conv_equals_nn_conv(dtype, stride, padding, k):
+    torch.manual_seed(0)
+    conv = Conv2d(48, 64, k, stride=stride, padding=padding).to(dtype).requires_grad_(False)
+    x = torch.randn(2, 48, 12, 12, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        for shape in ((2, 48, 12, 12), (3, 48, 20, 16)):  # packed for one shape, reused for another
+            x = torch.randn(shape, dtype=dtype)
+            ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+            torch.testing.assert_close(conv(x).float(), ref.float(), atol=tol, rtol=tol)
+            assert (conv._packed is not None) == _onednn_usable(dtype)
+        conv.weight.mul_(-2.0)  # an in-place update must not leave a stale packed copy
+        ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+        torch.testing.assert_close(conv(x).float(), ref.float(), atol=2 * tol, rtol=tol)
+
+
+def test_conv_with_gradients_is_plain_conv():
+    conv = Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    conv(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    assert conv._packed is None
