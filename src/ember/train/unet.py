@@ -110,7 +110,7 @@ class UNetTask:
 
     def _keys(self) -> tuple[str, str]:
         data_hash = hashlib.sha256(self.data.images.numpy().tobytes()).hexdigest()
-        latent_key = f"{data_hash}:{_sha256_file(Path(self.cfg.vae))}"
+        latent_key = f"{data_hash}:{_sha256_file(Path(self.cfg.vae))}:{self.cache_bf16}"
         captions = json.dumps(self.data.captions)
         text_key = hashlib.sha256(
             (captions + json.dumps(dataclasses.asdict(self.model_config.text))).encode()
@@ -124,7 +124,8 @@ class UNetTask:
         if _cached(cache / "latents.safetensors", latent_key) is None:
             means, logvars = [], []
             for chunk in _progress(self.data.images.split(64), "caching latents"):
-                post = self.vae.encode(to_pixels(chunk.to(self.device)))
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cache_bf16):
+                    post = self.vae.encode(to_pixels(chunk.to(self.device)))
                 means.append(post.mean.float().cpu())
                 logvars.append(post.logvar.float().cpu())
             tensors = {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
