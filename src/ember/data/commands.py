@@ -48,6 +48,7 @@ def add_data(sub) -> None:
     )
     m.add_argument("out")
     m.add_argument("sources", nargs="+")
+    m.add_argument("--max-captions", type=int, help="keep each item's first N captions")
     m.set_defaults(run=run_merge)
 
 
@@ -94,6 +95,8 @@ def run_emoji(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from ember.data.merge import merge_datasets
 
-    merge_datasets(args.out, args.sources)
+    if args.max_captions is not None and args.max_captions < 1:
+        raise EmberError(f"--max-captions must be at least 1, got {args.max_captions}")
+    merge_datasets(args.out, args.sources, max_captions=args.max_captions)
     print(args.out)
     return 0

@@ -23,8 +23,13 @@ def _folder_licence(src: Path) -> dict | None:
     return None
 
 
-def merge_datasets(out: str | Path, sources: list[str | Path]) -> Path:
-    """Write `out` with a manifest over all `sources` (each linked as `out/<i>-<name>`)."""
+def merge_datasets(
+    out: str | Path, sources: list[str | Path], max_captions: int | None = None
+) -> Path:
+    """Write `out` with a manifest over all `sources` (each linked as `out/<i>-<name>`).
+
+    `max_captions` keeps only each item's first N caption variants (fewer texts to encode).
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise EmberError(f"{out} exists and is not empty; choose a new folder")
@@ -43,6 +48,8 @@ def merge_datasets(out: str | Path, sources: list[str | Path]) -> Path:
                     continue
                 row = json.loads(line)
                 row["file"] = f"{link}/{row['file']}"
+                if max_captions is not None and isinstance(row.get("caption"), list):
+                    row["caption"] = row["caption"][:max_captions]
                 if "license" not in row and default is not None:
                     row["license"] = default.get("spdx")
                     row.setdefault("source", default.get("source", ""))
