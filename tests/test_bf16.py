@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,14 @@ def test_conv_with_gradients_is_plain_conv():
     conv(x).sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
     assert conv._packed is None
+
+
+def test_from_reuses_the_recorded_dtype(monkeypatch, tmp_path, tiny_model_file):
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    argv = ["generate", "a red circle", "--model", str(tiny_model_file), "--steps", "2", "-q"]
+    assert main([*argv, "-o", str(a)]) == 0
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(NO_BF16))  # "another machine"
+    assert main(["generate", "--from", str(a), "-q", "-o", str(b)]) == 0
+    assert json.loads(Image.open(b).text["ember"])["dtype"] == "bf16"
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

@@ -107,9 +107,8 @@ def add_generate(sub) -> None:
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
-        default="auto",
         help="weights' precision; auto = bf16 on CPUs with native bf16 (AVX512-BF16, AMX), "
-        "else fp32 (default auto)",
+        "else fp32 (default auto; with --from, the recorded one)",
     )
     p.add_argument("--from", dest="from_image", help="regenerate the image recorded in this PNG")
     p.add_argument("-o", "--output", help="output PNG (a batch writes OUT-0.png, OUT-1.png, ...)")
@@ -158,7 +157,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if params.seed == -1:
         params = dataclasses.replace(params, seed=random.randrange(2**32))
 
-    loaded = load_for_cli(model_name, args.config, args.dtype, quiet=args.quiet)
+    dtype = args.dtype or "auto"
+    if args.from_image and args.dtype is None and source.dtype in ("fp32", "bf16"):
+        dtype = source.dtype  # the same image again, byte for byte, also on another CPU
+    loaded = load_for_cli(model_name, args.config, dtype, quiet=args.quiet)
     if args.from_image and source.model_sha256 != loaded.sha256:
         print(
             f"ember: warning: model differs from the one recorded in {args.from_image}",
