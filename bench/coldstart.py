@@ -46,7 +46,7 @@ def main() -> None:
         if not line.startswith("import time:") or "|" not in line:
             continue
         parts = line.split("|")
-        if parts[2].startswith(" ") and not parts[2].startswith("  "):  # top level: one space
+        if parts[1].strip().isdigit() and parts[2].startswith(" ") and parts[2][1] != " ":
             tops.append((int(parts[1]), parts[2].strip()))
     tops.sort(reverse=True)
     total_import = sum(us for us, _ in tops) / 1e6
