@@ -309,3 +309,31 @@ def test_bf16_autocast_trains(data, tmp_path):
 def test_existing_run_needs_resume(data, vae_run):
     argv = [str(data), str(vae_run), *COMMON, "--steps", "4"]
     assert in_process(main_train_vae, argv) == 2
+
+
+def test_init_from_starts_the_unet_from_an_exported_model(data, vae_run, tmp_path):
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "2"]
+    first = tmp_path / "first"
+    assert in_process(main_train_unet, [str(data), str(first), *args]) == 0
+    tuned = tmp_path / "tuned"
+    # A vanishing learning rate: the fine-tuned export must still be the model it started from.
+    argv = [
+        str(data),
+        str(tuned),
+        *args,
+        "--lr",
+        "1e-20",
+        "--init-from",
+        str(first / "model.safetensors"),
+    ]
+    assert in_process(main_train_unet, argv) == 0
+    a, b = weights(first / "model.safetensors"), weights(tuned / "model.safetensors")
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert unet and all(torch.allclose(a[k], b[k], atol=1e-6) for k in unet)
+    fresh = tmp_path / "fresh"
+    assert (
+        in_process(main_train_unet, [str(data), str(fresh), *args, "--lr", "1e-20", "--seed", "1"])
+        == 0
+    )
+    c = weights(fresh / "model.safetensors")
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in unet)

@@ -37,6 +37,9 @@ class TrainConfig:
     run_dir: str = _opt("", "run folder: checkpoints, metrics, samples, card", positional=True)
     preset: str = _opt("ember-small", "model preset (ember.config.PRESETS)")
     vae: str = _opt("", "trained VAE .safetensors (from `ember train vae`)", tasks=("unet",))
+    init_from: str = _opt(
+        "", "start the U-Net from this model file's weights (fine-tuning)", tasks=("unet",)
+    )
     image_size: int = _opt(0, "training resolution in pixels (0 = the preset's size)")
     steps: int = _opt(20000, "optimizer steps")
     batch_size: int = _opt(64, "global batch size (all ranks, all accumulation micro-steps)")

@@ -90,12 +90,32 @@ class UNetTask:
         self._load_caches(cache)
         torch.manual_seed(cfg.seed)
         self.model = UNetModel(mcfg.unet)
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from))
         self.num_items = len(data)
         self.loss_fn = DiffusionLoss(
             self.model_config.schedule,
             prediction=prediction,
             min_snr_gamma=cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else None,
         )
+
+    def _init_from(self, path: Path) -> None:
+        """Warm-start from an exported model (the same U-Net architecture), e.g. to fine-tune."""
+        from ember.checkpoints import read_safetensors
+        from ember.models.ldm import load_state_dict_strict
+        from ember.train.config import EmberError
+
+        tensors, meta = read_safetensors(path)
+        prefix = "model.diffusion_model."
+        sd = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        if "ember_config" in meta:
+            theirs = ModelConfig.from_json(meta["ember_config"]).unet
+            if theirs != self.model_config.unet:
+                raise EmberError(f"--init-from {path}: U-Net {theirs} differs from the preset's")
+        try:
+            load_state_dict_strict(self.model, sd)
+        except ValueError as exc:
+            raise EmberError(f"--init-from {path}: {exc}") from None
 
     def _text_encoder(self, mcfg: ModelConfig) -> nn.Module:
         if mcfg.text.kind == "minilm":
@@ -128,7 +148,10 @@ class UNetTask:
                     post = self.vae.encode(to_pixels(chunk.to(self.device)))
                 means.append(post.mean.float().cpu())
                 logvars.append(post.logvar.float().cpu())
-            tensors = {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
+            tensors = {
+                "mean": torch.cat(means).contiguous(),
+                "logvar": torch.cat(logvars).contiguous(),
+            }
             write_atomic(cache / "latents.safetensors", save(tensors, {"key": latent_key}))
         if _cached(cache / "text.safetensors", text_key) is None:
             unique = sorted({c for caps in self.data.captions for c in caps} | {""})
