@@ -272,6 +272,7 @@ def load_model(
         raw, metadata = read_safetensors(path)
         cfg = config or detect_config(raw, metadata)
         sd, extra = ldm_to_internal(raw, cfg)
+        del raw  # the only other reference to the file's tensors: lets build_model free them
     note("building model")
     model = build_model(cfg, sd, dtype=dtype)
     if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
@@ -310,7 +311,9 @@ def build_model(
 
         text = load_minilm_pretrained(cfg.text).state_dict()
         sd = {**sd, **{TEXT + k: v for k, v in text.items()}}
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    for key in list(sd):  # one tensor at a time: never two full copies of the weights in memory
+        if sd[key].is_floating_point() and sd[key].dtype != dtype:
+            sd[key] = sd[key].to(dtype)
     try:
         load_state_dict_strict(model, sd)
     except ValueError as exc:
