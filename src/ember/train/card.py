@@ -80,7 +80,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     for s in d["sources"]:
         lic = s.get("spdx", s.get("license", ""))
         n = s.get("count", s.get("images", ""))
-        lines.append(f"| {lic} | {s.get('source', '')} | {s.get('attribution', '')} | {n} |")
+        examples = s.get("example_sources") or [s.get("source", "")]
+        source = examples[0] + (f" (+{s['sources'] - 1} more)" if s.get("sources", 1) > 1 else "")
+        lines.append(f"| {lic} | {source} | {s.get('attribution', '')} | {n} |")
     attributions = sorted({s["attribution"] for s in d["sources"] if s.get("attribution")})
     if attributions:
         lines += ["", "Required attributions:", *(f"- {a}" for a in attributions)]
