@@ -1,0 +1,35 @@
+"""The bundled default model: present, small, licensed on record, and used with no flags."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from ember.checkpoints import file_hashes
+from ember.cli import DEFAULT_MODEL, main
+
+CARD = DEFAULT_MODEL.parent / "model_card.json"
+
+
+def test_bundled_model_is_small_and_its_card_matches_it():
+    assert DEFAULT_MODEL.stat().st_size <= 60 * 1024 * 1024
+    card = json.loads(CARD.read_text())
+    assert card["sha256"] == file_hashes(DEFAULT_MODEL)[0]
+    for part in ("vae", "unet"):
+        data = card["data"][part]
+        assert data["unlicensed_images"] == 0
+        assert {s["spdx"] for s in data["sources"]} <= {"CC0-1.0", "Apache-2.0", "CC-BY-4.0"}
+    text = (DEFAULT_MODEL.parent / "MODEL_CARD.md").read_text()
+    assert "Twemoji by Twitter, Inc and other contributors, CC-BY 4.0" in text
+
+
+def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
+    out = tmp_path / "p.png"
+    assert (
+        main(["generate", "a slice of pizza, twemoji style", "--steps", "4", "-q", "-o", str(out)])
+        == 0
+    )
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert np.asarray(img).std() > 5, "a flat image"
+    assert json.loads(img.text["ember"])["model_name"] == "ember-small"
