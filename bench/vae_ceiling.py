@@ -1,0 +1,43 @@
+"""How much of the shapes-world GenEval score a VAE allows: score its reconstructions of ground truth.
+
+    .venv/bin/python bench/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2]
+
+A diffusion model decodes through its VAE, so the VAE's round trip of perfect renders is a ceiling
+on what the model can score.
+"""
+
+import argparse
+
+import torch
+
+from ember.cli import DEFAULT_MODEL
+from ember.config import get_preset
+from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
+from ember.train.vae import load_vae
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
+    ap.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args()
+    vae, _ = load_vae(args.model, get_preset("ember-small"))
+    for split, prompts in PROMPT_SETS.items():
+        images = {}
+        for p in prompts:
+            batch = torch.stack(
+                [torch.from_numpy(render_spec(p.spec, s)) for s in range(args.seeds)]
+            )
+            x = batch.permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                y = vae.decode(vae.encode(x).mode())
+            images[p.prompt] = list(
+                ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            )
+        r = evaluate(images)
+        cats = ", ".join(f"{k} {v:.2f}" for k, v in r["per_category"].items())
+        print(f"{split}: overall {r['overall']:.3f} ({cats})")
+
+
+if __name__ == "__main__":
+    main()
