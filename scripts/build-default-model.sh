@@ -21,7 +21,7 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
   --steps 1000 --batch-size 32 --lr 4e-4 --warmup-steps 100 --checkpoint-every 200 --sample-every 250 \
   --bf16 auto $(resume "$W/vae")
 [ -f "$W/unet/model.safetensors" ] || $E train unet "$W/unet-data" "$W/unet" --preset ember-small \
-  --vae "$W/vae/vae.safetensors" --steps 3600 --batch-size 64 --lr 4e-4 --warmup-steps 200 \
+  --vae "$W/vae/vae.safetensors" --steps 5600 --batch-size 64 --lr 4e-4 --warmup-steps 200 \
   --min-snr-gamma 5 --checkpoint-every 250 --sample-every 1000 --bf16 auto $(resume "$W/unet")
 
 $E eval geneval --model "$W/unet/model.safetensors" --split in-distribution -o "$W/eval-in"
