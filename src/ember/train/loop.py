@@ -102,18 +102,15 @@ def _bf16_matmul_speedup(n: int = 512, reps: int = 5) -> float:
 
 
 def bf16_fast(device: torch.device) -> bool:
-    """True where bf16 runs fast: CUDA with bf16, CPUs with AMX tiles, or CPUs with AVX512-BF16
-    where a quick matmul benchmark confirms the gain (without it, bf16 is emulated and slow)."""
+    """True where bf16 runs fast: `native_bf16` hardware (the pipeline's own test), and on CPUs
+    without AMX tiles only where a quick matmul benchmark confirms the AVX512-BF16 gain."""
+    from ember.pipeline import cpu_flags, native_bf16
+
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
+        return native_bf16("cuda")
+    if not native_bf16("cpu"):
         return False
-    if "amx_bf16" in flags:
-        return True
-    return "avx512_bf16" in flags and _bf16_matmul_speedup() > 1.3
+    return "amx_bf16" in cpu_flags() or _bf16_matmul_speedup() > 1.3
 
 
 def use_bf16(cfg: TrainConfig, d: Dist) -> bool:
