@@ -1,19 +1,22 @@
 """Tokenizers, text encoders, OpenCLIP conversion and A1111 prompt handling (ember.models.text,
-ember.prompts). References: transformers' CLIPTokenizer/CLIPTextModel, a from-scratch OpenAI BPE
-and a from-scratch OpenCLIP text forward written below, A1111's documented parser outputs."""
+ember.prompts). References: transformers' CLIPTokenizer/CLIPTextModel and BertTokenizer/BertModel,
+a from-scratch OpenAI BPE and a from-scratch OpenCLIP text forward written below, A1111's documented
+parser outputs."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import subprocess
+import sys
 import unicodedata
 
 import pytest
 import regex
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ember.config import CLIP_L, MINILM, OPENCLIP_H, TINY_TEXT
 from ember.models.text import (
@@ -26,6 +29,7 @@ from ember.models.text import (
     hf_to_openclip,
     load_clip_bpe,
     load_minilm_pretrained,
+    minilm_path,
     openclip_to_hf,
     text_config_from_hf,
     text_config_to_hf,
@@ -158,6 +162,48 @@ def test_minilm_tokenizer():
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (101, 102, 0)
     assert tok.encode("Hello World") == [7592, 2088]
     assert tok.encode_padded("hello") == [101, 7592, 102] + [0] * 29
+    # tokenizer.json pads and truncates to 128; `encode` must do neither.
+    assert len(tok.encode("masterpiece, best quality, " * 30)) == 150
+    assert tok.encode("") == []
+
+
+MINILM_TEXTS = [
+    *TRICKY,
+    "a slice of pizza, twemoji style",
+    "Crème Brûlée 🍮 at 3:45pm!! ÀÉÎÕÜ ñ ç",
+    "NUMBERS: 1,000,000 and the 42nd of 7.5e-3",
+    "unbelievably-long_words__with.dots/and\\slashes",
+    "[CLS] a [SEP] b [PAD] [MASK] [UNK]",
+    "x" * 150,
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_references():
+    """transformers' BertTokenizer as ember used it (from the folder) and as built from vocab.txt
+    alone (transformers' own BERT pipeline, independent of tokenizer.json)."""
+    folder = minilm_path()
+    return [
+        BertTokenizer.from_pretrained(str(folder)),
+        BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True),
+    ]
+
+
+@pytest.mark.parametrize("text", MINILM_TEXTS)
+def test_minilm_tokenizer_matches_transformers(minilm_references, text):
+    ids = build_tokenizer(MINILM).encode(text)
+    for ref in minilm_references:
+        assert ids == ref(text, add_special_tokens=False)["input_ids"]
+
+
+def test_minilm_exported_tokenizer_matches(tmp_path):
+    tok = build_tokenizer(MINILM)
+    tok.save_pretrained(tmp_path)
+    hf = BertTokenizer.from_pretrained(str(tmp_path))
+    assert hf.model_max_length == 32
+    for text in ["a slice of pizza, twemoji style", "word " * 40, ""]:
+        got = hf(text, padding="max_length", max_length=32, truncation=True)["input_ids"]
+        assert got == tok.encode_padded(text)
 
 
 def _hf_clip(cfg, layers=None):
@@ -275,6 +321,62 @@ def test_text_config_hf_round_trip():
     legacy |= {"intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
     legacy |= {"hidden_act": "quick_gelu", "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
     assert text_config_from_hf(legacy) == CLIP_L
+
+
+# transformers' default (sdpa) attention is what ember ran until it dropped transformers; its
+# eager attention (additive mask) differs from sdpa by up to 6e-5 itself after six layers.
+@pytest.mark.parametrize("attention,atol", [("sdpa", 1e-5), ("eager", 1e-4)])
+def test_minilm_matches_transformers_bert(attention, atol):
+    enc = load_minilm_pretrained()
+    # transformers' own loading of the same file.
+    ref = BertModel.from_pretrained(
+        str(minilm_path()), add_pooling_layer=False, attn_implementation=attention
+    ).eval()
+    # The names are BertModel's (without pooler), so ldm files and diffusers folders load as is.
+    assert list(enc.state_dict()) == [f"transformer.{k}" for k in ref.state_dict()]
+    assert not list(enc.buffers())
+    tok = build_tokenizer(MINILM)
+    texts = ["a slice of pizza, twemoji style", "", "A RED circle left of a blue square!"]
+    texts += ["word " * 40]  # a full window: no padding at all
+    ids = torch.tensor([tok.encode_padded(t) for t in texts])  # (4, 32)
+    assert (ids == 0).any() and (ids[-1] != 0).all()
+    with torch.no_grad():
+        hidden = ref(
+            input_ids=ids, attention_mask=(ids != 0).long(), output_hidden_states=True
+        ).hidden_states
+        for clip_skip in (1, 2):
+            got = enc(ids, clip_skip=clip_skip)
+            assert got.shape == (4, 32, 384)
+            assert (got - hidden[-clip_skip]).abs().max() <= atol, clip_skip
+    with pytest.raises(ValueError, match="clip_skip"):
+        enc(ids, clip_skip=7)
+
+
+def test_minilm_meta_build_then_assign():
+    enc = load_minilm_pretrained()
+    with torch.device("meta"):
+        meta = build_text_encoder(MINILM)
+    meta.load_state_dict(enc.state_dict(), strict=True, assign=True)
+    ids = torch.tensor([build_tokenizer(MINILM).encode_padded("a cat")])
+    with torch.no_grad():
+        assert torch.equal(meta(ids), enc(ids))
+
+
+def test_default_model_generates_without_transformers(tmp_path):
+    # `ember generate` with the bundled model, as the command line runs it, in a fresh interpreter:
+    # importing transformers would cost seconds of start-up.
+    out = tmp_path / "x.png"
+    script = (
+        "import sys\n"
+        "from ember.cli import main\n"
+        f"assert main(['generate', 'a slice of pizza, twemoji style', '--steps', '1', '-q',"
+        f" '-o', {str(out)!r}]) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
 
 
 def test_minilm_offline_embedding():

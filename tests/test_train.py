@@ -311,6 +311,33 @@ def test_existing_run_needs_resume(data, vae_run):
     assert in_process(main_train_vae, argv) == 2
 
 
+def test_decoder_fine_tune_keeps_the_latent_space(data, vae_run, tmp_path):
+    """--freeze-encoder: only the decoder learns, and the scaling factor is the starting VAE's."""
+    start = vae_run / "vae.safetensors"
+    tuned = tmp_path / "tuned"
+    argv = [str(data), str(tuned), *COMMON, "--steps", "3", "--init-from", str(start),
+            "--freeze-encoder", "--edge-weight", "0.5"]  # fmt: skip
+    assert in_process(main_train_vae, argv) == 0
+    a, b = weights(start), weights(tuned / "vae.safetensors")
+    assert a.keys() == b.keys()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert not all(torch.equal(a[k], b[k]) for k in trained)
+
+    def factor(path: Path) -> float:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["ember_config"])["vae"]["scaling_factor"]
+
+    assert factor(tuned / "vae.safetensors") == factor(start)
+
+
+def test_freeze_encoder_needs_a_starting_vae(data, tmp_path):
+    argv = [str(data), str(tmp_path / "run"), *COMMON, "--steps", "1", "--freeze-encoder"]
+    assert in_process(main_train_vae, argv) == 2
+
+
 def test_init_from_starts_the_unet_from_an_exported_model(data, vae_run, tmp_path):
     args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "2"]
     first = tmp_path / "first"

@@ -8,6 +8,9 @@ Contracts (docs/architecture.md):
 The CLIP vocabulary is rebuilt from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT, shipped in
 `ember/assets`) exactly as `clip/simple_tokenizer.py` builds it, and tokenised by the `tokenizers`
 BPE inside `transformers.CLIPTokenizer`, so ids equal those of the CLIP tokenizer diffusers uses.
+MiniLM (ember's default model) needs no `transformers` at all: its tokenizer is the `tokenizers`
+WordPiece of its `tokenizer.json` and its encoder a plain-torch BERT, so `ember generate` with the
+default model never imports `transformers` (about 3 s of start-up); exporting still uses it.
 
 State-dict names: SD 1.x single files hold the text model as
 `cond_stage_model.transformer.text_model.*` (the transformers 4 `CLIPTextModel` layout).
@@ -23,6 +26,7 @@ import functools
 import gzip
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from ember.config import MINILM, TextConfig
+from ember.models.bert import BERT_LAYER_NORM_EPS, BERT_MAX_POSITIONS, BERT_TYPE_VOCAB, Bert
 
 CLIP_BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -86,7 +91,7 @@ def load_clip_bpe(path: str | Path = CLIP_BPE_PATH) -> tuple[dict[str, int], lis
 
 
 class Tokenizer:
-    """ember's tokenizer interface around a `transformers` (tokenizers-backed) tokenizer.
+    """ember's tokenizer interface around a `tokenizers`-backed encoding function.
 
     `encode` returns content ids only; framing with bos/eos and padding is done by the caller
     (`ember.prompts`) or by `encode_padded`, which reproduces diffusers' single-window call
@@ -95,7 +100,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: Any,
+        encode: Callable[[str], list[int]],
         *,
         bos_token_id: int,
         eos_token_id: int,
@@ -104,7 +109,7 @@ class Tokenizer:
         export: Any,
         kind: str,
     ) -> None:
-        self._backend = backend
+        self._encode = encode  # text -> content ids, no bos/eos, never truncated
         self._export = export  # factory for the tokenizer handed to diffusers/transformers
         self.kind = kind
         self.bos_token_id = bos_token_id
@@ -114,7 +119,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without bos/eos and without truncation."""
-        return list(self._backend(text, add_special_tokens=False)["input_ids"])
+        return list(self._encode(text))
 
     def encode_padded(self, text: str) -> list[int]:
         """`[bos] + ids[: max_length - 2] + [eos] + [pad] * rest`: one truncated window."""
@@ -178,8 +183,9 @@ def build_clip_tokenizer(cfg: TextConfig) -> Tokenizer:
             f"config says {cfg.bos_token_id}/{cfg.eos_token_id}"
         )
     pad_token = next(t for t, i in vocab.items() if i == cfg.pad_token_id)
+    backend = _clip_encoding_backend()
     return Tokenizer(
-        _clip_encoding_backend(),
+        lambda text: backend(text, add_special_tokens=False)["input_ids"],
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
@@ -197,23 +203,34 @@ def minilm_path() -> Path:
 
 
 def build_minilm_tokenizer(cfg: TextConfig = MINILM) -> Tokenizer:
-    """all-MiniLM-L6-v2's uncased WordPiece tokenizer: [CLS] 101, [SEP] 102, [PAD] 0."""
-    from transformers import BertTokenizer
+    """all-MiniLM-L6-v2's uncased WordPiece tokenizer: [CLS] 101, [SEP] 102, [PAD] 0.
 
-    def load(max_length: int) -> Any:
-        return BertTokenizer.from_pretrained(str(minilm_path()), model_max_length=max_length)
+    The `tokenizers` pipeline of its `tokenizer.json` (BERT normaliser: clean text, CJK split,
+    lower case, accents stripped; BERT pre-tokenizer; WordPiece), the one `transformers`'
+    `BertTokenizer` runs, without importing `transformers`.
+    """
+    import tokenizers
 
-    backend = load(_NO_LIMIT)
-    ids = (backend.cls_token_id, backend.sep_token_id, backend.pad_token_id)
+    backend = tokenizers.Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    # The file pads and truncates to 128; framing and chunking are the caller's job.
+    backend.no_truncation()
+    backend.no_padding()
+    ids = tuple(backend.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     if ids != (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
         raise ValueError(f"MiniLM [CLS]/[SEP]/[PAD] are {ids}, config says {cfg}")
+
+    def export() -> Any:
+        from transformers import BertTokenizer
+
+        return BertTokenizer.from_pretrained(str(minilm_path()), model_max_length=cfg.max_length)
+
     return Tokenizer(
-        backend,
+        lambda text: backend.encode(text, add_special_tokens=False).ids,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
         max_length=cfg.max_length,
-        export=lambda: load(cfg.max_length),
+        export=export,
         kind="minilm",
     )
 
@@ -252,24 +269,44 @@ def clip_text_config(cfg: TextConfig, num_layers: int | None = None) -> Any:
     )
 
 
+# BERT constants of all-MiniLM-L6-v2's config.json that `TextConfig` does not carry.
+# The `BertConfig` fields that shape the network (dropout and pad id do not).
+_BERT_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+)
+
+
+def bert_fields(cfg: TextConfig) -> dict[str, Any]:
+    """The transformers `BertConfig` fields of `cfg`, as plain values (no `transformers` import)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "max_position_embeddings": BERT_MAX_POSITIONS,
+        "type_vocab_size": BERT_TYPE_VOCAB,
+        "layer_norm_eps": BERT_LAYER_NORM_EPS,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
 def bert_config(cfg: TextConfig) -> Any:
-    """The transformers `BertConfig` of `cfg`; BERT constants as in all-MiniLM-L6-v2's config."""
+    """The transformers `BertConfig` of `cfg` (diffusers export, tests)."""
     from transformers import BertConfig
 
-    return BertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act=cfg.hidden_act,
-        max_position_embeddings=512,
-        type_vocab_size=2,
-        layer_norm_eps=1e-12,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=cfg.pad_token_id,
-    )
+    return BertConfig(**bert_fields(cfg))
 
 
 class TextEncoder(nn.Module):
@@ -340,34 +377,27 @@ class MiniLMTextEncoder(TextEncoder):
         super().__init__()
         if cfg.kind != "minilm":
             raise ValueError(f"MiniLMTextEncoder needs kind='minilm', got {cfg.kind!r}")
-        from transformers import BertModel
-
         self.cfg = cfg
-        self.transformer = BertModel(bert_config(cfg), add_pooling_layer=False)
+        self.transformer = Bert(cfg)
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         position_ids = self._check(ids, clip_skip, self.cfg.num_layers)
-        out = self.transformer(
-            input_ids=ids,
-            attention_mask=(ids != self.cfg.pad_token_id).long(),
-            token_type_ids=torch.zeros_like(ids),
-            position_ids=position_ids,
-            output_hidden_states=clip_skip > 1,
-        )
-        return out.last_hidden_state if clip_skip == 1 else out.hidden_states[-clip_skip]
+        keep = (ids != self.cfg.pad_token_id)[:, None, None, :]  # (B, 1, 1, L)
+        return self.transformer(ids, position_ids, keep, self.cfg.num_layers - clip_skip + 1)
 
     def load_pretrained(self, folder: str | Path | None = None) -> MiniLMTextEncoder:
-        """Fill the weights from all-MiniLM-L6-v2's `model.safetensors` (offline, strict)."""
+        """Fill the weights from all-MiniLM-L6-v2's `model.safetensors` (offline, strict).
+
+        An encoder built on the meta device takes the file's tensors as they are (`assign=True`).
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder) if folder is not None else minilm_path()
         theirs = json.loads((folder / "config.json").read_text())
-        ours = bert_config(self.cfg)
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
-            if theirs[key] != getattr(ours, key):
-                raise ValueError(
-                    f"{folder}: {key}={theirs[key]}, config expects {getattr(ours, key)}"
-                )
+        ours = bert_fields(self.cfg)
+        for key in _BERT_ARCH_KEYS:
+            if theirs.get(key) != ours[key]:
+                raise ValueError(f"{folder}: {key}={theirs.get(key)}, config expects {ours[key]}")
         sd = load_file(str(folder / "model.safetensors"))
         # The pooler is unused (we return token states); position_ids is derived, not learned.
         sd = {
@@ -375,13 +405,16 @@ class MiniLMTextEncoder(TextEncoder):
             for k, v in sd.items()
             if not k.startswith("pooler.") and k != "embeddings.position_ids"
         }
-        self.transformer.load_state_dict(sd, strict=True)
+        on_meta = any(p.is_meta for p in self.parameters())
+        self.transformer.load_state_dict(sd, strict=True, assign=on_meta)
         return self
 
 
 def load_minilm_pretrained(cfg: TextConfig = MINILM) -> MiniLMTextEncoder:
     """A `MiniLMTextEncoder` with the pretrained all-MiniLM-L6-v2 weights, in eval mode."""
-    return MiniLMTextEncoder(cfg).load_pretrained().eval()
+    with torch.device("meta"):  # no random initialisation only to overwrite it
+        encoder = MiniLMTextEncoder(cfg)
+    return encoder.load_pretrained().eval()
 
 
 def build_text_encoder(cfg: TextConfig) -> TextEncoder:

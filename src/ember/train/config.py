@@ -38,7 +38,8 @@ class TrainConfig:
     preset: str = _opt("ember-small", "model preset (ember.config.PRESETS)")
     vae: str = _opt("", "trained VAE .safetensors (from `ember train vae`)", tasks=("unet",))
     init_from: str = _opt(
-        "", "start the U-Net from this model file's weights (fine-tuning)", tasks=("unet",)
+        "",
+        "start from this model file's weights (fine-tuning): the U-Net, or the VAE for `train vae`",
     )
     image_size: int = _opt(0, "training resolution in pixels (0 = the preset's size)")
     steps: int = _opt(20000, "optimizer steps")
@@ -60,6 +61,12 @@ class TrainConfig:
     recon_loss: Literal["l1", "l2"] = _opt("l1", "VAE reconstruction loss", tasks=("vae",))
     kl_weight: float = _opt(1e-6, "VAE KL weight (ldm convention)", tasks=("vae",))
     edge_weight: float = _opt(0.0, "VAE image-gradient (edge) L1 loss weight", tasks=("vae",))
+    freeze_encoder: bool = _opt(
+        False,
+        "train only the decoder of the --init-from VAE: the latent space and scaling factor stay, "
+        "so a U-Net trained on that VAE still fits",
+        tasks=("vae",),
+    )
     scale_images: int = _opt(
         512, "images encoded to measure the latent scaling factor", tasks=("vae",)
     )
@@ -99,6 +106,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise EmberError(f"--lr must be > 0, got {self.lr}")
+        if self.freeze_encoder and not self.init_from:
+            raise EmberError(
+                "--freeze-encoder needs --init-from VAE_OR_MODEL (the encoder to keep)"
+            )
         if not self.data or not self.run_dir:
             raise EmberError("DATA and RUN_DIR are required")
         return self

@@ -35,12 +35,17 @@ VAE_FILE = "vae.safetensors"
 class VAEWithLoss(nn.Module):
     """The trainable module: its forward is what DDP synchronises, so it returns everything."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, freeze_encoder: bool = False) -> None:
         super().__init__()
         self.vae = vae
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        post = self.vae.encode(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            post = self.vae.encode(x)
         z = post.mean + post.std * eps
         return self.vae.decode(z), post.mean, post.logvar
 
@@ -55,7 +60,13 @@ class VAETask:
     def __init__(self, cfg: TrainConfig, mcfg: ModelConfig, data: TrainData, device: torch.device):
         self.cfg, self.model_config, self.data, self.device = cfg, mcfg, data, device
         torch.manual_seed(cfg.seed)
-        self.model = VAEWithLoss(AutoencoderKL(mcfg.vae))
+        vae = AutoencoderKL(mcfg.vae)
+        self.init_scaling_factor: float | None = None
+        if cfg.init_from:
+            start, start_cfg = load_vae(cfg.init_from, mcfg, flag="--init-from")
+            vae.load_state_dict(start.state_dict())
+            self.init_scaling_factor = start_cfg.vae.scaling_factor
+        self.model = VAEWithLoss(vae, cfg.freeze_encoder)
         self.images = data.images.to(device)  # (N, 3, S, S) uint8
         self.num_items = len(data)
         s = data.images.shape[-1] // mcfg.vae.downsample
@@ -72,7 +83,9 @@ class VAETask:
         recon, mean, logvar = model(x, eps.to(self.device))
         recon = recon.float()
         loss = self._rec(recon, x)
-        if self.cfg.kl_weight > 0:
+        if (
+            self.cfg.kl_weight > 0 and not self.cfg.freeze_encoder
+        ):  # a frozen posterior: KL is constant
             kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
             loss = loss + self.cfg.kl_weight * kl.sum(dim=(1, 2, 3)).mean() / x[0].numel()
         if self.cfg.edge_weight > 0:
@@ -101,9 +114,16 @@ class VAETask:
         return float(1.0 / torch.cat(latents).float().std())
 
     def finish(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
-        """Write `vae.safetensors` (ldm VAE names, scaling factor in `ember_config`)."""
+        """Write `vae.safetensors` (ldm VAE names, scaling factor in `ember_config`).
+
+        With a frozen encoder the latents are those of the starting VAE, so its factor is kept:
+        a U-Net trained on them must see the same scale.
+        """
         vae = model.vae.eval()
-        factor = self.measure_scaling_factor(vae)
+        if self.cfg.freeze_encoder and self.init_scaling_factor is not None:
+            factor = self.init_scaling_factor
+        else:
+            factor = self.measure_scaling_factor(vae)
         mcfg = dataclasses.replace(
             self.model_config, vae=dataclasses.replace(self.model_config.vae, scaling_factor=factor)
         )
@@ -125,7 +145,9 @@ def save_vae(vae: AutoencoderKL, mcfg: ModelConfig, cfg: TrainConfig, path: Path
     return path
 
 
-def load_vae(path: str | Path, mcfg: ModelConfig) -> tuple[AutoencoderKL, ModelConfig]:
+def load_vae(
+    path: str | Path, mcfg: ModelConfig, flag: str = "--vae"
+) -> tuple[AutoencoderKL, ModelConfig]:
     """A VAE written by `ember train vae` (or any file of bare ldm VAE keys + `ember_config`).
 
     Returns the frozen VAE and `mcfg` with the file's VAE config (and scaling factor).
@@ -135,7 +157,7 @@ def load_vae(path: str | Path, mcfg: ModelConfig) -> tuple[AutoencoderKL, ModelC
 
     path = Path(path)
     if not path.is_file():
-        raise EmberError(f"--vae {path}: file not found (train one with `ember train vae`)")
+        raise EmberError(f"{flag} {path}: file not found (train one with `ember train vae`)")
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -147,7 +169,7 @@ def load_vae(path: str | Path, mcfg: ModelConfig) -> tuple[AutoencoderKL, ModelC
             mcfg.vae, scaling_factor=1.0
         ):
             raise EmberError(
-                f"--vae {path} has VAE config {file_vae}, but preset {mcfg.name!r} needs {mcfg.vae}"
+                f"{flag} {path} has VAE config {file_vae}, but preset {mcfg.name!r} needs {mcfg.vae}"
             )
         mcfg = dataclasses.replace(mcfg, vae=file_vae)
     prefix = "first_stage_model."
@@ -157,7 +179,7 @@ def load_vae(path: str | Path, mcfg: ModelConfig) -> tuple[AutoencoderKL, ModelC
     missing, unexpected = vae.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise EmberError(
-            f"--vae {path} does not fit {mcfg.name!r}: missing {sorted(missing)[:5]}, "
+            f"{flag} {path} does not fit {mcfg.name!r}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     return vae.eval().requires_grad_(False), mcfg
