@@ -7,7 +7,7 @@ Every measurement runs in its own subprocess (so its peak RSS is its own), and t
 interleaved (ember, diffusers, ember, diffusers, ...) so that a busy machine slows both alike.
 Weights are random, of the exact architecture (SD 1.5, ember-small), made once into --cache.
 Per-step U-Net time is taken with a forward hook on each side's U-Net; image time is the whole call
-(text encoding, sampling, VAE decode); peak RSS is the child's ru_maxrss (loading included).
+(text encoding, sampling, VAE decode); peak RSS is the child's own high-water mark (VmHWM, loading included).
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ def small_file(cache: Path) -> Path:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux keeps `ru_maxrss` across fork + exec, so a child of a big
+    parent would report the parent's size; `VmHWM` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
