@@ -90,13 +90,15 @@ def main() -> None:
     args = ap.parse_args()
 
     prior = json.loads(args.previous_card.read_text()) if args.previous_card else None
-    stages = (previous_stages(prior) if prior else []) + [stage_of(r) for r in args.runs]
-    unet_runs = [r for r in args.runs if stage_of(r)["part"] == "unet"]
-    if not unet_runs:
+    parts = [stage_of(r) for r in args.runs]
+    stages = (previous_stages(prior) if prior else []) + parts
+    unet_at = [i for i, s in enumerate(parts) if s["part"] == "unet"]
+    if not unet_at:
         raise SystemExit("no U-Net run given")
-    last_unet = unet_runs[-1]
-    later_vae = [r for r in args.runs[args.runs.index(last_unet) + 1 :]
-                 if stage_of(r)["part"] == "vae"]  # fmt: skip
+    last_unet = args.runs[unet_at[-1]]
+    later_vae = [
+        args.runs[i] for i in range(unet_at[-1] + 1, len(parts)) if parts[i]["part"] == "vae"
+    ]
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "ember-small.safetensors"

@@ -104,13 +104,12 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
-        small = x.shape[-1] * x.shape[-2] <= SMALL_MAP
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and small and not x.is_contiguous():
-            # oneDNN hands back channels-last maps; on bf16 maps of <= 16x16 pixels the CPU kernel
-            # is 1.2-20x slower on those than a contiguous copy plus the norm, while on larger maps
-            # it is faster (bench/groupnorm_layout.py). fp32 shows no consistent gap.
-            x = x.contiguous()
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            if x.shape[-1] * x.shape[-2] <= SMALL_MAP:
+                # oneDNN hands back channels-last maps; on bf16 maps of <= 16x16 pixels the CPU
+                # kernel is 1.2-20x slower on those than a contiguous copy plus the norm, while on
+                # larger maps it is faster (bench/groupnorm_layout.py). fp32 shows no such gap.
+                x = x.contiguous()  # a no-op when it already is
             # The CPU kernel takes bf16 input with fp32 affine and keeps its statistics in fp32:
             # the same result as upcasting (to within the final bf16 rounding) without the two
             # full-size copies, which cost 14x the norm itself on the VAE's 128x256x256 maps.

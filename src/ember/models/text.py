@@ -269,8 +269,8 @@ def clip_text_config(cfg: TextConfig, num_layers: int | None = None) -> Any:
     )
 
 
-# BERT constants of all-MiniLM-L6-v2's config.json that `TextConfig` does not carry.
-# The `BertConfig` fields that shape the network (dropout and pad id do not).
+# The `BertConfig` fields that shape the network (dropout and pad id do not): `load_pretrained`
+# checks them against the model folder's config.json.
 _BERT_ARCH_KEYS = (
     "vocab_size",
     "hidden_size",

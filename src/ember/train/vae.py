@@ -60,12 +60,12 @@ class VAETask:
     def __init__(self, cfg: TrainConfig, mcfg: ModelConfig, data: TrainData, device: torch.device):
         self.cfg, self.model_config, self.data, self.device = cfg, mcfg, data, device
         torch.manual_seed(cfg.seed)
-        vae = AutoencoderKL(mcfg.vae)
-        self.init_scaling_factor: float | None = None
         if cfg.init_from:
-            start, start_cfg = load_vae(cfg.init_from, mcfg, flag="--init-from")
-            vae.load_state_dict(start.state_dict())
+            vae, start_cfg = load_vae(cfg.init_from, mcfg, flag="--init-from")
+            vae.train().requires_grad_(True)  # load_vae hands out a frozen, eval-mode VAE
             self.init_scaling_factor = start_cfg.vae.scaling_factor
+        else:
+            vae = AutoencoderKL(mcfg.vae)
         self.model = VAEWithLoss(vae, cfg.freeze_encoder)
         self.images = data.images.to(device)  # (N, 3, S, S) uint8
         self.num_items = len(data)
@@ -83,9 +83,8 @@ class VAETask:
         recon, mean, logvar = model(x, eps.to(self.device))
         recon = recon.float()
         loss = self._rec(recon, x)
-        if (
-            self.cfg.kl_weight > 0 and not self.cfg.freeze_encoder
-        ):  # a frozen posterior: KL is constant
+        # With a frozen encoder the posterior, and so the KL, is a constant: left out.
+        if self.cfg.kl_weight > 0 and not self.cfg.freeze_encoder:
             kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
             loss = loss + self.cfg.kl_weight * kl.sum(dim=(1, 2, 3)).mean() / x[0].numel()
         if self.cfg.edge_weight > 0:
@@ -120,7 +119,7 @@ class VAETask:
         a U-Net trained on them must see the same scale.
         """
         vae = model.vae.eval()
-        if self.cfg.freeze_encoder and self.init_scaling_factor is not None:
+        if self.cfg.freeze_encoder:  # validate() guarantees --init-from
             factor = self.init_scaling_factor
         else:
             factor = self.measure_scaling_factor(vae)
