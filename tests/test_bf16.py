@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -95,6 +96,26 @@ def test_conv_with_gradients_is_plain_conv():
     conv(x).sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
     assert conv._packed is None
+
+
+def test_prepack_can_be_switched_off():
+    """EMBER_PREPACK=0 (read at import) keeps one copy of each conv weight: same output, no
+    packed copy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from ember.models import layers\n"
+        "assert layers.PREPACK is False\n"
+        "conv = layers.Conv2d(8, 16, 3, padding=1).requires_grad_(False)\n"
+        "x = torch.randn(1, 8, 10, 10)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))\n"
+        "assert conv._packed is None\n"
+    )
+    env = {**os.environ, "EMBER_PREPACK": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 def test_from_reuses_the_recorded_dtype(monkeypatch, tmp_path, tiny_model_file):

@@ -231,3 +231,52 @@ def test_bfloat16_model_runs_close_to_float32() -> None:
         decoded = model.vae.decode(torch.randn(1, 4, 8, 8).bfloat16())
     assert actual.dtype == decoded.dtype == torch.bfloat16
     torch.testing.assert_close(actual.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_attention_path_matches_fused_sdpa(dtype: torch.dtype) -> None:
+    """Small maps with gradients take explicit matmuls (faster backward on CPU); outputs and
+    gradients must equal fused SDPA's, and large maps must keep the fused kernel."""
+    from ember.models import layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 32, dtype=dtype) for n in (64, 77, 77))
+    grads = []
+    for limit in (layers.SMALL_ATTENTION, 0):  # explicit, then fused
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        old, layers.SMALL_ATTENTION = layers.SMALL_ATTENTION, limit
+        try:
+            out = layers.sdpa(*leaves)
+        finally:
+            layers.SMALL_ATTENTION = old
+        out.float().square().sum().backward()
+        grads.append([out.detach().float()] + [x.grad.float() for x in leaves])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for explicit, fused in zip(*grads, strict=True):
+        assert torch.allclose(explicit, fused, atol=tol, rtol=tol)
+    assert 64 * 77 <= layers.SMALL_ATTENTION < 4096 * 4096
+
+
+def test_attention_path_choice() -> None:
+    """Fused SDPA (memory-efficient) for inference and for large maps; explicit only for small
+    maps that need gradients."""
+    from unittest import mock
+
+    from ember.models import layers
+
+    small = [torch.randn(1, 1, 16, 8, requires_grad=True) for _ in range(3)]
+    big = [torch.randn(1, 1, 256, 8, requires_grad=True) for _ in range(3)]
+    with mock.patch.object(
+        layers.F, "scaled_dot_product_attention", wraps=layers.F.scaled_dot_product_attention
+    ) as fused:
+        layers.sdpa(*small)
+        assert fused.call_count == 0
+        with torch.no_grad():
+            layers.sdpa(*small)
+        assert fused.call_count == 1
+        old, layers.SMALL_ATTENTION = layers.SMALL_ATTENTION, 255 * 256
+        try:
+            layers.sdpa(*big)
+        finally:
+            layers.SMALL_ATTENTION = old
+        assert fused.call_count == 2

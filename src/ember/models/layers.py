@@ -7,6 +7,7 @@ module built here has the keys of an original Stable Diffusion single-file check
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+# EMBER_PREPACK=0 turns the prepacked convolutions off: each conv weight then exists once instead
+# of twice (SD 1.5 in fp32: 2.3 GB less peak memory, ~20% slower; bench/prepack_memory.py).
+PREPACK = os.environ.get("EMBER_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _onednn_usable(dtype: torch.dtype) -> bool:
     """oneDNN convolutions with prepacked weights: on CPU builds with mkldnn, fp32 always, bf16
     only where the CPU has native bf16 instructions (elsewhere oneDNN would emulate it slowly)."""
-    if not torch.backends.mkldnn.is_available():
+    if not PREPACK or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -181,13 +187,29 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+# Largest query x key length for which training takes the explicit attention path (see `sdpa`).
+SMALL_ATTENTION = 128 * 128
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, h, N, d) tensors.
+
+    Fused SDPA, except when gradients are needed and the score matrix is small: the CPU flash
+    kernel's backward is several times slower than plain matmuls there (ember-small trains ~1.3x
+    faster per step; `bench/train_step.py`). The softmax runs in float32 either way.
+    """
+    if not (torch.is_grad_enabled() and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    return scores.float().softmax(-1).to(v.dtype) @ v
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head softmax(q k^T / sqrt(d)) v on (B, N, heads*d) tensors -> (B, N, heads*d)."""
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, h, N, d)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, inner)
+    return sdpa(q, k, v).transpose(1, 2).reshape(b, n, inner)
 
 
 class CrossAttention(nn.Module):

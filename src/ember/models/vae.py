@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import VAEConfig
-from ember.models.layers import Conv2d, GroupNorm32
+from ember.models.layers import Conv2d, GroupNorm32, sdpa
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -57,7 +57,7 @@ class AttnBlock(nn.Module):
         h_ = self.norm(x)
         # (B, 1, H*W, C): one head of width C
         q, k, v = (m(h_).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = sdpa(q, k, v)
         out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
