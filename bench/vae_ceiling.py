@@ -7,8 +7,10 @@ on what the model can score.
 """
 
 import argparse
+import json
 
 import torch
+from safetensors import safe_open
 
 from ember.cli import DEFAULT_MODEL
 from ember.config import get_preset
@@ -21,7 +23,11 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
-    vae, _ = load_vae(args.model, get_preset("ember-small"))
+    with safe_open(args.model, "pt") as f:
+        name = json.loads((f.metadata() or {}).get("ember_config", '{"name": "ember-small"}'))[
+            "name"
+        ]
+    vae, _ = load_vae(args.model, get_preset(name))
     for split, prompts in PROMPT_SETS.items():
         images = {}
         for p in prompts:

@@ -117,8 +117,10 @@ class ModelEngine:
         dtype: str = "fp32",
         preview_every: int = 4,
     ) -> None:
+        from ember.pipeline import dtype_name, resolve_dtype
+
         self._paths = model_paths
-        self._dtype = dtype
+        self._dtype = dtype_name(resolve_dtype(dtype))  # "auto" resolved once: records say which
         self._preview_every = preview_every
         self._lock = threading.RLock()
         self._models = find_models(model_paths + ([default] if default else []))
