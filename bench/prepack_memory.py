@@ -3,9 +3,9 @@
     .venv/bin/python bench/prepack_memory.py [MODEL] [--dtype fp32] [--size 256] [--steps 4]
 
 MODEL defaults to the random-weight SD 1.5 folder that bench/speed.py leaves in its cache. Each
-configuration runs in its own process, interleaved, `--rounds` times: load, one warm-up image,
-then `--images` timed images (DPM++ 2M, cfg 7). Reports the median image time and the process's
-peak RSS (VmHWM, loading included). A prepacked conv keeps a second copy of its weight in
+configuration runs in its own process (bench/speed.py's ember worker), interleaved, `--rounds`
+times: load, one warm-up image, then `--images` timed images (DPM++ 2M, cfg 7). Reports the median
+image time and the process's peak RSS (VmHWM, loading included). A prepacked conv keeps a second copy of its weight in
 oneDNN's blocked layout, so the difference in peak memory is about the size of the conv weights
 in the run's dtype.
 """
@@ -19,32 +19,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache" / "ember-bench" / "sd15-random"
-
-
-def worker(a: argparse.Namespace) -> None:
-    import torch
-
-    from ember.checkpoints import load_model
-    from ember.config import GenerationParams
-    from ember.pipeline import generate
-
-    torch.set_num_threads(a.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    loaded = load_model(a.model, dtype=dtype)
-    params = GenerationParams(prompt="a cat", sampler="dpmpp_2m", steps=a.steps, cfg=7.0,
-                              width=a.size, height=a.size, seed=0)  # fmt: skip
-    generate(loaded, params)
-    times = []
-    for _ in range(a.images):
-        start = time.perf_counter()
-        generate(loaded, params)
-        times.append(time.perf_counter() - start)
-    hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
-    print(json.dumps({"image": statistics.median(times), "peak_mb": int(hwm.split()[1]) / 1024}))
+SPEED = Path(__file__).with_name("speed.py")  # its `--worker ember` does one measurement
 
 
 def main() -> None:
@@ -56,17 +34,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.worker:
-        return worker(a)
     if not Path(a.model).exists():
         raise SystemExit(
             f"{a.model} not found: run bench/speed.py once (it builds it) or pass MODEL"
         )
-    args = [sys.executable, __file__, a.model, "--dtype", a.dtype, "--size", str(a.size),
-            "--steps", str(a.steps), "--images", str(a.images), "--threads", str(a.threads),
-            "--worker"]  # fmt: skip
+    args = [sys.executable, str(SPEED), "--worker", "ember", "--model", a.model,
+            "--dtype", a.dtype, "--size", str(a.size), "--steps", str(a.steps),
+            "--images", str(a.images), "--threads", str(a.threads)]  # fmt: skip
     results: dict[str, list[dict]] = {"1": [], "0": []}
     for _ in range(a.rounds):
         for flag, out in results.items():
@@ -78,8 +53,8 @@ def main() -> None:
     print("| EMBER_PREPACK | image (s) | peak RSS (MiB) |")
     print("| --- | ---: | ---: |")
     for flag, out in results.items():
-        image = statistics.median(r["image"] for r in out)
-        peak = statistics.median(r["peak_mb"] for r in out)
+        image = statistics.median(statistics.median(r["image"]) for r in out)
+        peak = statistics.median(r["peak_rss_mb"] for r in out)
         print(f"| {flag} | {image:.2f} | {peak:.0f} |")
 
 

@@ -7,13 +7,12 @@ on what the model can score.
 """
 
 import argparse
-import json
 
 import torch
-from safetensors import safe_open
 
+from ember.checkpoints import CONFIG_KEY, check_safetensors
 from ember.cli import DEFAULT_MODEL
-from ember.config import get_preset
+from ember.config import ModelConfig, get_preset
 from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
 from ember.train.vae import load_vae
 
@@ -23,11 +22,11 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
-    with safe_open(args.model, "pt") as f:
-        name = json.loads((f.metadata() or {}).get("ember_config", '{"name": "ember-small"}'))[
-            "name"
-        ]
-    vae, _ = load_vae(args.model, get_preset(name))
+    meta = check_safetensors(args.model).get("__metadata__") or {}
+    config = (
+        ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else get_preset("ember-small")
+    )
+    vae, _ = load_vae(args.model, config)  # the file's own VAE config
     for split, prompts in PROMPT_SETS.items():
         images = {}
         for p in prompts:
