@@ -152,12 +152,17 @@ def describe(stage: dict) -> str:
 
 
 def render(card: dict) -> str:
+    arch = card["architecture"]
+    vae, size = arch["vae"], arch["size"]
+    latent = size // 2 ** (len(vae["ch_mult"]) - 1)
     lines = [
         "# ember-small: ember's bundled default model",
         "",
         f"File `{card['file']}`, sha256 `{card['sha256']}` (A1111 short hash `{card['short_hash']}`).",
-        "A 64x64 latent-diffusion model: VAE 64x64x3 -> 16x16x4, U-Net with cross-attention over "
-        f"{card['text_encoder']}. v-prediction. Trained on CPU by `scripts/build-default-model.sh`.",
+        f"A {size}x{size} latent-diffusion model (preset `{arch['name']}`): VAE {size}x{size}x3 -> "
+        f"{latent}x{latent}x{vae['z_channels']}, U-Net with cross-attention over "
+        f"{card['text_encoder']}. {arch['schedule']['prediction']}-prediction. Trained on CPU by "
+        "`scripts/build-default-model.sh`.",
         "",
         "## Training stages",
         "",

@@ -36,4 +36,6 @@ def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
     img = Image.open(out)
     assert img.size == (64, 64)
     assert np.asarray(img).std() > 5, "a flat image"
-    assert json.loads(img.text["ember"])["model_name"] == "ember-small"
+    card = json.loads(CARD.read_text())
+    assert json.loads(img.text["ember"])["model_name"] == card["architecture"]["name"]
+    assert card["architecture"]["name"].startswith("ember-small")

@@ -3,7 +3,7 @@
 Parity runs use SD 1.5's scheduler config and a fixed analytic "network" eps(x_in, t), so no U-Net
 is needed. Spacing per comparison (diffusers defaults, as our `get_sigmas("default", ...)` mirrors):
 Euler / Euler a / Heun / KDPM2: timestep_spacing="linspace" (fractional t); DPMSolverMultistep
-(2M and 2M SDE): "linspace" with steps + 1 rounded points; DDIM: "leading" with steps_offset=1.
+(2M and 2M SDE) and UniPCMultistep: "linspace" with steps + 1 rounded points; DDIM: "leading" with steps_offset=1.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from ember.config import ScheduleConfig
@@ -104,6 +105,15 @@ PARITY = [
         {"algorithm_type": "sde-dpmsolver++"},
         {},
         {},
+    ),
+    ("unipc", "default", UniPCMultistepScheduler, {}, {}, {}),
+    (
+        "unipc",
+        "karras",
+        UniPCMultistepScheduler,
+        {"use_karras_sigmas": True},
+        {},
+        {"quantize": True},
     ),
     (
         "ddim",
@@ -226,7 +236,9 @@ def ode_error(sampler: str, steps: int) -> float:
     return float((x - exact).abs().max())
 
 
-@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2), ("dpm2", 2), ("dpmpp_2m", 2)])
+@pytest.mark.parametrize(
+    "sampler,order", [("euler", 1), ("heun", 2), ("dpm2", 2), ("dpmpp_2m", 2), ("unipc", 3)]
+)
 def test_ode_samplers_converge_at_their_order(sampler, order):
     errors = [ode_error(sampler, n) for n in (16, 32, 64)]
     rates = [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
@@ -235,7 +247,8 @@ def test_ode_samplers_converge_at_their_order(sampler, order):
 
 
 @pytest.mark.parametrize(
-    "sampler", ["euler", "heun", "dpm2", "dpmpp_2m", "euler_a", "dpmpp_2m_sde", "dpmpp_sde", "ddim"]
+    "sampler",
+    ["euler", "heun", "dpm2", "dpmpp_2m", "unipc", "euler_a", "dpmpp_2m_sde", "dpmpp_sde", "ddim"],
 )
 def test_samplers_reach_the_data_distribution(sampler):
     # Ancestral samplers are only weakly first order: 100 steps keep their bias < 0.02.
@@ -288,6 +301,7 @@ def test_resolve_sampler():
     assert resolve_sampler("DPM++ 2M SDE") == ("dpmpp_2m_sde", "default")
     assert resolve_sampler("DDIM") == ("ddim", "default")
     assert resolve_sampler("heun") == ("heun", "default")
+    assert resolve_sampler("UniPC") == ("unipc", "default")
     with pytest.raises(ValueError, match="'Foo 3M'.*euler_a.*DPM\\+\\+ 2M Karras"):
         resolve_sampler("Foo 3M")
 

@@ -340,12 +340,9 @@ async def refresh_checkpoints(request: Request) -> None:
 
 @router.get("/samplers", response_model=list[SamplerItem])
 async def samplers() -> list[dict[str, Any]]:
-    try:
-        from ember.diffusion.samplers import SAMPLERS
+    from ember.diffusion.samplers import SAMPLERS
 
-        available = [n for n in A1111_SAMPLER_NAMES if n in SAMPLERS]
-    except ImportError:  # samplers module not installed yet: advertise the table
-        available = list(A1111_SAMPLER_NAMES)
+    available = [n for n in A1111_SAMPLER_NAMES if n in SAMPLERS]
     return [{"name": A1111_SAMPLER_NAMES[n], "aliases": [n], "options": {}} for n in available]
 
 
