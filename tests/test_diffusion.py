@@ -24,6 +24,7 @@ from diffusers import (
 )
 
 from ember.config import ScheduleConfig
+from ember.diffusion.brownian import BrownianNoise, BrownianTree
 from ember.diffusion.denoisers import CFGDenoiser, Conditioning, EpsDenoiser, VDenoiser
 from ember.diffusion.losses import DiffusionLoss, add_noise, min_snr_weights
 from ember.diffusion.samplers import SAMPLERS, draw_noise, resolve_sampler
@@ -323,3 +324,44 @@ def test_losses_targets_and_min_snr():
     assert w[0] < 1 and w[2] == 1  # high-SNR (small t) samples are down-weighted
     weighted = DiffusionLoss(cfg, min_snr_gamma=5.0)(v + 1, x0, noise, t)
     torch.testing.assert_close(weighted, min_snr_weights(t, a, 5.0, "v"))
+
+
+# --- Brownian noise for SDE samplers ---------------------------------------------------------
+
+
+def test_brownian_tree_is_a_function_of_seed_and_t_with_brownian_increments():
+    points = [9.0, 2.0, 3.14159, 5.0, 10.0]
+    a, b = BrownianTree(5, (200_000,), 10.0), BrownianTree(5, (200_000,), 10.0)
+    wa = {t: a(t) for t in points}
+    wb = {t: b(t) for t in reversed(points)}  # another order, another tree object
+    for t in points:
+        torch.testing.assert_close(wa[t], wb[t], rtol=0, atol=0)
+    assert not BrownianTree(6, (200_000,), 10.0)(2.0).equal(wa[2.0])
+    # Var W(t) = t, disjoint increments uncorrelated (also at t = 3.14, between tree nodes)
+    for t in (2.0, 3.14159, 10.0):
+        assert abs(float(wa[t].var()) / t - 1) < 0.02
+    inc1, inc2 = wa[5.0] - wa[2.0], wa[9.0] - wa[5.0]
+    assert abs(float(inc1.var()) / 3 - 1) < 0.02 and abs(float(inc2.var()) / 4 - 1) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([inc1, inc2]))[0, 1])) < 0.01
+
+
+def test_brownian_noise_per_image_generators_reproduce_single_image():
+    x = torch.zeros(2, 4, 8, 8)
+    both = BrownianNoise(x, 10.0, [torch.Generator().manual_seed(s) for s in (3, 4)])
+    alone = BrownianNoise(x[:1], 10.0, [torch.Generator().manual_seed(4)])
+    torch.testing.assert_close(both(3.0, 1.0)[1:], alone(3.0, 1.0))
+    n = both(3.0, 1.0)
+    assert n.shape == x.shape and 0.7 < float(n.std()) < 1.3
+
+
+def test_dpmpp_sde_converges_as_steps_grow():
+    # One Brownian path per seed: more steps refine the same sample instead of drawing a new
+    # one. Independent per-step noise would leave a mean gap of ~0.56 (two draws of N(mu, S^2)).
+    outs = {}
+    for n in (25, 50, 200):
+        sigmas = get_sigmas("karras", n, ScheduleConfig()).double()
+        gen = torch.Generator().manual_seed(0)
+        x = draw_noise((4000, 1), gen, dtype=torch.float64) * sigmas[0]
+        outs[n] = SAMPLERS["dpmpp_sde"](gaussian_denoiser, x, sigmas, None, generator=gen)
+    gap25, gap50 = (float((outs[n] - outs[200]).abs().mean()) for n in (25, 50))
+    assert gap50 < gap25 < 0.1, (gap25, gap50)

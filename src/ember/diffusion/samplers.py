@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ember.diffusion.brownian import BrownianNoise
 from ember.diffusion.denoisers import Conditioning, Denoiser
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -364,12 +365,14 @@ def sample_dpmpp_sde(
 ) -> torch.Tensor:
     """DPM-Solver++ (stochastic, 2S with r = 1/2), as k-diffusion's `sample_dpmpp_sde`.
 
-    k-diffusion draws correlated noise from a Brownian tree (torchsde); here the two noises of a
-    step are independent draws from `generator`, which has the same per-substep distribution.
+    As there, the noise is increments of one Brownian path per image (`brownian.BrownianNoise`,
+    seeded from `generator`), so the two noises of a step are correlated as the SDE requires and
+    the image converges as the step count grows instead of changing with it.
     """
     sigmas, s_in = _prepare(x, sigmas)
     n = len(sigmas) - 1
     r = 0.5
+    noise = BrownianNoise(x, float(sigmas.max()), generator) if eta > 0 else None
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, cond)
@@ -383,15 +386,15 @@ def sample_dpmpp_sde(
         # Substep to the midpoint (ancestral), then the full step with the blended x0.
         down, up = get_ancestral_step(sigma, sigma_mid, eta)
         x_2 = (down / sigma) * x - torch.expm1(lam + down.log()) * denoised
-        if eta > 0:
-            x_2 = x_2 + _noise_like(x, generator) * up
+        if noise is not None:
+            x_2 = x_2 + noise(sigma, sigma_mid) * up
         denoised_2 = denoiser(x_2, sigma_mid * s_in, cond)
         down, up = get_ancestral_step(sigma, sigma_next, eta)
         fac = 1 / (2 * r)
         d = (1 - fac) * denoised + fac * denoised_2
         x = (down / sigma) * x - torch.expm1(lam + down.log()) * d
-        if eta > 0:
-            x = x + _noise_like(x, generator) * up
+        if noise is not None:
+            x = x + noise(sigma, sigma_next) * up
     return x
 
 
