@@ -1,11 +1,16 @@
 """Acceptance 7: a real browser (Debian's chromium, headless, via playwright) generates an image on the
-web page and sees it appear in the gallery. Install the browser with scripts/install-browser.sh."""
+web page and sees it appear in the gallery, and sends an inpainting mask drawn with the pointer.
+Install the browser with scripts/install-browser.sh."""
 
 from __future__ import annotations
 
+import io
+import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from server_support import start_server
 
@@ -42,6 +47,49 @@ def test_generate_in_browser(tmp_path):
             assert page.input_value("#seed") == "1234"
             assert not errors, errors
             browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="run scripts/install-browser.sh")
+def test_inpaint_mask_drawn_in_browser_reaches_the_server(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init)
+    proc, url = start_server(tmp_path, step_delay=0.01)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("#sampler option", state="attached")
+            page.fill("#prompt", "a green star")
+            page.select_option("#mode", "inpaint")
+            page.set_input_files("#init", str(init))
+            page.wait_for_function("document.getElementById('init-canvas').width === 64")
+            canvas = page.locator("#mask-canvas")
+            canvas.scroll_into_view_if_needed()  # below the fold of the default viewport
+            box = canvas.bounding_box()
+            y = box["y"] + box["height"] / 2  # a stroke across the left quarter, at mid height
+            page.mouse.move(box["x"] + box["width"] * 0.2, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.3, y, steps=5)
+            page.mouse.up()
+            page.click("#generate")
+            page.wait_for_selector("#gallery li img", timeout=30_000)
+            assert not errors, errors
+            browser.close()
+        with sqlite3.connect(tmp_path / "ember.db") as db:
+            kind, mask_png, init_png = db.execute("SELECT kind, mask, init FROM jobs").fetchone()
+        assert kind == "inpaint"
+        mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L"))
+        assert mask.shape == (64, 64)
+        assert mask[32, 16] == 255 and mask[32, 48] == 0 and mask[5, 16] == 0
+        assert 0.02 < (mask > 127).mean() < 0.2  # the stroke, not the whole canvas
+        sent = np.asarray(Image.open(io.BytesIO(init_png)).convert("RGB"))
+        assert tuple(sent[10, 10]) == (200, 40, 40)
     finally:
         proc.terminate()
         proc.wait(10)
