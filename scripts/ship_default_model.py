@@ -71,6 +71,15 @@ def swap_vae(model: Path, vae_file: Path) -> None:
     save_file(tensors, str(model), meta)
 
 
+def save_sheet(src: Path, dst: Path) -> None:
+    """An eval contact sheet in 256 colours: a third of the bytes, so the model folder (weights,
+    card, sheets) stays within the 60 MB the default model may take."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.convert("RGB").quantize(256).save(dst, optimize=True)
+
+
 def same_content(a: Path, b: Path) -> bool:
     """Whether two safetensors files hold the same metadata and bit-identical tensors."""
     from safetensors import safe_open
@@ -116,7 +125,7 @@ def main() -> None:
         report = json.loads((folder / "report.json").read_text())
         key = report.get("split") and f"geneval {report['split']}" or "emoji"
         evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
-        shutil.copyfile(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")
+        save_sheet(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")
     architecture = json.loads((last_unet / "model_card.json").read_text())["model"]
     card = {
         "name": "ember-small",
