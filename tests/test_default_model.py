@@ -38,5 +38,6 @@ def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
     assert img.size == (64, 64)
     assert np.asarray(img).std() > 5, "a flat image"
     card = json.loads(CARD.read_text())
-    assert json.loads(img.text["ember"])["model_name"] == card["architecture"]["name"]
-    assert card["architecture"]["name"].startswith("ember-small")
+    record = json.loads(img.text["ember"])
+    assert record["model_name"] == card["name"] == "ember-small"
+    assert record["model_sha256"] == card["sha256"]
