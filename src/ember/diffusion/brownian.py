@@ -78,10 +78,9 @@ class BrownianNoise:
 
     def __init__(self, x: torch.Tensor, sigma_max: float, generator=None):
         self.device, self.dtype = x.device, x.dtype
-        gens = generator if isinstance(generator, Sequence) else [generator]
-        shape = x.shape[1:] if isinstance(generator, Sequence) else x.shape
-        self.trees = [BrownianTree(_seed_from(g), shape, sigma_max) for g in gens]
         self.batched = isinstance(generator, Sequence)
+        gens, shape = (generator, x.shape[1:]) if self.batched else ([generator], x.shape)
+        self.trees = [BrownianTree(_seed_from(g), shape, sigma_max) for g in gens]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         s, s_next = float(sigma), float(sigma_next)

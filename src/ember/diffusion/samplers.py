@@ -283,15 +283,12 @@ def sample_unipc(
         if last_x is not None:  # UniC: correct x (made at step i - 1) with the new evaluation
             m0 = outputs[-1]
             h = lambdas[i] - lambdas[i - 1]
-            rks = [(lambdas[i - 2] - lambdas[i - 1]) / h] if last_order == 2 else []
-            rks.append(torch.ones((), dtype=torch.float64))
             if last_order == 1:
-                rhos = torch.tensor([0.5], dtype=torch.float64)
+                res = 0.5 * (denoised - m0)
             else:
-                rhos = _unipc_coefficients(h, rks, last_order)
-            res = rhos[-1].float() * (denoised - m0)
-            if last_order == 2:
-                res = res + rhos[0].float() * (outputs[-2] - m0) / rks[0].float()
+                r1 = (lambdas[i - 2] - lambdas[i - 1]) / h
+                rhos = _unipc_coefficients(h, [r1, torch.ones_like(r1)], 2).float()
+                res = rhos[1] * (denoised - m0) + rhos[0] * (outputs[-2] - m0) / r1.float()
             b_h = torch.expm1(-h).float()
             ratio = (sigmas[i] / sigmas[i - 1]).float()
             x = ratio * last_x - b_h * m0 - b_h * res
