@@ -12,7 +12,8 @@ W=${1:-runs/default-model}
 E=.venv/bin/ember
 mkdir -p "$W"
 # VAE data: 20k shapes scenes + every emoji on white and on blue, one caption each
-[ -f "$W/shapes-20k/manifest.jsonl" ] || $E data shapes "$W/shapes-20k" --n 20000 --seed 0 --no-png
+[ -f "$W/shapes-20k/manifest.jsonl" ] || $E data shapes "$W/shapes-20k" --n 20000 --seed 0 --no-png \
+  --no-mirror-captions
 [ -f "$W/emoji-wb/manifest.jsonl" ] || $E data emoji "$W/emoji-wb" --backgrounds white,blue  # npm pack, pinned
 [ -f "$W/vae-data/manifest.jsonl" ] || \
   $E data merge "$W/vae-data" "$W/shapes-20k" "$W/emoji-wb" --max-captions 1

@@ -229,3 +229,13 @@ def test_inpaint_with_nine_channel_unet(tmp_path):
     out = tmp_path / "o.png"
     assert gen(path, out, "--init-image", str(init), "--mask", str(mask)) == 0
     assert Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "weights, needle",
+    [("position", "CATEGORY=NUMBER"), ("postion=2", "unknown categories"), ("position=-1", ">= 0")],
+)
+def test_bad_shapes_weights(tmp_path, capsys, weights, needle):
+    out = tmp_path / "shapes"
+    _expect_error(capsys, ["data", "shapes", str(out), "--n", "5", "--weights", weights], needle)
+    assert not out.exists()

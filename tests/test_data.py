@@ -85,6 +85,52 @@ def test_shapes_deterministic_by_seed(tmp_path):
     assert not np.array_equal(np.load(a / "images.npy"), np.load(c / "images.npy"))
 
 
+def test_two_object_captions_include_the_mirrored_statement(shapes_dir):
+    mirrored = 0
+    for row in _rows(shapes_dir):
+        truth = row["truth"]
+        spec = shapes.scene_spec_from_dict(truth["spec"])
+        if len(spec.objects) != 2:
+            assert len(row["caption"]) <= 2
+            continue
+        mirror = shapes.describe(shapes.mirrored(spec))
+        assert row["caption"][-1] == mirror != row["caption"][0]
+        if spec.relation:
+            # "A left of B" -> "B right of A", and the image really shows the converse relation.
+            b, a = truth["objects"][1]["bbox"], truth["objects"][0]["bbox"]
+            first, rest = row["caption"][0].split(f" {spec.relation} ")
+            second, background = rest.split(" on a ")
+            converse = shapes.CONVERSE[spec.relation]
+            assert mirror == f"{second} {converse} {first} on a {background}"
+            assert shapes.relation_between(b, a) == {converse}
+            mirrored += 1
+    assert mirrored > 0
+
+
+def test_mirrored_captions_can_be_left_out(tmp_path, shapes_dir):
+    """Version 1's captions (the shipped default model's data) stay reproducible."""
+    plain = shapes.generate_shapes(tmp_path / "v1", 300, seed=7, write_png=False, mirror=False)
+    np.testing.assert_array_equal(np.load(plain / "images.npy"), np.load(shapes_dir / "images.npy"))
+    for a, b in zip(_rows(plain), _rows(shapes_dir), strict=True):
+        two = len(a["truth"]["spec"]["objects"]) == 2
+        assert a["caption"] == (b["caption"][:-1] if two else b["caption"])
+
+
+def test_category_weights(tmp_path):
+    out = shapes.generate_shapes(
+        tmp_path / "w", 200, seed=1, write_png=False, weights={"position": 5.0, "colors": 0}
+    )
+    cats = [r["truth"]["category"] for r in _rows(out)]
+    assert "colors" not in cats
+    assert 0.4 < cats.count("position") / len(cats) < 0.7  # expected 5/9
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["category_probabilities"]["position"] == round(5 / 9, 4)
+    with pytest.raises(ValueError, match="unknown categories"):
+        shapes.category_probabilities({"postion": 2.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        shapes.category_probabilities({"position": -1.0})
+
+
 def test_position_relation_rule():
     left, right = (0, 20, 10, 30), (40, 20, 50, 30)
     assert shapes.relation_between(left, right) == {"left of"}

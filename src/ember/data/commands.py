@@ -24,6 +24,18 @@ def add_data(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--split", choices=["train", "held-out"], default="train")
     s.add_argument("--no-png", action="store_true", help="write only images.npy, not PNG files")
+    s.add_argument(
+        "--weights",
+        default="",
+        metavar="CAT=W,...",
+        help="make categories more or less frequent, e.g. position=2,color_attr=1.5 (others 1)",
+    )
+    s.add_argument(
+        "--no-mirror-captions",
+        action="store_true",
+        help="leave out the mirrored two-object captions (B right of A for A left of B), as "
+        "generator version 1 did",
+    )
     s.set_defaults(run=run_shapes)
 
     e = dsub.add_parser(
@@ -65,12 +77,40 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise EmberError(f"--n must be at least 1, got {args.n}")
+    weights = _parse_weights(args.weights)
     _fresh(args.out)
     start = time.perf_counter()
-    generate_shapes(args.out, args.n, args.seed, split=args.split, write_png=not args.no_png)
+    generate_shapes(
+        args.out,
+        args.n,
+        args.seed,
+        split=args.split,
+        write_png=not args.no_png,
+        weights=weights,
+        mirror=not args.no_mirror_captions,
+    )
     print(f"ember: {args.n} scenes in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(args.out)
     return 0
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    from ember.data.shapes import category_probabilities
+
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise EmberError(f"--weights: expected CATEGORY=NUMBER, got {part!r}")
+    try:
+        category_probabilities(weights)
+    except ValueError as e:
+        raise EmberError(f"--weights: {e}") from None
+    return weights
 
 
 def run_emoji(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: every caption also as its mirror statement; category weights
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: exact area antialiasing
 
@@ -327,22 +327,56 @@ def describe(spec: SceneSpec, with_colour: bool = True, with_background: bool = 
     return text + (f" on a {spec.background} background" if with_background else "")
 
 
-def caption_variants(spec: SceneSpec, rng: np.random.Generator) -> list[str]:
-    """Canonical caption first, then one random phrasing (prefix, optional background/colours)."""
+def mirrored(spec: SceneSpec) -> SceneSpec | None:
+    """The same scene stated the other way round, or None for one-object scenes.
+
+    "A left of B" becomes "B right of A"; "A and B" becomes "B and A". Both describe the same image,
+    so a model sees that a relation binds to the objects, not to the order of the words.
+    """
+    if len(spec.objects) != 2:
+        return None
+    relation = CONVERSE[spec.relation] if spec.relation else None
+    return SceneSpec(spec.category, spec.objects[::-1], spec.background, relation)
+
+
+def caption_variants(spec: SceneSpec, rng: np.random.Generator, mirror: bool = True) -> list[str]:
+    """Canonical caption first, then one random phrasing (prefix, optional background/colours),
+    then (``mirror``) for two-object scenes the canonical caption of the mirrored statement."""
     drop_colour = spec.category in ("single_object", "two_object") and rng.random() < 0.15
     alt = describe(spec, with_colour=not drop_colour, with_background=rng.random() < 0.7)
     alt = PHRASINGS[rng.integers(len(PHRASINGS))].format(alt)
-    canonical = describe(spec)
-    return [canonical] if alt == canonical else [canonical, alt]
+    other = mirrored(spec) if mirror else None
+    variants = [describe(spec), alt] + ([describe(other)] if other else [])
+    return list(dict.fromkeys(variants))
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_sample(seed: int, split: str, index: int) -> tuple[np.ndarray, dict]:
-    """Sample ``index`` of ``split``: the image (64, 64, 3) uint8 and its ground-truth record."""
+def category_probabilities(weights: dict[str, float] | None) -> np.ndarray | None:
+    """Normalised probabilities over ``CATEGORIES`` (unnamed categories weigh 1); None: uniform."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; expected some of {list(CATEGORIES)}")
+    w = np.array([float(weights.get(c, 1.0)) for c in CATEGORIES])
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"category weights must be >= 0 and not all 0, got {weights}")
+    return w / w.sum()
+
+
+def generate_sample(
+    seed: int, split: str, index: int, probs: np.ndarray | None = None, mirror: bool = True
+) -> tuple[np.ndarray, dict]:
+    """Sample ``index`` of ``split``: the image (64, 64, 3) uint8 and its ground-truth record.
+
+    ``probs`` (from ``category_probabilities``) draws the category first; None keeps them uniform.
+    ``mirror=False`` leaves out the mirrored captions (generator version 1's captions).
+    """
     rng = np.random.default_rng((seed, SPLITS.index(split), index))
-    spec = sample_split_spec(rng, split)
+    category = None if probs is None else CATEGORIES[rng.choice(len(CATEGORIES), p=probs)]
+    spec = sample_split_spec(rng, split, category)
     objects = layout_scene(spec, rng)
     image = render_objects(objects, spec.background)
     truth = {
@@ -357,7 +391,7 @@ def generate_sample(seed: int, split: str, index: int) -> tuple[np.ndarray, dict
             if i != j
         ],
     }
-    return image, {"captions": caption_variants(spec, rng), "truth": truth}
+    return image, {"captions": caption_variants(spec, rng, mirror), "truth": truth}
 
 
 def scene_spec_to_dict(spec: SceneSpec) -> dict:
@@ -379,9 +413,18 @@ def licence_record(seed: int) -> dict:
 
 
 def generate_shapes(
-    out_dir: str | Path, n: int, seed: int, split: str = "train", write_png: bool = True
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    split: str = "train",
+    write_png: bool = True,
+    weights: dict[str, float] | None = None,
+    mirror: bool = True,
 ) -> Path:
     """Write ``n`` shapes-world samples of ``split`` to ``out_dir`` in ember's dataset format.
+
+    ``weights`` makes some categories more frequent (e.g. ``{"position": 2}``; others weigh 1).
+    ``mirror=False`` leaves out the mirrored two-object captions, as generator version 1 did.
 
     Produces ``images/NNNNNN.png``, ``images.npy`` ((n, 64, 64, 3) uint8, row i = manifest line i,
     memory-mappable), ``manifest.jsonl`` (captions, licence, ground truth under ``truth``),
@@ -391,6 +434,7 @@ def generate_shapes(
         raise ValueError(f"n must be >= 1, got {n}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    probs = category_probabilities(weights)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -400,7 +444,7 @@ def generate_shapes(
     lic = licence_record(seed)
     with open(out / "manifest.jsonl", "w") as manifest:
         for i in range(n):
-            image, rec = generate_sample(seed, split, i)
+            image, rec = generate_sample(seed, split, i, probs, mirror)
             images[i] = image
             name = f"images/{i:06d}.png"
             if write_png:
@@ -423,6 +467,11 @@ def generate_shapes(
         "seed": seed,
         "split": split,
         "n": n,
+        "mirrored_captions": mirror,
+        "category_probabilities": {
+            c: round(float(probs[k]) if probs is not None else 1 / len(CATEGORIES), 4)
+            for k, c in enumerate(CATEGORIES)
+        },
         "image_size": IMAGE_SIZE,
         "array": "images.npy",
         "colours": COLOURS,
