@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = "2"  # 2: every caption also as its mirror statement; category weights
+GENERATOR_VERSION = "2"  # 2: mirrored two-object captions; category weights
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: exact area antialiasing
 
