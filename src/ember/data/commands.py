@@ -99,13 +99,11 @@ def _parse_weights(text: str) -> dict[str, float]:
 
     weights = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
+        name, _, value = part.partition("=")  # no "=": value is "", which float() refuses
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            eq = ""
-        if not eq:
-            raise EmberError(f"--weights: expected CATEGORY=NUMBER, got {part!r}")
+            raise EmberError(f"--weights: expected CATEGORY=NUMBER, got {part!r}") from None
     try:
         category_probabilities(weights)
     except ValueError as e:
