@@ -41,3 +41,32 @@ def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
     record = json.loads(img.text["ember"])
     assert record["model_name"] == card["name"] == "ember-small"
     assert record["model_sha256"] == card["sha256"]
+
+
+def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
+    # Preset ember-small-z8p reads MiniLM's fifth layer. Its diffusers folder holds a 5-layer BERT
+    # (diffusers pipelines take the last hidden state) and generates the same image as the file.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(DEFAULT_MODEL), "pt") as f:
+        meta = dict(f.metadata())
+    cfg = json.loads(meta["ember_config"])
+    cfg["text"]["layer"] = "penultimate"
+    meta["ember_config"] = json.dumps(cfg)
+    single = tmp_path / "pen.safetensors"
+    save_file(load_file(DEFAULT_MODEL), single, meta)
+    folder = tmp_path / "pen-diffusers"
+    assert main(["convert", str(single), str(folder), "--format", "diffusers"]) == 0
+    hf = json.loads((folder / "text_encoder" / "config.json").read_text())
+    assert hf["num_hidden_layers"] == 5
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("encoder.layer.5.")]
+    images = []
+    for model in (single, folder, DEFAULT_MODEL):
+        out = tmp_path / f"{model.name}.png"
+        args = ["generate", "a red circle left of a blue square", "--model", str(model)]
+        assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
+        images.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2]), "the layer choice changed nothing"

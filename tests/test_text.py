@@ -350,6 +350,14 @@ def test_minilm_matches_transformers_bert(attention, atol):
             assert (got - hidden[-clip_skip]).abs().max() <= atol, clip_skip
     with pytest.raises(ValueError, match="clip_skip"):
         enc(ids, clip_skip=7)
+    # layer="penultimate" (preset ember-small-z8p) is BERT's fifth layer, clip skip on top.
+    pen = load_minilm_pretrained(dataclasses.replace(MINILM, layer="penultimate"))
+    with torch.no_grad():
+        for clip_skip in (1, 2):
+            got = pen(ids, clip_skip=clip_skip)
+            assert (got - hidden[-1 - clip_skip]).abs().max() <= atol, clip_skip
+    with pytest.raises(ValueError, match="clip_skip"):
+        pen(ids, clip_skip=6)
 
 
 def test_minilm_meta_build_then_assign():

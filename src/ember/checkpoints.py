@@ -502,8 +502,9 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
     sd = loaded.model.state_dict()
     if cfg.text.layer == "penultimate":
         # diffusers stores SD 2.x text models without the final (never used) block and reads the
-        # last layer: drop that block here, as diffusers' own conversion does.
-        last = f"{TEXT}transformer.text_model.encoder.layers.{cfg.text.num_layers - 1}."
+        # last layer: drop that block here, as diffusers' own conversion does (BERT likewise).
+        block = "encoder.layer" if cfg.text.kind == "minilm" else "text_model.encoder.layers"
+        last = f"{TEXT}transformer.{block}.{cfg.text.num_layers - 1}."
         sd = {k: v for k, v in sd.items() if not k.startswith(last)}
         text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.num_layers - 1, layer="last")
         cfg = dataclasses.replace(cfg, text=text_cfg)

@@ -231,6 +231,16 @@ PRESETS: dict[str, ModelConfig] = {
         ScheduleConfig(prediction="v"),
         size=64,
     ),
+    # ember-small-z8 conditioned on MiniLM's fifth (penultimate) layer: the last one is tuned for
+    # pooled sentence similarity and blurs word order and which colour goes with which shape.
+    "ember-small-z8p": ModelConfig(
+        "ember-small-z8p",
+        dataclasses.replace(EMBER_UNET, in_channels=8, out_channels=8),
+        dataclasses.replace(EMBER_VAE, z_channels=8, embed_dim=8),
+        dataclasses.replace(MINILM, layer="penultimate"),
+        ScheduleConfig(prediction="v"),
+        size=64,
+    ),
 }
 
 

@@ -22,6 +22,7 @@ names (`cond_stage_model.model.*`); `openclip_to_hf` / `hf_to_openclip` convert 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -370,6 +371,8 @@ class MiniLMTextEncoder(TextEncoder):
 
     Padding is masked out of attention, as BERT and sentence-transformers use it; `clip_skip=k`
     returns the output of the k-th layer from the end (BERT is post-norm: no extra norm needed).
+    `layer="penultimate"` starts one layer earlier (layer 5 of 6), clip_skip on top: the last layer
+    is tuned for mean-pooled sentence similarity and weakens word order and attribute binding.
     Weights are random until `load_pretrained()` (or a checkpoint) fills them.
     """
 
@@ -381,9 +384,11 @@ class MiniLMTextEncoder(TextEncoder):
         self.transformer = Bert(cfg)
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        position_ids = self._check(ids, clip_skip, self.cfg.num_layers)
+        offset = 1 if self.cfg.layer == "penultimate" else 0
+        position_ids = self._check(ids, clip_skip, self.cfg.num_layers - offset)
         keep = (ids != self.cfg.pad_token_id)[:, None, None, :]  # (B, 1, 1, L)
-        return self.transformer(ids, position_ids, keep, self.cfg.num_layers - clip_skip + 1)
+        depth = self.cfg.num_layers - offset - clip_skip + 1
+        return self.transformer(ids, position_ids, keep, depth)
 
     def load_pretrained(self, folder: str | Path | None = None) -> MiniLMTextEncoder:
         """Fill the weights from all-MiniLM-L6-v2's `model.safetensors` (offline, strict).
@@ -577,6 +582,8 @@ def text_config_to_hf(cfg: TextConfig) -> dict[str, Any]:
     `text_model.encoder.layers.{num_layers - 1}.*`.
     """
     if cfg.kind == "minilm":
+        if cfg.layer == "penultimate":
+            cfg = dataclasses.replace(cfg, num_layers=cfg.num_layers - 1, layer="last")
         config = bert_config(cfg).to_dict()
         config["architectures"] = ["BertModel"]
         return config
