@@ -364,3 +364,32 @@ def test_init_from_starts_the_unet_from_an_exported_model(data, vae_run, tmp_pat
     )
     c = weights(fresh / "model.safetensors")
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in unet)
+
+
+def test_export_writes_a_checkpoint_as_a_model(data, vae_run, tmp_path, capsys):
+    from ember.cli import main
+
+    run = tmp_path / "run"
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "4",
+            "--checkpoint-every", "2", "--keep-checkpoints", "3"]  # fmt: skip
+    assert in_process(main_train_unet, [str(data), str(run), *args]) == 0
+    # The latest checkpoint is the final state: its export is the run's own model file.
+    assert main(["train", "export", str(run), "-o", str(tmp_path / "last.safetensors")]) == 0
+    assert "(step 4)" in capsys.readouterr().out
+    assert_identical(weights(tmp_path / "last.safetensors"), weights(run / "model.safetensors"))
+    # An earlier step exports that step's EMA U-Net, and the generate-side loader reads it.
+    early = tmp_path / "step2.safetensors"
+    assert main(["train", "export", str(run), "--step", "2", "-o", str(early)]) == 0
+    ema = weights(run / "checkpoints/step_0000002/ema.safetensors")
+    got = weights(early)
+    assert all(torch.equal(got["model.diffusion_model." + k], v) for k, v in ema.items())
+    assert not torch.equal(got["model.diffusion_model.out.2.weight"],
+                           weights(run / "model.safetensors")["model.diffusion_model.out.2.weight"])  # fmt: skip
+    from ember.checkpoints import load_model
+
+    assert load_model(early).config.name == "tiny"
+    # Bad input: a missing step names the ones there are; a VAE run has nothing to export.
+    assert main(["train", "export", str(run), "--step", "3", "-o", str(early)]) == 2
+    assert "checkpoints: 2, 4" in capsys.readouterr().err
+    assert main(["train", "export", str(vae_run), "-o", str(early)]) == 2
+    assert "VAE run" in capsys.readouterr().err

@@ -415,6 +415,26 @@ def add_train(sub) -> None:
         )
         add_train_args(t, task)
         t.set_defaults(run=run_train)
+    e = tsub.add_parser(
+        "export",
+        help="write a U-Net run's checkpoint as a model file",
+        description="Write a U-Net run's checkpoint (EMA weights, with the run's VAE) as a single-"
+        "file model, as the final export would be: try a model at step N while training goes on.",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a `ember train unet` run folder")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("-o", "--out", required=True, help="the .safetensors file to write")
+    e.set_defaults(run=run_train_export)
+
+
+def run_train_export(args: argparse.Namespace) -> int:
+    from ember.train.unet import export_checkpoint
+
+    if not args.out.endswith(".safetensors"):
+        raise EmberError(f"--out {args.out}: the model file must end in .safetensors")
+    path, step = export_checkpoint(Path(args.run_dir), Path(args.out), args.step)
+    print(f"{path} (step {step})")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

