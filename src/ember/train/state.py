@@ -138,7 +138,7 @@ def save_checkpoint(
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
+    name = checkpoint_name(step)
     for stale in root.glob(".tmp_*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_{name}_{os.getpid()}"
@@ -165,6 +165,15 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder (`step_0000500`) holds."""
+    return int(Path(folder).name.removeprefix("step_"))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

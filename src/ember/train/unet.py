@@ -280,7 +280,13 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> tupl
     Returns the path and the checkpoint's step.
     """
     from ember.train.config import EmberError
-    from ember.train.state import latest_checkpoint, list_checkpoints
+    from ember.train.state import (
+        CHECKPOINTS,
+        checkpoint_name,
+        checkpoint_step,
+        latest_checkpoint,
+        list_checkpoints,
+    )
 
     run_dir = Path(run_dir)
     files = [run_dir / "train_config.json", run_dir / "model_config.json"]
@@ -295,16 +301,16 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> tupl
     if step is None:
         folder = latest_checkpoint(run_dir)
     else:
-        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+        folder = run_dir / CHECKPOINTS / checkpoint_name(step)
     if folder is None or not folder.is_dir():
-        have = ", ".join(str(int(p.name[5:])) for p in list_checkpoints(run_dir)) or "none"
+        have = ", ".join(str(checkpoint_step(p)) for p in list_checkpoints(run_dir)) or "none"
         raise EmberError(f"{run_dir}: no checkpoint at step {step} (checkpoints: {have})")
     weights = folder / "ema.safetensors"
     if not weights.is_file():  # runs with --ema-decay 0 keep only the raw weights
         weights = folder / "model.safetensors"
     mcfg = ModelConfig.from_json(files[1].read_text())
     vae, _ = load_vae(cfg.vae, mcfg)
-    done = int(folder.name[5:])
+    done = checkpoint_step(folder)
     write_model(
         Path(out), load_file(weights), vae, frozen_text_encoder(cfg, mcfg), mcfg, cfg,
         {"ember_step": str(done)},
