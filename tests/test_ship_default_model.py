@@ -1,4 +1,4 @@
-"""scripts/ship_default_model.py: a decoder fine-tune is swapped in only over the same encoder."""
+"""scripts/ship_default_model.py: decoder swaps only over the same encoder; the cost of caching."""
 
 import importlib.util
 from pathlib import Path
@@ -51,3 +51,22 @@ def test_swap_vae_refuses_a_different_encoder(tmp_path):
     with pytest.raises(SystemExit, match="encoder differs"):
         _ship().swap_vae(model, vae)
     assert model.read_bytes() == before
+
+
+def test_cache_cost_counts_both_caches_from_card_or_cache_files(tmp_path):
+    ship = _ship()
+    (tmp_path / "cache").mkdir()
+    unet = {"task": "unet", "run": {}}
+    # a card that records it
+    card = {"task": "unet", "run": {"cache_wall_seconds": {"latents": 200.0, "text": 60.5}}}
+    assert ship.cache_cost(tmp_path, card) == 260.5
+    # an older card: the cache files' own metadata; a file without it leaves the cost unknown
+    for name, meta in (("latents", {"build_wall_seconds": "215.0"}), ("text", {"key": "k"})):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "cache" / f"{name}.safetensors"), meta)
+    assert ship.cache_cost(tmp_path, unet) is None
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "cache/text.safetensors"),
+              {"build_wall_seconds": "65.0"})  # fmt: skip
+    assert ship.cache_cost(tmp_path, unet) == 280.0
+    assert ship.cache_cost(tmp_path, {"task": "vae", "run": {}}) == 0.0
+    stage = {"cost": {"wall_seconds": 1000.0, "cache_wall_seconds": 280.0}}
+    assert ship.stage_seconds(stage) == 1280.0

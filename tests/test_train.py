@@ -393,3 +393,36 @@ def test_export_writes_a_checkpoint_as_a_model(data, vae_run, tmp_path, capsys):
     assert "checkpoints: 2, 4" in capsys.readouterr().err
     assert main(["train", "export", str(vae_run), "-o", str(early)]) == 2
     assert "VAE run" in capsys.readouterr().err
+
+
+def test_stop_at_exports_midway_and_resume_finishes_the_same_run(data, vae_run, tmp_path, capsys):
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "6",
+            "--checkpoint-every", "0"]  # fmt: skip
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert in_process(main_train_unet, [str(data), str(full), *args]) == 0
+    # Stopping at step 3 of a 6-step schedule writes a model and a card that say so.
+    assert in_process(main_train_unet, [str(data), str(split), *args, "--stop-at", "3"]) == 0
+    card = json.loads((split / "model_card.json").read_text())
+    assert (card["run"]["steps"], card["run"]["schedule_steps"]) == (3, 6)
+    assert card["run"]["images_seen"] == 3 * 4
+    # the caches were built by this run, and what that cost is recorded
+    assert set(card["run"]["cache_wall_seconds"]) == {"latents", "text"}
+    assert all(s > 0 for s in card["run"]["cache_wall_seconds"].values())
+    assert S.load_checkpoint(S.latest_checkpoint(split)).step == 3
+    assert not torch.equal(weights(split / "model.safetensors")["model.diffusion_model.out.2.weight"],
+                           weights(full / "model.safetensors")["model.diffusion_model.out.2.weight"])  # fmt: skip
+    # The learning rate followed the 6-step schedule, so resuming finishes the very same run.
+    assert in_process(main_train_unet, [str(data), str(split), *args, "--resume"]) == 0
+    assert_identical(weights(split / "model.safetensors"), weights(full / "model.safetensors"))
+    assert json.loads((split / "model_card.json").read_text())["run"]["steps"] == 6
+    capsys.readouterr()
+    # Bad input: a stop past the schedule, or before where the run already is.
+    assert (
+        in_process(main_train_unet, [str(data), str(tmp_path / "x"), *args, "--stop-at", "7"]) == 2
+    )
+    assert "--stop-at must be between 0 (off) and --steps 6" in capsys.readouterr().err
+    assert (
+        in_process(main_train_unet, [str(data), str(split), *args, "--resume", "--stop-at", "4"])
+        == 2
+    )
+    assert "already at step 6, past --stop-at 4" in capsys.readouterr().err

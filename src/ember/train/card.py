@@ -27,9 +27,15 @@ def build_card(
     device: str,
     bf16: bool,
     export: dict[str, Any],
+    cache_seconds: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
-    """The card as a JSON-able dict (`data` is a TrainData, `progress` a loop.Progress)."""
-    steps = train_config["steps"]
+    """The card as a JSON-able dict (`data` is a TrainData, `progress` a loop.Progress).
+
+    `cache_seconds`: wall time spent building each cache the run trained from (None where the
+    cache was built by an ember that did not record it).
+    """
+    steps = progress.steps or train_config["steps"]
+    cache = cache_seconds or {}
     return {
         "task": task,
         "model": model_config,
@@ -44,9 +50,12 @@ def build_card(
         },
         "run": {
             "steps": steps,
+            "schedule_steps": train_config["steps"],
             "images_seen": progress.images_seen,
             "skipped_nonfinite_steps": progress.skipped_steps,
             "wall_seconds": round(progress.wall_s, 3),
+            # the frozen encoders' pass over the data (latent/text caches), outside the loop
+            "cache_wall_seconds": {k: None if v is None else round(v, 3) for k, v in cache.items()},
             # process time of rank 0 times the ranks: CPU-seconds on CPU, host seconds on GPU
             "cpu_seconds": round(progress.cpu_s * world, 3),
             "gpu_seconds": round(progress.wall_s * world, 3) if device == "cuda" else 0.0,
@@ -89,11 +98,12 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += [
         "",
         "## Training run",
-        f"- steps: {r['steps']}, images seen: {r['images_seen']}, "
+        f"- steps: {r['steps']} (schedule: {r.get('schedule_steps', r['steps'])}), images seen: {r['images_seen']}, "
         f"skipped non-finite steps: {r['skipped_nonfinite_steps']}",
         f"- wall time: {r['wall_seconds']:.1f} s on {r['processes']} process(es), device "
         f"{r['device']}, bf16 autocast: {r['bf16_autocast']}",
         f"- CPU-seconds: {r['cpu_seconds']:.1f}, GPU-seconds: {r['gpu_seconds']:.1f}",
+        *_cache_lines(r.get("cache_wall_seconds") or {}),
         f"- estimated training FLOPs: {r['estimated_flops']:.3g} "
         f"({r['flops_per_step']:.3g} per step, torch.utils.flop_counter)",
         "",
@@ -105,6 +115,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cache_lines(cache: dict[str, float | None]) -> list[str]:
+    return [
+        f"- building the {name} cache: " + ("not recorded" if sec is None else f"{sec:.1f} s wall")
+        for name, sec in cache.items()
+    ]
 
 
 def write_card(run_dir: Path, card: dict[str, Any]) -> None:

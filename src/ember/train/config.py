@@ -42,7 +42,12 @@ class TrainConfig:
         "start from this model file's weights (fine-tuning): the U-Net, or the VAE for `train vae`",
     )
     image_size: int = _opt(0, "training resolution in pixels (0 = the preset's size)")
-    steps: int = _opt(20000, "optimizer steps")
+    steps: int = _opt(20000, "optimizer steps (the length of the learning-rate schedule)")
+    stop_at: int = _opt(
+        0,
+        "end this invocation after step N and export as at the end (0 = run all --steps); "
+        "the schedule still spans --steps, and --resume continues from there",
+    )
     batch_size: int = _opt(64, "global batch size (all ranks, all accumulation micro-steps)")
     grad_accum: int = _opt(1, "gradient accumulation micro-steps per optimizer step")
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
@@ -103,6 +108,10 @@ class TrainConfig:
             raise EmberError(
                 f"--batch-size {self.batch_size} must be divisible by "
                 f"--grad-accum {self.grad_accum}"
+            )
+        if not 0 <= self.stop_at <= self.steps:
+            raise EmberError(
+                f"--stop-at must be between 0 (off) and --steps {self.steps}, got {self.stop_at}"
             )
         if self.lr <= 0:
             raise EmberError(f"--lr must be > 0, got {self.lr}")

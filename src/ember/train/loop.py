@@ -206,6 +206,7 @@ class Progress:
     """Counters that survive resume (saved in every checkpoint)."""
 
     images_seen: int = 0
+    steps: int = 0  # optimizer steps taken (the schedule may be longer: --stop-at)
     skipped_steps: int = 0
     bad_in_row: int = 0
     wall_s: float = 0.0
@@ -279,7 +280,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, nn.Module]:
-    """Train `task.model` for `cfg.steps` steps; return the counters and the EMA (or raw) model.
+    """Train `task.model` up to step `cfg.stop_at or cfg.steps`; return the counters and the EMA (or raw) model.
 
     Raises `TrainingDiverged` after `cfg.max_bad_steps` non-finite losses in a row and
     `SystemExit(0)` after a SIGTERM/SIGINT-triggered checkpoint.
@@ -314,6 +315,10 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
         raise EmberError(
             f"{run_dir} already holds checkpoints; pass --resume or choose a new run folder"
         )
+    end = cfg.stop_at or cfg.steps
+    if start > end:
+        raise EmberError(f"{run_dir} is already at step {start}, past --stop-at {end}")
+    prog.steps = max(prog.steps, start)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=1))
@@ -359,14 +364,14 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
 
     stop = _StopFlag()
     stop.install()
-    bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, disable=not d.is_main,
+    bar = tqdm(total=end, initial=start, file=sys.stderr, disable=not d.is_main,
                desc=f"train {task.name}", unit="step", dynamic_ncols=True)  # fmt: skip
     metrics = open(metrics_path, "a") if d.is_main else None
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     window_t, window_images = time.perf_counter(), 0
     autocast = _autocast(bf16, d.device)
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, end):
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -411,9 +416,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
             window_images += batch
             done = step + 1
             bar.update(1)
-            if metrics is not None and (
-                not finite or done % cfg.log_every == 0 or done == cfg.steps
-            ):
+            if metrics is not None and (not finite or done % cfg.log_every == 0 or done == end):
                 now = time.perf_counter()
                 record = {
                     "step": done, "loss": loss_value if finite else str(loss_value), "lr": lr,
@@ -438,7 +441,8 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
             prog.cpu_s += now_cpu - t_cpu
             t_wall, t_cpu = now_wall, now_cpu
             periodic = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
-            if periodic or stop_now or done == cfg.steps:
+            prog.steps = done
+            if periodic or stop_now or done == end:
                 save(done)
                 d.barrier()
                 if d.is_main and hooks.hang_after_save == done:

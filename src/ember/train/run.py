@@ -51,6 +51,7 @@ def _run(cfg: TrainConfig, build: TaskBuilder, task_name: str) -> int:
                 device=d.device.type,
                 bf16=bool(progress.extra.get("bf16")),
                 export=export,
+                cache_seconds=getattr(task, "cache_seconds", None),
             )
             write_card(Path(cfg.run_dir), card)
             print(f"done: {export.get('export')}", file=sys.stderr)

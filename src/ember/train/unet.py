@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from ember.train.vae import load_vae
 
 MODEL_FILE = "model.safetensors"
 SAMPLE_PROMPTS = 4
+BUILD_SECONDS = "build_wall_seconds"  # cache-file metadata: what building it cost
 
 
 def _sha256_file(path: Path) -> str:
@@ -138,6 +140,7 @@ class UNetTask:
     def _build_caches(self, cache: Path) -> None:
         latent_key, text_key = self._keys()
         if _cached(cache / "latents.safetensors", latent_key) is None:
+            t0 = time.perf_counter()
             means, logvars = [], []
             for chunk in _progress(self.data.images.split(64), "caching latents"):
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cache_bf16):
@@ -148,13 +151,16 @@ class UNetTask:
                 "mean": torch.cat(means).contiguous(),
                 "logvar": torch.cat(logvars).contiguous(),
             }
-            write_atomic(cache / "latents.safetensors", save(tensors, {"key": latent_key}))
+            meta = {"key": latent_key, BUILD_SECONDS: f"{time.perf_counter() - t0:.3f}"}
+            write_atomic(cache / "latents.safetensors", save(tensors, meta))
         if _cached(cache / "text.safetensors", text_key) is None:
+            t0 = time.perf_counter()
             unique = sorted({c for caps in self.data.captions for c in caps} | {""})
             batches = [unique[i : i + 64] for i in range(0, len(unique), 64)]
             states = [self._encode_texts(b) for b in _progress(batches, "caching text")]
             tensors = {"states": torch.cat(states)}
-            meta = {"key": text_key, "captions": json.dumps(unique)}
+            meta = {"key": text_key, "captions": json.dumps(unique),
+                    BUILD_SECONDS: f"{time.perf_counter() - t0:.3f}"}  # fmt: skip
             write_atomic(cache / "text.safetensors", save(tensors, meta))
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -165,6 +171,11 @@ class UNetTask:
     def _load_caches(self, cache: Path) -> None:
         from safetensors import safe_open
 
+        self.cache_seconds: dict[str, float | None] = {}
+        for name in ("latents", "text"):
+            with safe_open(str(cache / f"{name}.safetensors"), "pt") as f:
+                sec = (f.metadata() or {}).get(BUILD_SECONDS)
+            self.cache_seconds[name] = float(sec) if sec is not None else None
         lat = load_file(cache / "latents.safetensors")
         self.mean = lat["mean"].to(self.device)  # (N, C, h, w)
         self.std = lat["logvar"].mul(0.5).exp().to(self.device)
