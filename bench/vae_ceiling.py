@@ -1,18 +1,21 @@
 """How much of the shapes-world GenEval score a VAE allows: score its reconstructions of ground truth.
 
-    .venv/bin/python bench/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2]
+    .venv/bin/python bench/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2] [--emoji DATA]
 
 A diffusion model decodes through its VAE, so the VAE's round trip of perfect renders is a ceiling
-on what the model can score.
+on what the model can score. With `--emoji DATA` (an `ember data emoji` folder) it also scores the
+round trip of the emoji eval's 100 prompted emoji, as `ember eval emoji` scores generated ones.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from ember.checkpoints import CONFIG_KEY, check_safetensors
 from ember.cli import DEFAULT_MODEL
 from ember.config import ModelConfig, get_preset
+from ember.eval.commands import EmojiSample
 from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
 from ember.train.vae import load_vae
 
@@ -21,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--emoji", default="", help="emoji dataset folder: score its round trip too")
     args = ap.parse_args()
     meta = check_safetensors(args.model).get("__metadata__") or {}
     config = (
@@ -42,6 +46,14 @@ def main() -> None:
         r = evaluate(images)
         cats = ", ".join(f"{k} {v:.2f}" for k, v in r["per_category"].items())
         print(f"{split}: overall {r['overall']:.3f} ({cats})")
+    if args.emoji:
+        sample = EmojiSample(Path(args.emoji))
+        x = torch.from_numpy(sample.ref_images[sample.chosen]).permute(0, 3, 1, 2).float()
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x / 127.5 - 1).mode())
+        images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        r = sample.score(images)
+        print(f"emoji: top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f} of {r['n']}")
 
 
 if __name__ == "__main__":

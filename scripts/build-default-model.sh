@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild ember's bundled default model from scratch, exactly as shipped (see the model card).
 # About 4 hours of CPU on a 2-core machine; every step resumes: rerun the script after a stop.
-# Stages (see the model card): an 8-channel VAE (ember-small-z8), then one U-Net run on it.
+# Stages (see the model card): an 8-channel VAE (ember-small-z8), then one U-Net run on it
+# (ember-small-z8p: the same model reading MiniLM's penultimate layer).
 # The VAE was trained for 600 steps and then extended to 1,200 (its cosine schedule restarted
 # from the middle), so the script does the same: two calls, the second with --steps 1200.
 # Usage: bash scripts/build-default-model.sh [WORK_DIR]   (default: runs/default-model)
@@ -34,9 +35,12 @@ latest() {  # the newest checkpoint's step in a run folder, 0 if none
   $E train vae "$W/vae-data" "$W/vae" "${VAE_ARGS[@]}" --steps 600 $(resume "$W/vae")
 [ "$(latest "$W/vae")" -ge 1200 ] || \
   $E train vae "$W/vae-data" "$W/vae" "${VAE_ARGS[@]}" --steps 1200 --resume
-[ -f "$W/unet/model.safetensors" ] || $E train unet "$W/unet-data" "$W/unet" --preset ember-small-z8 \
-  --vae "$W/vae/vae.safetensors" --steps 12500 --batch-size 64 --lr 4e-4 --warmup-steps 200 \
-  --min-snr-gamma 5 --checkpoint-every 250 --sample-every 2500 --bf16 auto $(resume "$W/unet")
+# The U-Net stops at step 12,000 of a 12,500-step schedule (the last 500 steps did not fit the
+# 4-hour budget); MiniLM's penultimate layer is its context (preset ember-small-z8p).
+[ -f "$W/unet/model.safetensors" ] || $E train unet "$W/unet-data" "$W/unet" --preset ember-small-z8p \
+  --vae "$W/vae/vae.safetensors" --steps 12500 --stop-at 12000 --batch-size 64 --lr 8e-4 \
+  --warmup-steps 200 --min-snr-gamma 5 --checkpoint-every 250 --sample-every 2500 --bf16 auto \
+  $(resume "$W/unet")
 
 OUT="$W/shipped"
 .venv/bin/python scripts/ship_default_model.py "$W/vae" "$W/unet" --out "$OUT"

@@ -193,7 +193,13 @@ def describe(stage: dict) -> str:
             f" (short hash {short})" if short else ""
         )
     extra = f", edge weight {t['edge_weight']}" if stage["part"] == "vae" else ""
-    return (f"{how}{start}: {t['steps']} steps at batch {t['batch_size']}, lr {t['lr']}, "
+    taken = stage["cost"]["steps"]
+    steps = (
+        f"{taken} steps"
+        if taken == t["steps"]
+        else f"{taken} steps of a {t['steps']}-step cosine schedule (--stop-at {taken})"
+    )
+    return (f"{how}{start}: {steps} at batch {t['batch_size']}, lr {t['lr']}, "
             f"warm-up {t['warmup_steps']}, EMA {t['ema_decay']}{extra}; data `{stage['data']['path']}`")  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """The bundled default model: present, small, licensed on record, and used with no flags."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,11 +57,16 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
 
     with safe_open(str(DEFAULT_MODEL), "pt") as f:
         meta = dict(f.metadata())
-    cfg = json.loads(meta["ember_config"])
-    cfg["text"]["layer"] = "penultimate"
-    meta["ember_config"] = json.dumps(cfg)
-    single = tmp_path / "pen.safetensors"
-    save_file(load_file(DEFAULT_MODEL), single, meta)
+    weights = load_file(DEFAULT_MODEL)
+
+    def variant(layer: str) -> Path:  # the bundled weights, reading MiniLM at `layer`
+        cfg = json.loads(meta["ember_config"])
+        cfg["text"]["layer"] = layer
+        path = tmp_path / f"{layer}.safetensors"
+        save_file(weights, path, meta | {"ember_config": json.dumps(cfg)})
+        return path
+
+    single, last = variant("penultimate"), variant("last")
     folder = tmp_path / "pen-diffusers"
     assert main(["convert", str(single), str(folder), "--format", "diffusers"]) == 0
     hf = json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -68,7 +74,7 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
     with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if k.startswith("encoder.layer.5.")]
     images = []
-    for model in (single, folder, DEFAULT_MODEL):
+    for model in (single, folder, last):
         out = tmp_path / f"{model.name}.png"
         args = ["generate", "a red circle left of a blue square", "--model", str(model)]
         assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0

@@ -23,3 +23,41 @@ def test_eval_emoji_needs_a_dataset(tmp_path, tiny_model_file, capsys):
     code = main(["eval", "emoji", "--model", str(tiny_model_file), "--data", str(tmp_path)])
     assert code == 2
     assert "emoji dataset" in capsys.readouterr().err
+
+
+def _fake_emoji(root, n: int = 12):
+    """`ember data emoji`'s layout: n emoji x 2 styles on white, distinct coarse colour layouts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images/noto").mkdir(parents=True)
+    (root / "images/twemoji").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        for style in ("noto", "twemoji"):
+            cells = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            img = np.kron(cells, np.ones((8, 8, 1), dtype=np.uint8))
+            Image.fromarray(img).save(root / f"images/{style}/{i:x}_white.png")
+            rows.append({"file": f"images/{style}/{i:x}_white.png",
+                         "caption": [f"emoji {i}, {style} style"], "license": "CC0-1.0",
+                         "source": "test", "attribution": "",
+                         "emoji": {"unified": f"{i:X}", "background": "white", "tone": None}})  # fmt: skip
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_emoji_score_is_valid_on_references_noise_and_mismatches(tmp_path):
+    import numpy as np
+
+    from ember.eval.commands import EmojiSample
+
+    sample = EmojiSample(_fake_emoji(tmp_path / "emoji"))
+    assert len(sample.prompts) == 24 and sample.prompts[0].endswith("style")
+    refs = sample.ref_images[sample.chosen]
+    assert sample.score(refs)["top1"] == 1.0
+    noisy = np.random.default_rng(1).normal(0, 12, refs.shape) + refs
+    assert sample.score(noisy.clip(0, 255).astype(np.uint8))["top1"] == 1.0
+    # each image shows another emoji: never counted as the prompted one
+    report = sample.score(np.roll(refs, 1, axis=0))
+    assert report["top1"] == 0.0 and report["candidates"] == 24

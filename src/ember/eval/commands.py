@@ -146,45 +146,64 @@ def features(images: np.ndarray) -> np.ndarray:
     return x.reshape(n, -1)
 
 
+class EmojiSample:
+    """The emoji eval's fixed sample and its reference set (every emoji on white in `data`).
+
+    `prompts[n]` asks for reference `chosen[n]`; `score(images)` finds each image's nearest
+    reference in the feature space and reports how often it is the prompted emoji.
+    """
+
+    def __init__(self, data: Path) -> None:
+        from ember.data.folder import load_dataset
+
+        if not (data / "manifest.jsonl").exists():
+            raise EmberError(f"{data} is not an emoji dataset (run `ember data emoji {data}`)")
+        ds = load_dataset(data)
+        refs = [(i, it) for i, it in enumerate(ds.items)
+                if it.meta.get("emoji", {}).get("background") == "white"]  # fmt: skip
+        if not refs:
+            raise EmberError(f"{data} has no emoji on a white background")
+        self.keys = [(it.meta["emoji"]["unified"], it.file.split("/")[1]) for _, it in refs]
+        self.ref_images = np.stack([ds.load_image(i) for i, _ in refs])  # (R, 64, 64, 3)
+        self.ref_feats = features(self.ref_images)
+        rng = np.random.default_rng(EMOJI_SEED)
+        plain = [j for j, (_, it) in enumerate(refs) if it.meta["emoji"].get("tone") is None]
+        self.chosen = sorted(
+            rng.choice(plain, size=min(EMOJI_SAMPLE, len(plain)), replace=False).tolist()
+        )
+        self.prompts = [_caption(refs[j][1]) for j in self.chosen]
+
+    def score(self, images: np.ndarray) -> dict:
+        """(N, 64, 64, 3) uint8, one per prompt -> top-1/top-5 report (with per-prompt hits)."""
+        dist = ((features(images)[:, None, :] - self.ref_feats[None]) ** 2).sum(-1)  # (N, R)
+        order = np.argsort(dist, axis=1)
+        keys, chosen = self.keys, self.chosen
+        top1 = [keys[order[n, 0]] == keys[j] for n, j in enumerate(chosen)]
+        top5 = [keys[j] in {keys[m] for m in order[n, :5]} for n, j in enumerate(chosen)]
+        return {
+            "top1": float(np.mean(top1)),
+            "top5": float(np.mean(top5)),
+            "n": len(chosen),
+            "candidates": len(keys),
+            "chance_top1": 1 / len(keys),
+            "feature_space": f"{FEATURE_SIDE}x{FEATURE_SIDE} mean RGB, L2",
+            "per_prompt": {p: bool(t) for p, t in zip(self.prompts, top1, strict=True)},
+        }
+
+
 def run_emoji(args: argparse.Namespace) -> int:
-    from ember.data.folder import load_dataset
     from ember.eval.geneval import contact_sheet
 
-    data = Path(args.data)
-    if not (data / "manifest.jsonl").exists():
-        raise EmberError(f"{data} is not an emoji dataset (run `ember data emoji {data}`)")
-    ds = load_dataset(data)
-    refs = [(i, it) for i, it in enumerate(ds.items)
-            if it.meta.get("emoji", {}).get("background") == "white"]  # fmt: skip
-    if not refs:
-        raise EmberError(f"{data} has no emoji on a white background")
-    keys = [(it.meta["emoji"]["unified"], it.file.split("/")[1]) for _, it in refs]
-    ref_images = np.stack([ds.load_image(i) for i, _ in refs])
-    ref_feats = features(ref_images)
-    rng = np.random.default_rng(EMOJI_SEED)
-    plain = [j for j, (_, it) in enumerate(refs) if it.meta["emoji"].get("tone") is None]
-    chosen = sorted(rng.choice(plain, size=min(EMOJI_SAMPLE, len(plain)), replace=False).tolist())
-    prompts = [_caption(refs[j][1]) for j in chosen]
+    sample = EmojiSample(Path(args.data))
+    prompts = sample.prompts
     loaded = _load(args)
     images = np.stack(
         _generate(loaded, prompts, [args.seed + n for n in range(len(prompts))], args)
     )
-    dist = ((features(images)[:, None, :] - ref_feats[None]) ** 2).sum(-1)  # (100, R)
-    order = np.argsort(dist, axis=1)
-    top1 = [keys[order[n, 0]] == keys[j] for n, j in enumerate(chosen)]
-    top5 = [keys[j] in {keys[m] for m in order[n, :5]} for n, j in enumerate(chosen)]
-    report = {
-        "top1": float(np.mean(top1)),
-        "top5": float(np.mean(top5)),
-        "n": len(chosen),
-        "candidates": len(refs),
-        "chance_top1": 1 / len(refs),
-        "feature_space": f"{FEATURE_SIDE}x{FEATURE_SIDE} mean RGB, L2",
-        "per_prompt": {p: bool(t) for p, t in zip(prompts, top1, strict=True)},
-        **_settings(loaded, args),
-    }
+    report = sample.score(images) | _settings(loaded, args)
     print(json.dumps({k: report[k] for k in ("top1", "top5", "n", "candidates")}, indent=2))
-    labels = [("OK " if t else "-- ") + p for p, t in zip(prompts, top1, strict=True)]
+    hits = report["per_prompt"].values()
+    labels = [("OK " if t else "-- ") + p for p, t in zip(prompts, hits, strict=True)]
     _write(Path(args.out), report, contact_sheet(list(images), labels, columns=10))
     return 0
 
