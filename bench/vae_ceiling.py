@@ -53,7 +53,8 @@ def main() -> None:
             y = vae.decode(vae.encode(x / 127.5 - 1).mode())
         images = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         r = sample.score(images)
-        print(f"emoji: top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f} of {r['n']}")
+        print(f"emoji: top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f}, median rank of the prompted "
+              f"emoji {r['median_rank']:.0f} of {r['candidates']} ({r['n']} emoji)")  # fmt: skip
 
 
 if __name__ == "__main__":

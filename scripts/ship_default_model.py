@@ -252,7 +252,12 @@ def render(card: dict) -> str:
             lines.append(f"- {name}: overall **{r['overall']:.3f}** ({cats}); "
                          f"{r['images_per_prompt']} images/prompt, {r['sampler']} {r['steps']} steps, cfg {r['cfg']}")  # fmt: skip
         else:
-            lines.append(f"- {name}: top-1 **{r['top1']:.2f}**, top-5 {r['top5']:.2f} over {r['n']} emoji "
+            rank = (
+                f", median rank of the prompted emoji {r['median_rank']:.0f}"
+                if "median_rank" in r
+                else ""
+            )
+            lines.append(f"- {name}: top-1 **{r['top1']:.2f}**, top-5 {r['top5']:.2f}{rank} over {r['n']} emoji "
                          f"({r['candidates']} candidates, chance {r['chance_top1']:.4f})")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -55,7 +55,7 @@ def test_emoji_score_is_valid_on_references_noise_and_mismatches(tmp_path):
     sample = EmojiSample(_fake_emoji(tmp_path / "emoji"))
     assert len(sample.prompts) == 24 and sample.prompts[0].endswith("style")
     refs = sample.ref_images[sample.chosen]
-    assert sample.score(refs)["top1"] == 1.0
+    assert sample.score(refs)["top1"] == 1.0 and sample.score(refs)["median_rank"] == 0
     noisy = np.random.default_rng(1).normal(0, 12, refs.shape) + refs
     assert sample.score(noisy.clip(0, 255).astype(np.uint8))["top1"] == 1.0
     # each image shows another emoji: never counted as the prompted one

@@ -180,9 +180,12 @@ class EmojiSample:
         keys, chosen = self.keys, self.chosen
         top1 = [keys[order[n, 0]] == keys[j] for n, j in enumerate(chosen)]
         top5 = [keys[j] in {keys[m] for m in order[n, :5]} for n, j in enumerate(chosen)]
+        # where the prompted emoji ranks among all references (0 = nearest): progress below top-1
+        ranks = [int(np.flatnonzero(order[n] == j)[0]) for n, j in enumerate(chosen)]
         return {
             "top1": float(np.mean(top1)),
             "top5": float(np.mean(top5)),
+            "median_rank": float(np.median(ranks)),
             "n": len(chosen),
             "candidates": len(keys),
             "chance_top1": 1 / len(keys),
@@ -201,7 +204,8 @@ def run_emoji(args: argparse.Namespace) -> int:
         _generate(loaded, prompts, [args.seed + n for n in range(len(prompts))], args)
     )
     report = sample.score(images) | _settings(loaded, args)
-    print(json.dumps({k: report[k] for k in ("top1", "top5", "n", "candidates")}, indent=2))
+    keys = ("top1", "top5", "median_rank", "n", "candidates")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
     hits = report["per_prompt"].values()
     labels = [("OK " if t else "-- ") + p for p, t in zip(prompts, hits, strict=True)]
     _write(Path(args.out), report, contact_sheet(list(images), labels, columns=10))

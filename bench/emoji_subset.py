@@ -1,0 +1,42 @@
+"""Write the emoji eval's own 100 emoji as a training set: a diagnostic, never a shipped model's data.
+
+    .venv/bin/python bench/emoji_subset.py runs/dm/emoji runs/emoji-100
+
+Fine-tuning a model on exactly the emoji that `ember eval emoji` prompts for measures how many views
+of an emoji the U-Net needs before the eval recognises it (capacity and learning speed, with data
+scarcity taken out). It is the test set, so a model trained on it says nothing about generalisation.
+Items keep their licence, source and attribution; captions are the eval's prompts.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ember.data.folder import load_dataset
+from ember.eval.commands import EmojiSample
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data", type=Path, help="an `ember data emoji` folder (the eval's --data)")
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    sample = EmojiSample(args.data)
+    ds = load_dataset(args.data)
+    rows = {json.loads(line)["file"]: json.loads(line)
+            for line in (args.data / "manifest.jsonl").read_text().splitlines()}  # fmt: skip
+    refs = [it for it in ds.items if it.meta.get("emoji", {}).get("background") == "white"]
+    out_rows = []
+    for j, prompt in zip(sample.chosen, sample.prompts, strict=True):
+        row = dict(rows[refs[j].file], caption=[prompt])
+        dst = args.out / row["file"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.data / row["file"], dst)
+        out_rows.append(row)
+    (args.out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    print(f"{args.out}: {len(out_rows)} emoji")
+
+
+if __name__ == "__main__":
+    main()
