@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from ember.data.folder import load_dataset
 from ember.eval.commands import EmojiSample
 
 
@@ -23,13 +22,11 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
     sample = EmojiSample(args.data)
-    ds = load_dataset(args.data)
     rows = {json.loads(line)["file"]: json.loads(line)
             for line in (args.data / "manifest.jsonl").read_text().splitlines()}  # fmt: skip
-    refs = [it for it in ds.items if it.meta.get("emoji", {}).get("background") == "white"]
     out_rows = []
     for j, prompt in zip(sample.chosen, sample.prompts, strict=True):
-        row = dict(rows[refs[j].file], caption=[prompt])
+        row = dict(rows[sample.ref_files[j]], caption=[prompt])
         dst = args.out / row["file"]
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.data / row["file"], dst)

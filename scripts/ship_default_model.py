@@ -53,14 +53,14 @@ def cache_cost(run: Path, card: dict) -> float | None:
     Runs record it in their card; where a card lacks it, it is read from the cache files' metadata.
     A VAE run has no caches (0).
     """
+    from safetensors import safe_open
+
     if card["task"] != "unet":
         return 0.0
     record = dict(card["run"].get("cache_wall_seconds") or {})
     for name in ("latents", "text"):
         path = run / "cache" / f"{name}.safetensors"
         if record.get(name) is None and path.is_file():  # older runs: the cache file's own record
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 value = (f.metadata() or {}).get("build_wall_seconds")
             record[name] = float(value) if value is not None else None

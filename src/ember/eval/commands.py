@@ -163,6 +163,7 @@ class EmojiSample:
                 if it.meta.get("emoji", {}).get("background") == "white"]  # fmt: skip
         if not refs:
             raise EmberError(f"{data} has no emoji on a white background")
+        self.ref_files = [it.file for _, it in refs]  # relative to `data`
         self.keys = [(it.meta["emoji"]["unified"], it.file.split("/")[1]) for _, it in refs]
         self.ref_images = np.stack([ds.load_image(i) for i, _ in refs])  # (R, 64, 64, 3)
         self.ref_feats = features(self.ref_images)
@@ -206,8 +207,7 @@ def run_emoji(args: argparse.Namespace) -> int:
     report = sample.score(images) | _settings(loaded, args)
     keys = ("top1", "top5", "median_rank", "n", "candidates")
     print(json.dumps({k: report[k] for k in keys}, indent=2))
-    hits = report["per_prompt"].values()
-    labels = [("OK " if t else "-- ") + p for p, t in zip(prompts, hits, strict=True)]
+    labels = [("OK " if report["per_prompt"][p] else "-- ") + p for p in prompts]
     _write(Path(args.out), report, contact_sheet(list(images), labels, columns=10))
     return 0
 

@@ -280,7 +280,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, nn.Module]:
-    """Train `task.model` up to step `cfg.stop_at or cfg.steps`; return the counters and the EMA (or raw) model.
+    """Train `task.model` up to step `cfg.stop_at or cfg.steps`; return the counters and the EMA
+    (or raw) model.
 
     Raises `TrainingDiverged` after `cfg.max_bad_steps` non-finite losses in a row and
     `SystemExit(0)` after a SIGTERM/SIGINT-triggered checkpoint.
@@ -318,7 +319,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
     end = cfg.stop_at or cfg.steps
     if start > end:
         raise EmberError(f"{run_dir} is already at step {start}, past --stop-at {end}")
-    prog.steps = max(prog.steps, start)
+    prog.steps = start
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=1))

@@ -171,16 +171,18 @@ class UNetTask:
     def _load_caches(self, cache: Path) -> None:
         from safetensors import safe_open
 
-        self.cache_seconds: dict[str, float | None] = {}
+        meta = {}
         for name in ("latents", "text"):
             with safe_open(str(cache / f"{name}.safetensors"), "pt") as f:
-                sec = (f.metadata() or {}).get(BUILD_SECONDS)
-            self.cache_seconds[name] = float(sec) if sec is not None else None
+                meta[name] = f.metadata() or {}
+        self.cache_seconds = {
+            name: float(m[BUILD_SECONDS]) if BUILD_SECONDS in m else None
+            for name, m in meta.items()
+        }
         lat = load_file(cache / "latents.safetensors")
         self.mean = lat["mean"].to(self.device)  # (N, C, h, w)
         self.std = lat["logvar"].mul(0.5).exp().to(self.device)
-        with safe_open(str(cache / "text.safetensors"), "pt") as f:
-            unique = json.loads(f.metadata()["captions"])
+        unique = json.loads(meta["text"]["captions"])
         self.states = load_file(cache / "text.safetensors")["states"].to(self.device)  # (U, L, D)
         index = {c: i for i, c in enumerate(unique)}
         self.empty = index[""]
