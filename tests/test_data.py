@@ -116,6 +116,45 @@ def test_mirrored_captions_can_be_left_out(tmp_path, shapes_dir):
         assert a["caption"] == (b["caption"][:-1] if two else b["caption"])
 
 
+def test_relation_twins_are_minimal_pairs(tmp_path, shapes_dir):
+    """--relation-twins: each position scene is followed by the same objects in the converse
+    relation; everything else in the scene is kept, and the category mix is unchanged."""
+    out = shapes.generate_shapes(tmp_path / "t", 120, seed=7, write_png=False, twins=True)
+    rows, images = _rows(out), np.load(out / "images.npy")
+    assert len(rows) == 120 and json.loads((out / "dataset.json").read_text())["relation_twins"]
+    # Rows that are not twins are exactly the plain generator's samples, in order.
+    plain = [r for r in rows if "twin_of" not in r["truth"]]
+    for k, row in enumerate(plain):
+        sample = shapes.generate_sample(7, "train", k)[1]
+        assert row["truth"] == json.loads(json.dumps(sample["truth"]))
+    pairs = 0
+    for k, row in enumerate(rows):
+        truth = row["truth"]
+        if "twin_of" not in truth:
+            continue
+        assert truth["twin_of"] == k - 1
+        first = rows[k - 1]["truth"]
+        relation, twin_relation = first["spec"]["relation"], truth["spec"]["relation"]
+        assert twin_relation == shapes.CONVERSE[relation]
+        assert first["spec"]["objects"] == truth["spec"]["objects"]
+        assert first["background"] == truth["background"]
+        a, b = truth["objects"]
+        assert shapes.relation_between(a["bbox"], b["bbox"]) == {twin_relation}
+        keep = ("shape", "colour", "size")
+        assert [[o[f] for f in keep] for o in first["objects"]] == [
+            [o[f] for f in keep] for o in truth["objects"]
+        ]
+        assert f" {twin_relation} " in row["caption"][0]
+        if relation in ("left of", "right of"):  # every shape is mirror-symmetric left to right
+            diff = np.abs(images[k].astype(int) - images[k - 1][:, ::-1].astype(int))
+            assert diff.mean() < 1.0
+        assert not np.array_equal(images[k], images[k - 1])
+        pairs += 1
+    assert pairs >= 5
+    twinned = [rows[r["truth"]["twin_of"]]["truth"] for r in rows if "twin_of" in r["truth"]]
+    assert all(t["category"] == "position" for t in twinned)
+
+
 def test_category_weights(tmp_path):
     out = shapes.generate_shapes(
         tmp_path / "w", 200, seed=1, write_png=False, weights={"position": 5.0, "colors": 0}

@@ -36,6 +36,13 @@ def add_data(sub) -> None:
         help="leave out the mirrored two-object captions (B right of A for A left of B), as "
         "generator version 1 did",
     )
+    s.add_argument(
+        "--relation-twins",
+        action="store_true",
+        help="follow every position scene with its twin: the same objects with their boxes "
+        "reflected so that the relation is the converse (minimal pairs for learning relations); "
+        "twins double the share of position images, --weights position=0.5 keeps it at 1/6",
+    )
     s.set_defaults(run=run_shapes)
 
     e = dsub.add_parser(
@@ -88,6 +95,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         write_png=not args.no_png,
         weights=weights,
         mirror=not args.no_mirror_captions,
+        twins=args.relation_twins,
     )
     print(f"ember: {args.n} scenes in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(args.out)

@@ -378,6 +378,12 @@ def generate_sample(
     category = None if probs is None else CATEGORIES[rng.choice(len(CATEGORIES), p=probs)]
     spec = sample_split_spec(rng, split, category)
     objects = layout_scene(spec, rng)
+    return _record(spec, objects, rng, mirror)
+
+
+def _record(
+    spec: SceneSpec, objects: list[PlacedObject], rng: np.random.Generator, mirror: bool
+) -> tuple[np.ndarray, dict]:
     image = render_objects(objects, spec.background)
     truth = {
         "category": spec.category,
@@ -392,6 +398,56 @@ def generate_sample(
         ],
     }
     return image, {"captions": caption_variants(spec, rng, mirror), "truth": truth}
+
+
+def relation_twin(
+    spec: SceneSpec, objects: list[PlacedObject]
+) -> tuple[SceneSpec, list[PlacedObject]]:
+    """The minimal pair of a position scene: the same objects, sizes, colours and background, with
+    the boxes reflected across the image's vertical axis (left of / right of) or horizontal axis
+    (above / below) and each shape still drawn upright, so only the relation changes (to its
+    converse). A model can tell the two apart only by reading the relation words."""
+    if spec.relation is None:
+        raise ValueError(f"only position scenes have a relation twin, got {spec.category!r}")
+    horizontal = spec.relation in ("left of", "right of")
+    s = float(IMAGE_SIZE)
+    twin = []
+    for o in objects:
+        x0, y0, x1, y1 = o.bbox
+        box = (s - x1, y0, s - x0, y1) if horizontal else (x0, s - y1, x1, s - y0)
+        twin.append(PlacedObject(o.shape, o.colour, o.size, box))
+    return SceneSpec(spec.category, spec.objects, spec.background, CONVERSE[spec.relation]), twin
+
+
+def generate_samples(
+    seed: int,
+    split: str,
+    n: int,
+    probs: np.ndarray | None = None,
+    mirror: bool = True,
+    twins: bool = False,
+):
+    """Yield ``n`` samples ``(image, record)`` of ``split``. Without ``twins`` row i is
+    ``generate_sample(seed, split, i)``. With ``twins`` every position scene is followed by its
+    ``relation_twin`` (its record's truth names the row it twins under ``twin_of``), so position
+    scenes come in minimal pairs; ``n`` counts both. Twins double the share of position images:
+    a position weight of 0.5 (``category_probabilities({"position": 0.5})``) keeps it at 1/6."""
+    index = 0
+    row = 0
+    while row < n:
+        rng = np.random.default_rng((seed, SPLITS.index(split), index))
+        index += 1
+        category = None if probs is None else CATEGORIES[rng.choice(len(CATEGORIES), p=probs)]
+        spec = sample_split_spec(rng, split, category)
+        objects = layout_scene(spec, rng)
+        yield _record(spec, objects, rng, mirror)
+        row += 1
+        if twins and spec.relation is not None and row < n:
+            tspec, tobjects = relation_twin(spec, objects)
+            image, rec = _record(tspec, tobjects, rng, mirror)
+            rec["truth"]["twin_of"] = row - 1
+            yield image, rec
+            row += 1
 
 
 def scene_spec_to_dict(spec: SceneSpec) -> dict:
@@ -420,11 +476,13 @@ def generate_shapes(
     write_png: bool = True,
     weights: dict[str, float] | None = None,
     mirror: bool = True,
+    twins: bool = False,
 ) -> Path:
     """Write ``n`` shapes-world samples of ``split`` to ``out_dir`` in ember's dataset format.
 
     ``weights`` makes some categories more frequent (e.g. ``{"position": 2}``; others weigh 1).
     ``mirror=False`` leaves out the mirrored two-object captions, as generator version 1 did.
+    ``twins=True`` follows every position scene with its relation twin (``generate_samples``).
 
     Produces ``images/NNNNNN.png``, ``images.npy`` ((n, 64, 64, 3) uint8, row i = manifest line i,
     memory-mappable), ``manifest.jsonl`` (captions, licence, ground truth under ``truth``),
@@ -443,8 +501,7 @@ def generate_shapes(
     )
     lic = licence_record(seed)
     with open(out / "manifest.jsonl", "w") as manifest:
-        for i in range(n):
-            image, rec = generate_sample(seed, split, i, probs, mirror)
+        for i, (image, rec) in enumerate(generate_samples(seed, split, n, probs, mirror, twins)):
             images[i] = image
             name = f"images/{i:06d}.png"
             if write_png:
@@ -468,6 +525,7 @@ def generate_shapes(
         "split": split,
         "n": n,
         "mirrored_captions": mirror,
+        "relation_twins": twins,
         "category_probabilities": {
             c: round(float(probs[k]) if probs is not None else 1 / len(CATEGORIES), 4)
             for k, c in enumerate(CATEGORIES)
