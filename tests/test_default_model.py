@@ -59,7 +59,7 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
         meta = dict(f.metadata())
     weights = load_file(DEFAULT_MODEL)
 
-    def variant(layer: str) -> Path:  # the bundled weights, reading MiniLM at `layer`
+    def variant(layer: str | int) -> Path:  # the bundled weights, reading MiniLM at `layer`
         cfg = json.loads(meta["ember_config"])
         cfg["text"]["layer"] = layer
         path = tmp_path / f"{layer}.safetensors"
@@ -81,3 +81,20 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
         images.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
     assert np.array_equal(images[0], images[1])
     assert not np.array_equal(images[0], images[2]), "the layer choice changed nothing"
+    # A numbered layer (here the fourth) exports the four layers it uses.
+    fourth = variant(4)
+    folder4 = tmp_path / "l4-diffusers"
+    assert main(["convert", str(fourth), str(folder4), "--format", "diffusers"]) == 0
+    assert (
+        json.loads((folder4 / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 4
+    )
+    with safe_open(str(folder4 / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith(("encoder.layer.4.", "encoder.layer.5."))]
+    pair = []
+    for model in (fourth, folder4):
+        out = tmp_path / f"{model.name}-4.png"
+        args = ["generate", "a red circle left of a blue square", "--model", str(model)]
+        assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
+        pair.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
+    assert np.array_equal(pair[0], pair[1])
+    assert not np.array_equal(pair[0], images[0])

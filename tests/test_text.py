@@ -358,6 +358,13 @@ def test_minilm_matches_transformers_bert(attention, atol):
             assert (got - hidden[-1 - clip_skip]).abs().max() <= atol, clip_skip
     with pytest.raises(ValueError, match="clip_skip"):
         pen(ids, clip_skip=6)
+    # A layer number k reads BERT's k-th layer (hidden_states[k]); 0 or 7 is refused.
+    fourth = load_minilm_pretrained(dataclasses.replace(MINILM, layer=4))
+    with torch.no_grad():
+        assert (fourth(ids) - hidden[4]).abs().max() <= atol
+    for bad in (0, 7, "first"):
+        with pytest.raises(ValueError, match="text layer"):
+            dataclasses.replace(MINILM, layer=bad)
 
 
 def test_minilm_meta_build_then_assign():

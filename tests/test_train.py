@@ -426,3 +426,21 @@ def test_stop_at_exports_midway_and_resume_finishes_the_same_run(data, vae_run, 
         == 2
     )
     assert "already at step 6, past --stop-at 4" in capsys.readouterr().err
+
+
+def test_text_layer_overrides_the_presets_context(data, vae_run, tmp_path, capsys):
+    """--text-layer picks the encoder layer the U-Net reads; the export records it and bad values
+    are refused before any work."""
+    from ember.config import ModelConfig, get_preset
+
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "1"]
+    run = tmp_path / "layer1"
+    assert in_process(main_train_unet, [str(data), str(run), *args, "--text-layer", "1"]) == 0
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        text = ModelConfig.from_json(f.metadata()["ember_config"]).text
+    assert text.layer == 1 and text.depth == 1 < get_preset("tiny").text.num_layers
+    layers = get_preset("tiny").text.num_layers
+    for bad in (str(layers + 1), "0", "middle"):
+        out = tmp_path / f"bad-{bad}"
+        assert in_process(main_train_unet, [str(data), str(out), *args, "--text-layer", bad]) == 2
+        assert "--text-layer" in capsys.readouterr().err

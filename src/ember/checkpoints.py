@@ -500,13 +500,15 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
     folder = Path(folder)
     cfg = loaded.config
     sd = loaded.model.state_dict()
-    if cfg.text.layer == "penultimate":
+    if cfg.text.depth < cfg.text.num_layers:
         # diffusers stores SD 2.x text models without the final (never used) block and reads the
-        # last layer: drop that block here, as diffusers' own conversion does (BERT likewise).
+        # last layer: drop the unused blocks here, as diffusers' own conversion does (BERT likewise).
         block = "encoder.layer" if cfg.text.kind == "minilm" else "text_model.encoder.layers"
-        last = f"{TEXT}transformer.{block}.{cfg.text.num_layers - 1}."
-        sd = {k: v for k, v in sd.items() if not k.startswith(last)}
-        text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.num_layers - 1, layer="last")
+        unused = tuple(
+            f"{TEXT}transformer.{block}.{i}." for i in range(cfg.text.depth, cfg.text.num_layers)
+        )
+        sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
+        text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.depth, layer="last")
         cfg = dataclasses.replace(cfg, text=text_cfg)
     comp = {
         p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in (UNET, VAE, TEXT)

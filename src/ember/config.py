@@ -68,7 +68,8 @@ class TextConfig:
     kind="clip": a transformers `CLIPTextModel` (SD 1.x CLIP ViT-L/14, SD 2.x OpenCLIP ViT-H/14).
     kind="minilm": the all-MiniLM-L6-v2 BERT encoder used by ember's own default model.
     `layer`: "last" takes the final hidden state; "penultimate" the one before it (SD 2.x),
-    both followed by the final layer norm, as ldm's FrozenOpenCLIPEmbedder does.
+    both followed by the final layer norm, as ldm's FrozenOpenCLIPEmbedder does; a number k
+    (1 <= k <= num_layers) the output of layer k. `depth` is the number of layers that run.
     """
 
     kind: Literal["clip", "minilm"] = "clip"
@@ -79,10 +80,27 @@ class TextConfig:
     num_heads: int = 12
     max_length: int = 77
     hidden_act: str = "quick_gelu"
-    layer: Literal["last", "penultimate"] = "last"
+    layer: Literal["last", "penultimate"] | int = "last"
     pad_token_id: int = 49407  # SD 1.x pads with <|endoftext|>; OpenCLIP pads with 0 ("!")
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        named = self.layer in ("last", "penultimate")
+        if not named and not (isinstance(self.layer, int) and 1 <= self.layer <= self.num_layers):
+            raise ValueError(
+                f"text layer {self.layer!r}: expected 'last', 'penultimate' or a layer number "
+                f"1-{self.num_layers}"
+            )
+
+    @property
+    def depth(self) -> int:
+        """How many transformer layers run: the context is the output of layer `depth`."""
+        if self.layer == "last":
+            return self.num_layers
+        if self.layer == "penultimate":
+            return self.num_layers - 1
+        return int(self.layer)
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,7 @@ class ClipTextEncoder(TextEncoder):
         self.transformer = _TextModelHolder(CLIPTextModel(clip_text_config(cfg)))
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        offset = 1 if self.cfg.layer == "penultimate" else 0
+        offset = self.cfg.num_layers - self.cfg.depth
         position_ids = self._check(ids, clip_skip, self.cfg.num_layers - offset)
         skip = clip_skip + offset
         model = self.transformer.text_model
@@ -384,7 +384,7 @@ class MiniLMTextEncoder(TextEncoder):
         self.transformer = Bert(cfg)
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        offset = 1 if self.cfg.layer == "penultimate" else 0
+        offset = self.cfg.num_layers - self.cfg.depth
         position_ids = self._check(ids, clip_skip, self.cfg.num_layers - offset)
         keep = (ids != self.cfg.pad_token_id)[:, None, None, :]  # (B, 1, 1, L)
         depth = self.cfg.num_layers - offset - clip_skip + 1
@@ -578,16 +578,15 @@ def text_config_to_hf(cfg: TextConfig) -> dict[str, Any]:
     """diffusers `text_encoder/config.json` for `cfg`.
 
     For `layer="penultimate"` it describes `num_layers - 1` layers (Stability's SD 2.x folders do
-    the same, since diffusers pipelines take `last_hidden_state`): when writing such a folder, drop
-    `text_model.encoder.layers.{num_layers - 1}.*`.
+    the same, since diffusers pipelines take `last_hidden_state`), and for a layer number k, k
+    layers: when writing such a folder, drop the blocks above (`text_model.encoder.layers.{k}.*` on).
     """
     if cfg.kind == "minilm":
-        if cfg.layer == "penultimate":
-            cfg = dataclasses.replace(cfg, num_layers=cfg.num_layers - 1, layer="last")
+        if cfg.depth < cfg.num_layers:
+            cfg = dataclasses.replace(cfg, num_layers=cfg.depth, layer="last")
         config = bert_config(cfg).to_dict()
         config["architectures"] = ["BertModel"]
         return config
-    layers = cfg.num_layers - (1 if cfg.layer == "penultimate" else 0)
-    config = clip_text_config(cfg, num_layers=layers).to_dict()
+    config = clip_text_config(cfg, num_layers=cfg.depth).to_dict()
     config["architectures"] = ["CLIPTextModel"]
     return config

@@ -59,6 +59,12 @@ class TrainConfig:
     prediction: Literal["auto", "eps", "v"] = _opt(
         "auto", "U-Net target; auto = the preset's schedule", tasks=("unet",)
     )
+    text_layer: str = _opt(
+        "",
+        "text-encoder layer the U-Net reads: last, penultimate or a layer number (1 = first); "
+        "empty = the preset's",
+        tasks=("unet",),
+    )
     caption_dropout: float = _opt(
         0.1, "probability of training on the empty prompt (for CFG)", tasks=("unet",)
     )

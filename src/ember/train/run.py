@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ember.config import get_preset
+from ember.config import ModelConfig, get_preset
 from ember.train.card import build_card, write_card
 from ember.train.config import EmberError, TrainConfig, parse_train_args
 from ember.train.data import TrainData, load_train_data
@@ -31,11 +32,23 @@ from ember.train.loop import (
 TaskBuilder = Callable[[TrainConfig, object, TrainData, Dist], TrainTask]
 
 
+def with_text_layer(mcfg: ModelConfig, text_layer: str) -> ModelConfig:
+    """`mcfg` reading the text encoder at `text_layer` ("last", "penultimate", "N"; "" = as is)."""
+    if not text_layer:
+        return mcfg
+    layer: str | int = int(text_layer) if text_layer.strip().isdigit() else text_layer.strip()
+    try:
+        text = dataclasses.replace(mcfg.text, layer=layer)
+    except ValueError as exc:
+        raise EmberError(f"--text-layer: {exc}") from None
+    return dataclasses.replace(mcfg, text=text)
+
+
 def _run(cfg: TrainConfig, build: TaskBuilder, task_name: str) -> int:
     d = init_dist()
     try:
         set_threads(cfg, d)
-        mcfg = get_preset(cfg.preset)
+        mcfg = with_text_layer(get_preset(cfg.preset), cfg.text_layer)
         data = load_train_data(cfg.data, cfg.image_size or mcfg.size, cfg.allow_unlicensed)
         task = build(cfg, mcfg, data, d)
         progress, final = run_training(task, cfg, d)
