@@ -54,18 +54,23 @@ def shape_word_states(rows, layers: int) -> tuple[np.ndarray, np.ndarray]:
     encoder = load_minilm_pretrained(MINILM)
     shape_ids = {s: tok.encode(s) for s in SHAPES}
     assert all(len(v) == 1 for v in shape_ids.values()), shape_ids  # one word piece each
-    feats, labels = [], []
+    seqs, where, labels = [], [], []
     for caption, a, b, side_a, side_b in rows:
         ids = [tok.bos_token_id, *tok.encode(caption), tok.eos_token_id]
-        pos_a = ids.index(shape_ids[a][0])
-        pos_b = len(ids) - 1 - ids[::-1].index(shape_ids[b][0])
-        t = torch.tensor([ids])
-        position_ids = torch.arange(len(ids))[None]
-        keep = torch.ones(1, 1, 1, len(ids), dtype=torch.bool)
-        per_layer = [encoder.transformer(t, position_ids, keep, d)[0] for d in range(layers + 1)]
-        feats.append(torch.stack(per_layer)[:, [pos_a, pos_b]])  # (layers + 1, 2, D)
+        seqs.append(ids)
+        where += [ids.index(shape_ids[a][0]), len(ids) - 1 - ids[::-1].index(shape_ids[b][0])]
         labels += [LABELS.index(side_a), LABELS.index(side_b)]
-    return torch.cat(feats, 1).numpy(), np.array(labels)
+    # One padded batch per depth; padding is masked out of attention, as in the encoder.
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [MINILM.pad_token_id] * (width - len(s)) for s in seqs])
+    keep = (ids != MINILM.pad_token_id)[:, None, None, :]
+    position_ids = torch.arange(width).expand(len(seqs), -1)
+    rows_idx = torch.arange(len(seqs)).repeat_interleave(2)
+    feats = [
+        encoder.transformer(ids, position_ids, keep, d)[rows_idx, torch.tensor(where)]
+        for d in range(layers + 1)
+    ]
+    return torch.stack(feats).numpy(), np.array(labels)
 
 
 def probe_accuracy(x_train, y_train, x_test, y_test) -> float:

@@ -374,11 +374,18 @@ def generate_sample(
     ``probs`` (from ``category_probabilities``) draws the category first; None keeps them uniform.
     ``mirror=False`` leaves out the mirrored captions (generator version 1's captions).
     """
+    spec, objects, rng = _scene(seed, split, index, probs)
+    return _record(spec, objects, rng, mirror)
+
+
+def _scene(
+    seed: int, split: str, index: int, probs: np.ndarray | None
+) -> tuple[SceneSpec, list[PlacedObject], np.random.Generator]:
+    """Scene ``index`` of ``split`` laid out, and its generator (captions draw from it next)."""
     rng = np.random.default_rng((seed, SPLITS.index(split), index))
     category = None if probs is None else CATEGORIES[rng.choice(len(CATEGORIES), p=probs)]
     spec = sample_split_spec(rng, split, category)
-    objects = layout_scene(spec, rng)
-    return _record(spec, objects, rng, mirror)
+    return spec, layout_scene(spec, rng), rng
 
 
 def _record(
@@ -435,11 +442,8 @@ def generate_samples(
     index = 0
     row = 0
     while row < n:
-        rng = np.random.default_rng((seed, SPLITS.index(split), index))
+        spec, objects, rng = _scene(seed, split, index, probs)
         index += 1
-        category = None if probs is None else CATEGORIES[rng.choice(len(CATEGORIES), p=probs)]
-        spec = sample_split_spec(rng, split, category)
-        objects = layout_scene(spec, rng)
         yield _record(spec, objects, rng, mirror)
         row += 1
         if twins and spec.relation is not None and row < n:

@@ -355,9 +355,8 @@ class ClipTextEncoder(TextEncoder):
         self.transformer = _TextModelHolder(CLIPTextModel(clip_text_config(cfg)))
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        offset = self.cfg.num_layers - self.cfg.depth
-        position_ids = self._check(ids, clip_skip, self.cfg.num_layers - offset)
-        skip = clip_skip + offset
+        position_ids = self._check(ids, clip_skip, self.cfg.depth)
+        skip = clip_skip + self.cfg.num_layers - self.cfg.depth
         model = self.transformer.text_model
         if skip == 1:
             return model(input_ids=ids, position_ids=position_ids).last_hidden_state
@@ -384,11 +383,9 @@ class MiniLMTextEncoder(TextEncoder):
         self.transformer = Bert(cfg)
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        offset = self.cfg.num_layers - self.cfg.depth
-        position_ids = self._check(ids, clip_skip, self.cfg.num_layers - offset)
+        position_ids = self._check(ids, clip_skip, self.cfg.depth)
         keep = (ids != self.cfg.pad_token_id)[:, None, None, :]  # (B, 1, 1, L)
-        depth = self.cfg.num_layers - offset - clip_skip + 1
-        return self.transformer(ids, position_ids, keep, depth)
+        return self.transformer(ids, position_ids, keep, self.cfg.depth - clip_skip + 1)
 
     def load_pretrained(self, folder: str | Path | None = None) -> MiniLMTextEncoder:
         """Fill the weights from all-MiniLM-L6-v2's `model.safetensors` (offline, strict).
@@ -582,9 +579,7 @@ def text_config_to_hf(cfg: TextConfig) -> dict[str, Any]:
     layers: when writing such a folder, drop the blocks above (`text_model.encoder.layers.{k}.*` on).
     """
     if cfg.kind == "minilm":
-        if cfg.depth < cfg.num_layers:
-            cfg = dataclasses.replace(cfg, num_layers=cfg.depth, layer="last")
-        config = bert_config(cfg).to_dict()
+        config = bert_config(dataclasses.replace(cfg, num_layers=cfg.depth, layer="last")).to_dict()
         config["architectures"] = ["BertModel"]
         return config
     config = clip_text_config(cfg, num_layers=cfg.depth).to_dict()
