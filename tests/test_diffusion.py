@@ -326,6 +326,30 @@ def test_losses_targets_and_min_snr():
     torch.testing.assert_close(weighted, min_snr_weights(t, a, 5.0, "v"))
 
 
+def test_min_snr_floor_keeps_high_noise_steps():
+    a = train_alphas_cumprod(ScheduleConfig(prediction="v"))
+    snr = (a / (1 - a)).double()
+    t = torch.arange(1000)
+    plain = min_snr_weights(t, a, 5.0, "v")
+    floored = min_snr_weights(t, a, 5.0, "v", floor=0.25)
+    low = snr < 0.25  # the high-noise steps, where plain min-SNR's x0-space weight is SNR itself
+    assert low[-1] and low.double().mean() > 0.4
+    # x0-space weight: v weight * (SNR + 1); the floor sets it to 0.25 there and nowhere else
+    torch.testing.assert_close((floored.double() * (snr + 1))[low], torch.full_like(snr[low], 0.25))
+    torch.testing.assert_close(floored[~low], plain[~low])
+    assert floored[999] > 40 * plain[999]  # t = 999 counted ~50x more than under plain min-SNR
+    # eps target: the same x0-space weight, divided by SNR instead of SNR + 1
+    eps = min_snr_weights(t, a, 5.0, "eps", floor=0.25)
+    torch.testing.assert_close(eps.double() * snr, floored.double() * (snr + 1), rtol=1e-5, atol=0)
+    loss = DiffusionLoss(ScheduleConfig(prediction="v"), min_snr_gamma=5.0, min_snr_floor=0.25)
+    x0 = torch.zeros(1000, 1, 1, 1)
+    torch.testing.assert_close(loss(torch.ones_like(x0), x0, x0, t), floored)
+    with pytest.raises(ValueError, match="floor must be in"):
+        min_snr_weights(t, a, 5.0, "v", floor=6.0)
+    with pytest.raises(ValueError, match="needs min_snr_gamma"):
+        DiffusionLoss(ScheduleConfig(), min_snr_floor=0.25)
+
+
 # --- Brownian noise for SDE samplers ---------------------------------------------------------
 
 

@@ -444,3 +444,18 @@ def test_text_layer_overrides_the_presets_context(data, vae_run, tmp_path, capsy
         out = tmp_path / f"bad-{bad}"
         assert in_process(main_train_unet, [str(data), str(out), *args, "--text-layer", bad]) == 2
         assert "--text-layer" in capsys.readouterr().err
+
+
+def test_min_snr_floor_is_checked_and_recorded(data, vae_run, tmp_path, capsys):
+    """--min-snr-floor needs --min-snr-gamma and may not exceed it; a good one lands in the run's
+    resolved config."""
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "1"]
+    for bad in (["--min-snr-floor", "0.25"], ["--min-snr-gamma", "5", "--min-snr-floor", "6"]):
+        out = tmp_path / "bad"
+        assert in_process(main_train_unet, [str(data), str(out), *args, *bad]) == 2
+        assert "--min-snr-floor must be between 0 and --min-snr-gamma" in capsys.readouterr().err
+        assert not out.exists()
+    run = tmp_path / "floor"
+    good = ["--min-snr-gamma", "5", "--min-snr-floor", "0.25"]
+    assert in_process(main_train_unet, [str(data), str(run), *args, *good]) == 0
+    assert json.loads((run / "train_config.json").read_text())["min_snr_floor"] == 0.25

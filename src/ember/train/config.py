@@ -69,6 +69,12 @@ class TrainConfig:
         0.1, "probability of training on the empty prompt (for CFG)", tasks=("unet",)
     )
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (0 = off)", tasks=("unet",))
+    min_snr_floor: float = _opt(
+        0.0,
+        "lowest x0-space min-SNR weight: keeps the high-noise steps, where layout is decided, "
+        "in training (0 = plain min-SNR; needs --min-snr-gamma)",
+        tasks=("unet",),
+    )
     recon_loss: Literal["l1", "l2"] = _opt("l1", "VAE reconstruction loss", tasks=("vae",))
     kl_weight: float = _opt(1e-6, "VAE KL weight (ldm convention)", tasks=("vae",))
     edge_weight: float = _opt(0.0, "VAE image-gradient (edge) L1 loss weight", tasks=("vae",))
@@ -121,6 +127,11 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise EmberError(f"--lr must be > 0, got {self.lr}")
+        if self.min_snr_floor and not 0 < self.min_snr_floor <= self.min_snr_gamma:
+            raise EmberError(
+                f"--min-snr-floor must be between 0 and --min-snr-gamma "
+                f"({self.min_snr_gamma}), got {self.min_snr_floor}"
+            )
         if self.freeze_encoder and not self.init_from:
             raise EmberError(
                 "--freeze-encoder needs --init-from VAE_OR_MODEL (the encoder to keep)"

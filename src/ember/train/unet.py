@@ -99,6 +99,7 @@ class UNetTask:
             self.model_config.schedule,
             prediction=prediction,
             min_snr_gamma=cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else None,
+            min_snr_floor=cfg.min_snr_floor,
         )
 
     def _init_from(self, path: Path) -> None:
