@@ -18,19 +18,17 @@ def main() -> None:
     ap.add_argument("report", type=Path, help="report.json of `ember eval emoji`")
     ap.add_argument("data", type=Path, help="the eval's --data (an `ember data emoji` folder)")
     args = ap.parse_args()
-    rows = [json.loads(line) for line in (args.data / "manifest.jsonl").read_text().splitlines()]
-    plain, toned = {}, set()
-    for row in rows:
-        style, e = row["file"].split("/")[1], row["emoji"]
-        if e["tone"] is None and e["background"] == "white":
-            plain[row["caption"][0]] = (style, e["unified"])
-        elif e["tone"] is not None:  # a variant's code is the base emoji's plus a tone modifier
-            toned.add((style, e["unified"].split("-")[0]))
+    # A variant's caption is its plain emoji's with the tone appended ("..., noto style, medium
+    # skin tone"), so the plain captions of emoji with variants are those captions minus the tone.
+    toned = set()
+    for line in (args.data / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        tone = row["emoji"]["tone"]
+        if tone is not None and row["emoji"]["background"] == "white":
+            toned.add(row["caption"][0].removesuffix(f", {tone}"))
     counts = {True: [0, 0], False: [0, 0]}
-    per_prompt = json.loads(args.report.read_text())["per_prompt"]
-    for prompt, hit in per_prompt.items():
-        style, code = plain[prompt]
-        group = counts[(style, code.split("-")[0]) in toned]
+    for prompt, hit in json.loads(args.report.read_text())["per_prompt"].items():
+        group = counts[prompt in toned]
         group[0] += bool(hit)
         group[1] += 1
     for has_tones, (hits, n) in sorted(counts.items(), reverse=True):
