@@ -34,6 +34,10 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv
     norm_groups: int = 32
+    # Two extra input channels holding each latent pixel's x and y (-1..1), CoordConv-style: the
+    # absolute position that "left of" / "above" need, which convolutions see only near borders.
+    # Not an ldm option: SD checkpoints never set it.
+    coord_channels: bool = False
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer with `channels` channels."""
@@ -254,6 +258,15 @@ PRESETS: dict[str, ModelConfig] = {
     "ember-small-z8p": ModelConfig(
         "ember-small-z8p",
         dataclasses.replace(EMBER_UNET, in_channels=8, out_channels=8),
+        dataclasses.replace(EMBER_VAE, z_channels=8, embed_dim=8),
+        dataclasses.replace(MINILM, layer="penultimate"),
+        ScheduleConfig(prediction="v"),
+        size=64,
+    ),
+    # ember-small-z8p with coordinate input channels (UNetConfig.coord_channels).
+    "ember-small-z8pc": ModelConfig(
+        "ember-small-z8pc",
+        dataclasses.replace(EMBER_UNET, in_channels=8, out_channels=8, coord_channels=True),
         dataclasses.replace(EMBER_VAE, z_channels=8, embed_dim=8),
         dataclasses.replace(MINILM, layer="penultimate"),
         ScheduleConfig(prediction="v"),

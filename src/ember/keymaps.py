@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ember.config import UNetConfig, VAEConfig
+from ember.errors import EmberError
 
 # Suffix maps of one module kind: ldm sub-path -> diffusers sub-path. "same" means unchanged names.
 _SUFFIXES: dict[str, dict[str, str]] = {
@@ -303,6 +304,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, *, sample_size: int | None = None)
 
     `sample_size` (latent size) is only metadata for diffusers pipelines; left out when None.
     """
+    if cfg.coord_channels:
+        raise EmberError("a U-Net with coordinate channels has no diffusers equivalent")
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2**i in cfg.attention_resolutions for i in range(len(chans))]
     if cfg.num_head_channels > 0:

@@ -39,6 +39,15 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def coordinates(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) maps of each pixel's x (left -1 .. right 1) and y (top -1 .. bottom 1)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
+    xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
+    grid = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)])
+    return grid.expand(b, 2, h, w)
+
+
 class UNetModel(nn.Module):
     """ldm's `UNetModel` for text-conditioned latent diffusion (no class labels, no scale-shift).
 
@@ -69,7 +78,11 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))]
+            [
+                TimestepEmbedSequential(
+                    Conv2d(cfg.in_channels + 2 * cfg.coord_channels, mc, 3, padding=1)
+                )
+            ]
         )
         skip_chans = [mc]  # channels of every input block's output, consumed by the decoder
         ch, ds = mc, 1
@@ -125,7 +138,7 @@ class UNetModel(nn.Module):
             timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
         )  # (B, 4mc)
         skips = []
-        h = x
+        h = torch.cat([x, coordinates(x)], dim=1) if self.cfg.coord_channels else x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)

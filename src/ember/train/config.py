@@ -90,6 +90,11 @@ class TrainConfig:
     bf16: Literal["auto", "on", "off"] = _opt(
         "auto", "bf16 autocast; auto = on where the hardware runs bf16 fast (AMX / CUDA)"
     )
+    compile: bool = _opt(
+        False,
+        "compile the model with torch.compile (inductor; needs a C++ compiler on CPU): faster "
+        "steps after a one-off compile of a few minutes at the first step",
+    )
     threads: int = _opt(0, "torch CPU threads per process (0 = cores / local ranks)")
     seed: int = _opt(0, "seed of initialisation, data order and noise")
     checkpoint_every: int = _opt(500, "save a checkpoint every K steps (0 = only at the end)")

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -271,6 +272,25 @@ def _autocast(bf16: bool, device: torch.device):
     return contextlib.nullcontext()
 
 
+def compiled(net: nn.Module, d: Dist) -> nn.Module:
+    """`net` under torch.compile (inductor, static shapes): the same weights, fused kernels.
+
+    Compilation happens at the first call; on CPU inductor builds C++ kernels, so a compiler must
+    be on PATH (checked here, not minutes later). Kernels are cached on disk by torch, so a resumed
+    run on the same machine compiles faster.
+    """
+    if d.device.type == "cpu":
+        cxx = os.environ.get("CXX") or next(
+            (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None
+        )
+        if not cxx:
+            raise EmberError("--compile needs a C++ compiler (g++ or clang++) on PATH")
+    if d.is_main:
+        print("compiling the model (torch.compile): the first step takes a few minutes",
+              file=sys.stderr)  # fmt: skip
+    return torch.compile(net, dynamic=False)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines newer than the checkpoint a run resumes from (they will be redone)."""
     if not path.is_file():
@@ -329,6 +349,8 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
     if d.world > 1:
         ids = [d.local_rank] if d.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    if cfg.compile:
+        net = compiled(net, d)
 
     # A resumed "auto" run keeps its first decision: a re-measured one could flip and break
     # bit-exact resume.
