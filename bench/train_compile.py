@@ -8,7 +8,8 @@ Runs `ember train TASK DATA OUT/<mode>-<round>` with the given arguments and `--
 (as a user's first run). The U-Net's latent/text caches are built once and copied, not timed. From
 each run's metrics.jsonl it takes the median time per step over the windows after the first (the
 first holds the compile and the warm-up) and the time of that first window; it then prints the
-speed-up and the step at which the compile has paid for itself. Example (the default model's U-Net stage):
+speed-up and the step at which the compile has paid for itself. Example (the default model's
+U-Net stage):
 
     .venv/bin/python bench/train_compile.py unet runs/dm/unet-data /tmp/tc -- --preset ember-small-z8p \\
         --vae VAE.safetensors --steps 12500 --batch-size 64 --lr 8e-4 --warmup-steps 200 \\
@@ -28,13 +29,9 @@ from pathlib import Path
 EMBER = Path(sys.executable).with_name("ember")
 
 
-def run(
-    task: str, data: str, run_dir: Path, steps: int, extra: list[str], cache: Path | None
-) -> dict:
+def run(task: str, data: str, run_dir: Path, steps: int, extra: list[str], cache: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
-    if (
-        cache is not None and cache.is_dir()
-    ):  # the U-Net's latent/text caches: built once, not timed
+    if cache.is_dir():  # the U-Net's latent/text caches: built once, not timed
         shutil.copytree(cache, run_dir / "cache")
     cmd = [str(EMBER), "train", task, data, str(run_dir), *extra, "--stop-at", str(steps),
            "--log-every", "10", "--checkpoint-every", "0", "--sample-every", "0"]  # fmt: skip

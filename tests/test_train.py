@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 
 from ember.train import state as S
 from ember.train.config import TrainConfig, add_train_args, config_from_args
-from ember.train.loop import EpochSampler, lr_at
+from ember.train.loop import EpochSampler, cxx_compiler, lr_at
 from ember.train.run import main_train_unet, main_train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -462,10 +461,7 @@ def test_min_snr_floor_is_checked_and_recorded(data, vae_run, tmp_path, capsys):
     assert json.loads((run / "train_config.json").read_text())["min_snr_floor"] == 0.25
 
 
-@pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-    reason="inductor needs a C++ compiler",
-)
+@pytest.mark.skipif(cxx_compiler() is None, reason="inductor needs a C++ compiler")
 def test_compile_trains_like_eager_and_resumes_exactly(data, vae_run, tmp_path):
     args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "4",
             "--checkpoint-every", "2", "--min-snr-gamma", "5"]  # fmt: skip

@@ -77,12 +77,9 @@ class UNetModel(nn.Module):
                 cfg.use_linear_in_transformer,
             )
 
+        in_ch = cfg.in_channels + 2 * cfg.coord_channels  # the x/y maps join the input
         self.input_blocks = nn.ModuleList(
-            [
-                TimestepEmbedSequential(
-                    Conv2d(cfg.in_channels + 2 * cfg.coord_channels, mc, 3, padding=1)
-                )
-            ]
+            [TimestepEmbedSequential(Conv2d(in_ch, mc, 3, padding=1))]
         )
         skip_chans = [mc]  # channels of every input block's output, consumed by the decoder
         ch, ds = mc, 1

@@ -272,19 +272,22 @@ def _autocast(bf16: bool, device: torch.device):
     return contextlib.nullcontext()
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with ($CXX, else the first on PATH)."""
+    return os.environ.get("CXX") or next(
+        (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None
+    )
+
+
 def compiled(net: nn.Module, d: Dist) -> nn.Module:
     """`net` under torch.compile (inductor, static shapes): the same weights, fused kernels.
 
     Compilation happens at the first call; on CPU inductor builds C++ kernels, so a compiler must
-    be on PATH (checked here, not minutes later). Kernels are cached on disk by torch, so a resumed
-    run on the same machine compiles faster.
+    be on PATH (checked before the first step rather than failing inside it). Kernels are cached on
+    disk by torch, so a resumed run on the same machine compiles faster.
     """
-    if d.device.type == "cpu":
-        cxx = os.environ.get("CXX") or next(
-            (c for c in ("g++", "c++", "clang++") if shutil.which(c)), None
-        )
-        if not cxx:
-            raise EmberError("--compile needs a C++ compiler (g++ or clang++) on PATH")
+    if d.device.type == "cpu" and not cxx_compiler():
+        raise EmberError("--compile needs a C++ compiler (g++ or clang++) on PATH")
     if d.is_main:
         print("compiling the model (torch.compile): the first step takes a few minutes",
               file=sys.stderr)  # fmt: skip
