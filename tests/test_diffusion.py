@@ -344,6 +344,12 @@ def test_min_snr_floor_keeps_high_noise_steps():
     loss = DiffusionLoss(ScheduleConfig(prediction="v"), min_snr_gamma=5.0, min_snr_floor=0.25)
     x0 = torch.zeros(1000, 1, 1, 1)
     torch.testing.assert_close(loss(torch.ones_like(x0), x0, x0, t), floored)
+    # a mask puts the floor on some samples only
+    mask = t % 2 == 0
+    some = min_snr_weights(t, a, 5.0, "v", floor=0.25, floored=mask)
+    torch.testing.assert_close(some[mask], floored[mask])
+    torch.testing.assert_close(some[~mask], plain[~mask])
+    torch.testing.assert_close(loss(torch.ones_like(x0), x0, x0, t, mask), some)
     with pytest.raises(ValueError, match="floor must be in"):
         min_snr_weights(t, a, 5.0, "v", floor=6.0)
     with pytest.raises(ValueError, match="needs min_snr_gamma"):

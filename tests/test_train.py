@@ -461,6 +461,41 @@ def test_min_snr_floor_is_checked_and_recorded(data, vae_run, tmp_path, capsys):
     assert json.loads((run / "train_config.json").read_text())["min_snr_floor"] == 0.25
 
 
+def test_min_snr_floor_files_floors_only_the_matching_items(data, vae_run, tmp_path, capsys):
+    """--min-snr-floor-files puts the floor on the items whose path matches: matching every item
+    trains exactly like the plain floor, matching some trains differently from both the plain
+    floor and no floor; a pattern that matches nothing, or no floor to apply, is a clear error."""
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "2",
+            "--min-snr-gamma", "5"]  # fmt: skip
+    floor = ["--min-snr-floor", "1"]
+    runs = {
+        "none": [],
+        "all": floor,
+        "glob-all": [*floor, "--min-snr-floor-files", "images/*"],
+        "some": [*floor, "--min-snr-floor-files", "images/00[0-3].png"],
+    }
+    for name, extra in runs.items():
+        assert in_process(main_train_unet, [str(data), str(tmp_path / name), *args, *extra]) == 0
+    err = capsys.readouterr().err
+    assert "min-SNR floor on 4 of 8 items (images/00[0-3].png)" in err
+    w = {name: weights(tmp_path / name / "model.safetensors") for name in runs}
+    assert (
+        json.loads((tmp_path / "some" / "train_config.json").read_text())["min_snr_floor_files"]
+        == "images/00[0-3].png"
+    )
+    for key in w["all"]:
+        torch.testing.assert_close(w["glob-all"][key], w["all"][key], rtol=0, atol=0)
+    differs = lambda a, b: any(not torch.equal(w[a][k], w[b][k]) for k in w[a])  # noqa: E731
+    assert differs("some", "all") and differs("some", "none") and differs("all", "none")
+    for bad, message in (
+        ([*floor, "--min-snr-floor-files", "emoji/*"], "matches no item"),
+        (["--min-snr-floor-files", "images/*"], "--min-snr-floor-files needs --min-snr-floor"),
+    ):
+        out = tmp_path / "bad"
+        assert in_process(main_train_unet, [str(data), str(out), *args, *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(cxx_compiler() is None, reason="inductor needs a C++ compiler")
 def test_compile_trains_like_eager_and_resumes_exactly(data, vae_run, tmp_path):
     args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--steps", "4",

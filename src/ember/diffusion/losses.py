@@ -55,16 +55,21 @@ def min_snr_weights(
     gamma: float,
     prediction: Prediction,
     floor: float = 0.0,
+    floored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) Min-SNR-gamma loss weights (Hang et al. 2023) for the given target type, with the
-    x0-space weight held at `floor` or above (0 = plain Min-SNR)."""
+    x0-space weight held at `floor` or above (0 = plain Min-SNR) for every sample, or only where
+    the (B,) bool mask `floored` is True."""
     if gamma <= 0:
         raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
     if not 0 <= floor <= gamma:
         raise ValueError(f"min-SNR floor must be in [0, gamma = {gamma}], got {floor}")
     a = alphas_cumprod.to(t.device, torch.float64)[t.long()]
     snr = a / (1 - a)
-    clipped = snr.clamp(min=floor, max=gamma)
+    low = torch.full_like(snr, floor)
+    if floored is not None:
+        low = torch.where(floored.to(snr.device), low, torch.zeros_like(low))
+    clipped = torch.maximum(snr, low).clamp(max=gamma)
     if prediction == "eps":
         return (clipped / snr).float()
     if prediction == "v":
@@ -77,7 +82,8 @@ class DiffusionLoss:
 
     `loss(model_output, x0, noise, t) -> (B,)`; `model_output` is the network applied to
     `add_noise(x0, noise, t, loss.alphas_cumprod)`. With `min_snr_gamma`, each sample is
-    weighted by `min_snr_weights` (with `min_snr_floor`).
+    weighted by `min_snr_weights` (with `min_snr_floor`, for the samples in the optional
+    `floored` mask, or all).
     """
 
     def __init__(
@@ -103,13 +109,23 @@ class DiffusionLoss:
         return add_noise(x0, noise, t, self.alphas_cumprod)
 
     def __call__(
-        self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        floored: torch.Tensor | None = None,
     ) -> torch.Tensor:
         target = get_target(x0, noise, t, self.alphas_cumprod, self.prediction)
         err = (model_output.float() - target.float()) ** 2
         loss = err.mean(dim=tuple(range(1, err.ndim)))  # (B,)
         if self.min_snr_gamma is not None:
             loss = loss * min_snr_weights(
-                t, self.alphas_cumprod, self.min_snr_gamma, self.prediction, self.min_snr_floor
+                t,
+                self.alphas_cumprod,
+                self.min_snr_gamma,
+                self.prediction,
+                self.min_snr_floor,
+                floored,
             )
         return loss

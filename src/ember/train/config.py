@@ -75,6 +75,12 @@ class TrainConfig:
         "in training (0 = plain min-SNR; needs --min-snr-gamma)",
         tasks=("unet",),
     )
+    min_snr_floor_files: str = _opt(
+        "",
+        "apply --min-snr-floor only to the items whose file (its path in the dataset, e.g. "
+        "'1-emoji/*' for one part of a merged set) matches this glob; empty = every item",
+        tasks=("unet",),
+    )
     recon_loss: Literal["l1", "l2"] = _opt("l1", "VAE reconstruction loss", tasks=("vae",))
     kl_weight: float = _opt(1e-6, "VAE KL weight (ldm convention)", tasks=("vae",))
     edge_weight: float = _opt(0.0, "VAE image-gradient (edge) L1 loss weight", tasks=("vae",))
@@ -137,6 +143,8 @@ class TrainConfig:
                 f"--min-snr-floor must be between 0 and --min-snr-gamma "
                 f"({self.min_snr_gamma}), got {self.min_snr_floor}"
             )
+        if self.min_snr_floor_files and not self.min_snr_floor:
+            raise EmberError("--min-snr-floor-files needs --min-snr-floor")
         if self.freeze_encoder and not self.init_from:
             raise EmberError(
                 "--freeze-encoder needs --init-from VAE_OR_MODEL (the encoder to keep)"

@@ -29,6 +29,7 @@ class TrainData:
     unlicensed: int = 0
     skipped_corrupt: int = 0
     path: str = ""
+    files: list[str] = field(default_factory=list)  # each image's path in the dataset
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -40,7 +41,7 @@ def load_train_data(path: str | Path, size: int, allow_unlicensed: bool) -> Trai
         ds = load_dataset(path, allow_unlicensed=allow_unlicensed)
     except DatasetError as exc:
         raise EmberError(str(exc)) from None
-    images, captions, corrupt = [], [], len(ds.skipped)
+    images, captions, files, corrupt = [], [], [], len(ds.skipped)
     for i in range(len(ds)):
         try:
             image = ds.load_image(i)
@@ -51,6 +52,7 @@ def load_train_data(path: str | Path, size: int, allow_unlicensed: bool) -> Trai
             image = _crop_resize(image, size)
         images.append(image)
         captions.append(list(ds[i].captions))
+        files.append(ds[i].file)
     if not images:
         raise EmberError(f"no readable images in {path} ({corrupt} corrupt)")
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
@@ -61,6 +63,7 @@ def load_train_data(path: str | Path, size: int, allow_unlicensed: bool) -> Trai
         unlicensed=ds.unlicensed_count,
         skipped_corrupt=corrupt,
         path=str(path),
+        files=files,
     )
 
 

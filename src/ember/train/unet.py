@@ -65,6 +65,21 @@ def _cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
     return load_file(path)
 
 
+def floored_items(data: TrainData, pattern: str) -> torch.Tensor | None:
+    """(N,) bool: which items `--min-snr-floor-files` selects (None: every item)."""
+    if not pattern:
+        return None
+    from fnmatch import fnmatchcase
+
+    from ember.train.config import EmberError
+
+    mask = torch.tensor([fnmatchcase(f, pattern) for f in data.files], dtype=torch.bool)
+    if not mask.any():
+        raise EmberError(f"--min-snr-floor-files {pattern!r} matches no item of {data.path}")
+    print(f"min-SNR floor on {int(mask.sum())} of {len(mask)} items ({pattern})", file=sys.stderr)
+    return mask
+
+
 class UNetTask:
     name = "unet"
 
@@ -101,6 +116,7 @@ class UNetTask:
             min_snr_gamma=cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else None,
             min_snr_floor=cfg.min_snr_floor,
         )
+        self.floored = floored_items(data, cfg.min_snr_floor_files)
 
     def _init_from(self, path: Path) -> None:
         """Warm-start from an exported model (the same U-Net architecture), e.g. to fine-tune."""
@@ -217,7 +233,8 @@ class UNetTask:
         noise, t = noise.to(dev), t.to(dev)
         x_t = self.loss_fn.add_noise(x0, noise, t)
         out = model(x_t, t.float(), self.states[text.to(dev)])
-        return self.loss_fn(out, x0, noise, t).mean()
+        floored = None if self.floored is None else self.floored[idx]
+        return self.loss_fn(out, x0, noise, t, floored).mean()
 
     @torch.no_grad()
     def generate(self, unet: nn.Module, steps: int = 20, scale: float = 5.0) -> torch.Tensor:
