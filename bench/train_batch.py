@@ -1,0 +1,86 @@
+"""Images per second of one U-Net training step at several batch sizes (and memory layouts).
+
+    .venv/bin/python bench/train_batch.py [--preset ember-small-z8p] [--batches 64,128,256]
+        [--channels-last] [--rounds 3] [--images 1024]
+
+One step = forward in bf16 autocast (fp32 where the CPU lacks bf16) + backward + clipped AdamW, as
+`ember train` does, on random latents of the preset's shape with 32x384 text states. The cases run
+interleaved, `--rounds` times, each for about `--images` images after two warm-up steps; the table
+gives each case's median images/s over its rounds and its ratio to the first case. More images per
+second is only half of a recipe: a larger batch takes fewer optimizer steps for the same images.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from ember.config import get_preset
+from ember.models.unet import UNetModel
+from ember.train.loop import bf16_fast
+
+
+def images_per_second(model, opt, batch, shape, context_dim, channels_last, images, bf16) -> float:
+    x = torch.randn(batch, *shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ctx = torch.randn(batch, 32, context_dim)
+    t = torch.randint(0, 1000, (batch,)).float()
+    times = []
+    for _ in range(max(2, images // batch) + 2):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, ctx)
+        out.float().pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times[2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="ember-small-z8p")
+    ap.add_argument("--batches", default="64,128,256")
+    ap.add_argument("--channels-last", action="store_true", help="also each batch channels-last")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    mcfg = get_preset(args.preset)
+    cfg = mcfg.unet
+    side = mcfg.size // 2 ** (len(mcfg.vae.ch_mult) - 1)  # latent side
+    model = UNetModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    bf16 = bf16_fast(torch.device("cpu"))
+    layouts = [False, True] if args.channels_last else [False]
+    cases = [(b, cl) for b in map(int, args.batches.split(",")) for cl in layouts]
+    rates: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
+    for _ in range(args.rounds):
+        for batch, cl in cases:
+            model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            shape = (cfg.in_channels, side, side)
+            rate = images_per_second(
+                model, opt, batch, shape, cfg.context_dim, cl, args.images, bf16
+            )
+            rates[(batch, cl)].append(rate)
+            print(f"  batch {batch}{' channels-last' if cl else ''}: {rate:.1f} img/s", flush=True)
+    print(f"\n{args.preset} U-Net training step, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, bf16 autocast {bf16}, torch {torch.__version__}, "
+          f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
+    print("| batch | layout | images/s | vs first |\n| ---: | --- | ---: | ---: |")
+    base = statistics.median(rates[cases[0]])
+    for batch, cl in cases:
+        med = statistics.median(rates[(batch, cl)])
+        layout = "channels-last" if cl else "contiguous"
+        print(f"| {batch} | {layout} | {med:.1f} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
