@@ -494,6 +494,7 @@ def test_min_snr_floor_files_floors_only_the_matching_items(data, vae_run, tmp_p
         out = tmp_path / "bad"
         assert in_process(main_train_unet, [str(data), str(out), *args, *bad]) == 2
         assert message in capsys.readouterr().err
+        assert not (out / "cache").exists()  # refused before the caches are built
 
 
 @pytest.mark.skipif(cxx_compiler() is None, reason="inductor needs a C++ compiler")

@@ -65,7 +65,7 @@ def _cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
     return load_file(path)
 
 
-def floored_items(data: TrainData, pattern: str) -> torch.Tensor | None:
+def floored_items(data: TrainData, pattern: str, report: bool = True) -> torch.Tensor | None:
     """(N,) bool: which items `--min-snr-floor-files` selects (None: every item)."""
     if not pattern:
         return None
@@ -76,7 +76,10 @@ def floored_items(data: TrainData, pattern: str) -> torch.Tensor | None:
     mask = torch.tensor([fnmatchcase(f, pattern) for f in data.files], dtype=torch.bool)
     if not mask.any():
         raise EmberError(f"--min-snr-floor-files {pattern!r} matches no item of {data.path}")
-    print(f"min-SNR floor on {int(mask.sum())} of {len(mask)} items ({pattern})", file=sys.stderr)
+    if report:
+        print(
+            f"min-SNR floor on {int(mask.sum())} of {len(mask)} items ({pattern})", file=sys.stderr
+        )
     return mask
 
 
@@ -85,6 +88,8 @@ class UNetTask:
 
     def __init__(self, cfg: TrainConfig, mcfg: ModelConfig, data: TrainData, d: Dist) -> None:
         self.cfg, self.data, self.device = cfg, data, d.device
+        # Checked before the caches are built: a pattern that matches nothing fails at once.
+        self.floored = floored_items(data, cfg.min_snr_floor_files, d.is_main)
         vae, mcfg = load_vae(cfg.vae, mcfg)
         prediction = mcfg.schedule.prediction if cfg.prediction == "auto" else cfg.prediction
         self.model_config = dataclasses.replace(
@@ -116,7 +121,6 @@ class UNetTask:
             min_snr_gamma=cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else None,
             min_snr_floor=cfg.min_snr_floor,
         )
-        self.floored = floored_items(data, cfg.min_snr_floor_files)
 
     def _init_from(self, path: Path) -> None:
         """Warm-start from an exported model (the same U-Net architecture), e.g. to fine-tune."""
