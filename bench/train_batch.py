@@ -5,7 +5,7 @@
 
 One step = forward in bf16 autocast (fp32 where the CPU lacks bf16) + backward + clipped AdamW, as
 `ember train` does, on random latents of the preset's shape with 32x384 text states. The cases run
-interleaved, `--rounds` times, each for about `--images` images after two warm-up steps; the table
+interleaved, `--rounds` times, each for about `--images` images after a warm-up step (`bench/train_step.py`'s timing); the table
 gives each case's median images/s over its rounds and its ratio to the first case. More images per
 second is only half of a recipe: a larger batch takes fewer optimizer steps for the same images.
 """
@@ -13,32 +13,23 @@ second is only half of a recipe: a larger batch takes fewer optimizer steps for 
 import argparse
 import platform
 import statistics
-import time
 
 import torch
+from train_step import time_steps  # the same timed step (bench/ is on sys.path when run)
 
 from ember.config import get_preset
 from ember.models.unet import UNetModel
 from ember.train.loop import bf16_fast
 
 
-def images_per_second(model, opt, batch, shape, context_dim, channels_last, images, bf16) -> float:
+def step_case(model, batch: int, shape: tuple, context_dim: int, channels_last: bool):
+    """`train_step.time_steps`'s loss closure on random latents of `shape` and text states."""
     x = torch.randn(batch, *shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     ctx = torch.randn(batch, 32, context_dim)
     t = torch.randint(0, 1000, (batch,)).float()
-    times = []
-    for _ in range(max(2, images // batch) + 2):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, t, ctx)
-        out.float().pow(2).mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times[2:])
+    return lambda: model(x, t, ctx).float().square().mean()
 
 
 def main() -> None:
@@ -57,7 +48,6 @@ def main() -> None:
     cfg = mcfg.unet
     side = mcfg.size // 2 ** (len(mcfg.vae.ch_mult) - 1)  # latent side
     model = UNetModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     bf16 = bf16_fast(torch.device("cpu"))
     layouts = [False, True] if args.channels_last else [False]
     cases = [(b, cl) for b in map(int, args.batches.split(",")) for cl in layouts]
@@ -66,9 +56,8 @@ def main() -> None:
         for batch, cl in cases:
             model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
             shape = (cfg.in_channels, side, side)
-            rate = images_per_second(
-                model, opt, batch, shape, cfg.context_dim, cl, args.images, bf16
-            )
+            loss_fn = step_case(model, batch, shape, cfg.context_dim, cl)
+            rate = batch / time_steps(model, loss_fn, bf16, max(2, args.images // batch))
             rates[(batch, cl)].append(rate)
             print(f"  batch {batch}{' channels-last' if cl else ''}: {rate:.1f} img/s", flush=True)
     print(f"\n{args.preset} U-Net training step, {platform.processor() or platform.machine()}, "

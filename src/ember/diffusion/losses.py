@@ -66,9 +66,7 @@ def min_snr_weights(
         raise ValueError(f"min-SNR floor must be in [0, gamma = {gamma}], got {floor}")
     a = alphas_cumprod.to(t.device, torch.float64)[t.long()]
     snr = a / (1 - a)
-    low = torch.full_like(snr, floor)
-    if floored is not None:
-        low = torch.where(floored.to(snr.device), low, torch.zeros_like(low))
+    low = torch.full_like(snr, floor) if floored is None else floor * floored.to(snr)
     clipped = torch.maximum(snr, low).clamp(max=gamma)
     if prediction == "eps":
         return (clipped / snr).float()
