@@ -48,6 +48,30 @@ def test_png_record_info_and_from(tmp_path, tiny_model_file, capsys):
     assert again.read_bytes() == a.read_bytes()
 
 
+def test_default_cfg_is_the_models_own(tmp_path, tiny_model_file):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_model_file), "pt") as f:
+        meta = dict(f.metadata())
+    weights = load_file(tiny_model_file)
+
+    def cfg_used(config: dict, *extra) -> float:
+        model = tmp_path / "m.safetensors"
+        save_file(weights, model, meta | {"ember_config": json.dumps(config)})
+        out = tmp_path / "m.png"
+        assert gen(model, out, *extra) == 0
+        return json.loads(Image.open(out).text["ember"])["params"]["cfg"]
+
+    config = json.loads(meta["ember_config"])
+    assert cfg_used(config) == 7.0  # a model that names none: Stable Diffusion's 7
+    assert cfg_used(config | {"guidance": 4.0}) == 4.0
+    assert cfg_used(config | {"guidance": 4.0}, "--cfg", "6") == 6.0
+    # a file written before models carried it gets its preset's (ember's own: 5)
+    old = {k: v for k, v in config.items() if k != "guidance"} | {"name": "ember-small-z8p"}
+    assert cfg_used(old) == 5.0
+
+
 def test_batch_writes_numbered_files_with_own_seeds(tmp_path, tiny_model_file):
     assert gen(tiny_model_file, tmp_path / "out.png", "--batch", "2") == 0
     seeds = [json.loads(Image.open(tmp_path / f"out-{i}.png").text["ember"])["params"]["seed"]

@@ -47,6 +47,7 @@ def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
     record = json.loads(img.text["ember"])
     assert record["model_name"] == card["name"] == "ember-small"
     assert record["model_sha256"] == card["sha256"]
+    assert record["params"]["cfg"] == 5.0  # the guidance its evaluation scores are measured at
 
 
 def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):

@@ -167,6 +167,16 @@ def test_job_lifecycle_and_gallery(client):
     assert client.get("/v1/jobs/nope").status_code == 404
 
 
+def test_job_without_cfg_uses_the_models_guidance(tmp_path):
+    # ember's own models are made for cfg 5, SD for 7: a job that names no cfg gets the model's
+    with TestClient(create_app(make_settings(tmp_path), FakeEngine(guidance=5.0))) as c:
+        plain = c.post("/v1/jobs", json={"prompt": "x", "steps": 2, "seed": 1}).json()
+        given = c.post("/v1/jobs", json={"prompt": "x", "steps": 2, "seed": 1, "cfg": 3}).json()
+        assert plain["params"]["cfg"] == 5.0 and given["params"]["cfg"] == 3.0
+        a1111 = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}).json()
+        assert json.loads(a1111["info"])["cfg_scale"] == 7.0  # A1111's own default stays
+
+
 def test_unknown_field_rejected_by_name(client):
     r = client.post("/v1/jobs", json={"prompt": "x", "hires": True})
     assert r.status_code == 422 and "hires" in r.text

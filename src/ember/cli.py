@@ -88,7 +88,12 @@ def add_generate(sub) -> None:
                    "ddim, lcm, unipc, or an A1111 name like 'DPM++ 2M Karras' (default dpmpp_2m)")  # fmt: skip
     p.add_argument("--schedule", help="sigma schedule: default, karras, exponential")
     p.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default 20)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help="classifier-free guidance scale (default: the model's; 5 for ember's own models, "
+        "7 for Stable Diffusion)",
+    )
     p.add_argument(
         "--seed", type=int, help="seed of image 0; image i uses seed+i (default 0; -1 = random)"
     )
@@ -168,6 +173,8 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if args.size is None and not args.from_image:
         params = dataclasses.replace(params, width=loaded.config.size, height=loaded.config.size)
+    if args.cfg is None and not args.from_image:
+        params = dataclasses.replace(params, cfg=loaded.config.default_cfg)
 
     from ember.pipeline import Inputs, dtype_name, generate, validate
 

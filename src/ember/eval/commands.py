@@ -48,7 +48,7 @@ def _common(p) -> None:
     p.add_argument("--model", help="model to score (default: the bundled model)")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 5 for ember's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per U-Net batch")
     p.add_argument("-o", "--out", default="eval-out", help="folder for report.json and sheet.png")
@@ -94,7 +94,10 @@ def _load(args):
         raise EmberError("--images-per-prompt must be at least 1")
     if not 1 <= args.batch <= 64:
         raise EmberError(f"--batch {args.batch} is not allowed: use 1 to 64")
-    return load_for_cli(args.model, None, "fp32", quiet=True)
+    loaded = load_for_cli(args.model, None, "fp32", quiet=True)
+    if args.cfg is None:
+        args.cfg = loaded.config.default_cfg
+    return loaded
 
 
 def _write(out: Path, report: dict, sheet) -> None:

@@ -82,6 +82,7 @@ class Server:
         fields = {k: v for k, v in fields.items() if v is not None}
         fields.setdefault("width", size)
         fields.setdefault("height", size)
+        fields.setdefault("cfg", self.engine.default_cfg())
         if fields.get("seed", -1) == -1:
             fields["seed"] = random.randrange(2**32)
         self.limits.check_request(
@@ -276,7 +277,7 @@ class JobRequest(BaseModel):
     sampler: str = Field("dpmpp_2m", max_length=64)
     schedule: str = Field("default", max_length=64)
     steps: int = 20
-    cfg: float = Field(7.0, allow_inf_nan=False)
+    cfg: float | None = Field(None, allow_inf_nan=False, description="default: the model's")
     seed: int = -1
     width: int | None = None
     height: int | None = None

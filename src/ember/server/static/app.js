@@ -97,7 +97,7 @@ async function submit(ev) {
     negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value,
     steps: Number($("steps").value),
-    cfg: Number($("cfg").value),
+    cfg: $("cfg").value === "" ? null : Number($("cfg").value),
     seed: Number($("seed").value),
     width: Number($("width").value),
     height: Number($("height").value),
