@@ -322,7 +322,7 @@ class GenerationParams:
     sampler: str = "euler_a"
     schedule: str = "default"
     steps: int = 20
-    cfg: float = 7.0
+    cfg: float = SD_DEFAULT_CFG
     seed: int = 0
     width: int = 512
     height: int = 512
