@@ -193,6 +193,11 @@ def describe(stage: dict) -> str:
             f" (short hash {short})" if short else ""
         )
     extra = f", edge weight {t['edge_weight']}" if stage["part"] == "vae" else ""
+    if stage["part"] == "unet" and t.get("min_snr_gamma"):
+        extra += f", min-SNR gamma {t['min_snr_gamma']:g}"
+        if t.get("min_snr_floor"):
+            where = t.get("min_snr_floor_files") or ""
+            extra += f" with a floor of {t['min_snr_floor']:g}" + (f" on `{where}`" if where else "")
     taken = stage["cost"]["steps"]
     steps = (
         f"{taken} steps"
