@@ -196,8 +196,9 @@ def describe(stage: dict) -> str:
     if stage["part"] == "unet" and t.get("min_snr_gamma"):
         extra += f", min-SNR gamma {t['min_snr_gamma']:g}"
         if t.get("min_snr_floor"):
-            where = t.get("min_snr_floor_files") or ""
-            extra += f" with a floor of {t['min_snr_floor']:g}" + (f" on `{where}`" if where else "")
+            extra += f" with a floor of {t['min_snr_floor']:g}"
+            if t.get("min_snr_floor_files"):
+                extra += f" on `{t['min_snr_floor_files']}`"
     taken = stage["cost"]["steps"]
     steps = (
         f"{taken} steps"

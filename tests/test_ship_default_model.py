@@ -1,4 +1,5 @@
-"""scripts/ship_default_model.py: decoder swaps only over the same encoder; the cost of caching."""
+"""scripts/ship_default_model.py: decoder swaps only over the same encoder; the cost of caching;
+what the card says about each stage."""
 
 import importlib.util
 from pathlib import Path
@@ -70,3 +71,16 @@ def test_cache_cost_counts_both_caches_from_card_or_cache_files(tmp_path):
     assert ship.cache_cost(tmp_path, {"task": "vae", "run": {}}) == 0.0
     stage = {"cost": {"wall_seconds": 1000.0, "cache_wall_seconds": 280.0}}
     assert ship.stage_seconds(stage) == 1280.0
+
+
+def test_card_states_the_loss_weighting_a_unet_stage_trained_with():
+    training = {"steps": 100, "batch_size": 8, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.999,
+                "min_snr_gamma": 5.0, "min_snr_floor": 0.25, "min_snr_floor_files": "1-emoji-*/*",
+                "data": "d"}  # fmt: skip
+    stage = {"name": "u", "part": "unet", "init_from": "", "freeze_encoder": False,
+             "data": {"path": "d"}, "training": training, "cost": {"steps": 100}}  # fmt: skip
+    line = _ship().describe(stage)
+    assert "min-SNR gamma 5 with a floor of 0.25 on `1-emoji-*/*`" in line
+    plain = dict(stage, training=dict(training, min_snr_floor=0.0, min_snr_floor_files=""))
+    line = _ship().describe(plain)
+    assert "min-SNR gamma 5;" in line and "floor" not in line
