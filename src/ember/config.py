@@ -121,9 +121,8 @@ class ScheduleConfig:
 
 
 SD_DEFAULT_CFG = 7.0
-# ember's own 64x64 models score best on the shapes eval at cfg 5 (docs/training.md: 0.698 at 3,
-# 0.708 at 5, 0.646 at 7.5 for the model bundled until 2026-12-01, short hash b087a82302; 0.660,
-# 0.681, 0.677 for the one bundled since, 1aed2bbf0b).
+# ember's own 64x64 models score best on the shapes eval at cfg 5 (the measurements for each bundled
+# model: docs/training.md, "Guidance scale").
 EMBER_SMALL_CFG = 5.0
 
 
