@@ -8,12 +8,14 @@ wrong one (position: the converse relation, "left of" -> "right of"; colour attr
 colours swapped), with the same noise and timesteps. A model that reads those words predicts the
 true scene better under the true caption (Li et al. 2023, "Your Diffusion Model is Secretly a
 Zero-Shot Classifier"). Reported per category: how often the true caption has the lower loss
-(0.5 = the words are ignored) and the mean relative loss gap. Unlike GenEval scores, this separates
+(0.5 = the words are ignored) and the mean relative loss gap, overall and per timestep band (where
+in the schedule the words change the prediction). Unlike GenEval scores, this separates
 models early in training and needs no sampling.
 """
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 
@@ -40,6 +42,22 @@ def flipped(spec: SceneSpec) -> SceneSpec:
     return dataclasses.replace(spec, objects=swapped)
 
 
+def by_timestep(per_t: list[tuple[int, float, float]], edges=(50, 250, 450, 650, 850, 950)) -> dict:
+    """Where in the noise schedule the words matter: per timestep band, how often a single draw's
+    loss is lower under the true caption, and the band's relative loss gap in percent."""
+    out = {}
+    for lo, hi in itertools.pairwise(edges):
+        band = [(a, b) for t, a, b in per_t if lo <= t < hi]
+        if band:
+            true, wrong = np.array(band).T
+            out[f"t{lo}-{hi}"] = {
+                "true_caption_wins": float(np.mean(true < wrong)),
+                "gap_percent": 100 * float((wrong.sum() - true.sum()) / true.sum()),
+                "draws": len(band),
+            }
+    return out
+
+
 @torch.no_grad()
 def probe(model: str, split: str, seeds: int, draws: int) -> dict:
     loaded = load_for_cli(model, None, "fp32", quiet=True)
@@ -48,7 +66,7 @@ def probe(model: str, split: str, seeds: int, draws: int) -> dict:
     loss_fn = DiffusionLoss(cfg.schedule, prediction=cfg.schedule.prediction)
     report = {"model": model, "split": split, "seeds": seeds, "draws": draws}
     for category in CATEGORIES:
-        wins, gaps = [], []
+        wins, gaps, per_t = [], [], []  # per_t: (t, true loss, wrong loss) of every draw
         for p in [p for p in PROMPT_SETS[split] if p.spec.category == category]:
             captions = (describe(p.spec), describe(flipped(p.spec)))
             ctx = torch.cat([encode_prompts(c, "", loaded.tokenizer, encoder)[0] for c in captions])
@@ -60,18 +78,19 @@ def probe(model: str, split: str, seeds: int, draws: int) -> dict:
                 t = torch.randint(50, 950, (draws,), generator=gen)
                 noise = torch.randn(x0.shape, generator=gen)
                 x_t = loss_fn.add_noise(x0, noise, t)
-                true_loss, wrong_loss = (
+                true_draws, wrong_draws = (
                     loss_fn(unet(x_t, t.float(), c[None].expand(draws, -1, -1)), x0, noise, t)
-                    .mean()
-                    .item()
                     for c in ctx
                 )
+                per_t += zip(t.tolist(), true_draws.tolist(), wrong_draws.tolist(), strict=True)
+                true_loss, wrong_loss = true_draws.mean().item(), wrong_draws.mean().item()
                 wins.append(true_loss < wrong_loss)
                 gaps.append((wrong_loss - true_loss) / true_loss)
         report[category] = {
             "true_caption_wins": float(np.mean(wins)),
             "mean_gap_percent": 100 * float(np.mean(gaps)),
             "scenes": len(wins),
+            "by_timestep": by_timestep(per_t),
         }
     return report
 
