@@ -155,6 +155,39 @@ def test_relation_twins_are_minimal_pairs(tmp_path, shapes_dir):
     assert all(t["category"] == "position" for t in twinned)
 
 
+def test_relation_captions_state_where_two_objects_stand(tmp_path, shapes_dir):
+    """--relation-captions: two-object and colour-attribution scenes also say where their objects
+    stand, true of the drawn boxes both ways round; images and other captions are unchanged, and
+    the train split still never names a held-out relation triple."""
+    out = shapes.generate_shapes(tmp_path / "r", 300, seed=7, write_png=False, relations=True)
+    assert json.loads((out / "dataset.json").read_text())["relation_captions"]
+    np.testing.assert_array_equal(np.load(out / "images.npy"), np.load(shapes_dir / "images.npy"))
+    stated = 0
+    for row, plain in zip(_rows(out), _rows(shapes_dir), strict=True):
+        truth, n = row["truth"], len(plain["caption"])
+        assert row["caption"][:n] == plain["caption"] and row["truth"] == plain["truth"]
+        extra = row["caption"][n:]
+        if truth["category"] not in ("two_object", "color_attr"):
+            assert extra == []
+            continue
+        a, b = truth["objects"]
+        found = shapes.relation_between(a["bbox"], b["bbox"])
+        objs = shapes.scene_spec_from_dict(truth["spec"]).objects
+        specs = {
+            r: shapes.SceneSpec(truth["category"], objs, truth["background"], r) for r in found
+        }
+        if not extra:  # level objects, or the drawn relation is a held-out triple
+            assert not found or any(shapes.is_held_out(s) for s in specs.values())
+            continue
+        assert len(extra) == 2
+        relation = next(r for r in shapes.RELATIONS if f" {r} " in extra[0])
+        assert relation in found and not shapes.is_held_out(specs[relation])
+        spec = specs[relation]
+        assert extra == [shapes.describe(spec), shapes.describe(shapes.mirrored(spec))]
+        stated += 1
+    assert stated >= 50
+
+
 def test_category_weights(tmp_path):
     out = shapes.generate_shapes(
         tmp_path / "w", 200, seed=1, write_png=False, weights={"position": 5.0, "colors": 0}

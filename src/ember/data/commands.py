@@ -43,6 +43,12 @@ def add_data(sub) -> None:
         "reflected so that the relation is the converse (minimal pairs for learning relations); "
         "twins double the share of position images, --weights position=0.5 keeps it at 1/6",
     )
+    s.add_argument(
+        "--relation-captions",
+        action="store_true",
+        help="also caption two-object and colour-attribution scenes with where their objects "
+        "stand (a red circle left of a blue square), read off the boxes; images unchanged",
+    )
     s.set_defaults(run=run_shapes)
 
     e = dsub.add_parser(
@@ -96,6 +102,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         weights=weights,
         mirror=not args.no_mirror_captions,
         twins=args.relation_twins,
+        relations=args.relation_captions,
     )
     print(f"ember: {args.n} scenes in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(args.out)

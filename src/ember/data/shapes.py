@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -367,15 +367,21 @@ def category_probabilities(weights: dict[str, float] | None) -> np.ndarray | Non
 
 
 def generate_sample(
-    seed: int, split: str, index: int, probs: np.ndarray | None = None, mirror: bool = True
+    seed: int,
+    split: str,
+    index: int,
+    probs: np.ndarray | None = None,
+    mirror: bool = True,
+    relations: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Sample ``index`` of ``split``: the image (64, 64, 3) uint8 and its ground-truth record.
 
     ``probs`` (from ``category_probabilities``) draws the category first; None keeps them uniform.
     ``mirror=False`` leaves out the mirrored captions (generator version 1's captions).
+    ``relations=True`` adds ``relation_captions`` to two-object scenes (the image is unchanged).
     """
     spec, objects, rng = _scene(seed, split, index, probs)
-    return _record(spec, objects, rng, mirror)
+    return _record(spec, objects, rng, mirror, relations)
 
 
 def _scene(
@@ -388,8 +394,33 @@ def _scene(
     return spec, layout_scene(spec, rng), rng
 
 
+def relation_captions(
+    spec: SceneSpec, objects: list[PlacedObject], rng: np.random.Generator
+) -> list[str]:
+    """Captions that state where the two objects of a two-object or colour-attribution scene
+    stand ("a red circle left of a blue square ..." and its mirror), read off the laid-out boxes.
+
+    One of the relations ``relation_between`` finds (two for a diagonal), or none when the
+    objects are level or the statement would use a held-out relation triple, so the train split
+    still never names one. Position scenes already state theirs; other categories get none.
+    """
+    if spec.category not in ("two_object", "color_attr"):
+        return []
+    found = sorted(relation_between(objects[0].bbox, objects[1].bbox))
+    if not found:
+        return []
+    stated = replace(spec, relation=found[int(rng.integers(len(found)))])
+    if is_held_out(stated):
+        return []
+    return [describe(stated), describe(mirrored(stated))]
+
+
 def _record(
-    spec: SceneSpec, objects: list[PlacedObject], rng: np.random.Generator, mirror: bool
+    spec: SceneSpec,
+    objects: list[PlacedObject],
+    rng: np.random.Generator,
+    mirror: bool,
+    relations: bool = False,
 ) -> tuple[np.ndarray, dict]:
     image = render_objects(objects, spec.background)
     truth = {
@@ -404,7 +435,10 @@ def _record(
             if i != j
         ],
     }
-    return image, {"captions": caption_variants(spec, rng, mirror), "truth": truth}
+    captions = caption_variants(spec, rng, mirror)
+    if relations:
+        captions += relation_captions(spec, objects, rng)
+    return image, {"captions": captions, "truth": truth}
 
 
 def relation_twin(
@@ -433,22 +467,24 @@ def generate_samples(
     probs: np.ndarray | None = None,
     mirror: bool = True,
     twins: bool = False,
+    relations: bool = False,
 ):
     """Yield ``n`` samples ``(image, record)`` of ``split``. Without ``twins`` row i is
     ``generate_sample(seed, split, i)``. With ``twins`` every position scene is followed by its
     ``relation_twin`` (its record's truth names the row it twins under ``twin_of``), so position
     scenes come in minimal pairs; ``n`` counts both. Twins double the share of position images:
-    a position weight of 0.5 (``category_probabilities({"position": 0.5})``) keeps it at 1/6."""
+    a position weight of 0.5 (``category_probabilities({"position": 0.5})``) keeps it at 1/6.
+    ``relations`` adds ``relation_captions`` (``generate_sample``)."""
     index = 0
     row = 0
     while row < n:
         spec, objects, rng = _scene(seed, split, index, probs)
         index += 1
-        yield _record(spec, objects, rng, mirror)
+        yield _record(spec, objects, rng, mirror, relations)
         row += 1
         if twins and spec.relation is not None and row < n:
             tspec, tobjects = relation_twin(spec, objects)
-            image, rec = _record(tspec, tobjects, rng, mirror)
+            image, rec = _record(tspec, tobjects, rng, mirror, relations)
             rec["truth"]["twin_of"] = row - 1
             yield image, rec
             row += 1
@@ -481,12 +517,15 @@ def generate_shapes(
     weights: dict[str, float] | None = None,
     mirror: bool = True,
     twins: bool = False,
+    relations: bool = False,
 ) -> Path:
     """Write ``n`` shapes-world samples of ``split`` to ``out_dir`` in ember's dataset format.
 
     ``weights`` makes some categories more frequent (e.g. ``{"position": 2}``; others weigh 1).
     ``mirror=False`` leaves out the mirrored two-object captions, as generator version 1 did.
     ``twins=True`` follows every position scene with its relation twin (``generate_samples``).
+    ``relations=True`` also captions two-object scenes with where their objects stand
+    (``relation_captions``).
 
     Produces ``images/NNNNNN.png``, ``images.npy`` ((n, 64, 64, 3) uint8, row i = manifest line i,
     memory-mappable), ``manifest.jsonl`` (captions, licence, ground truth under ``truth``),
@@ -505,7 +544,9 @@ def generate_shapes(
     )
     lic = licence_record(seed)
     with open(out / "manifest.jsonl", "w") as manifest:
-        for i, (image, rec) in enumerate(generate_samples(seed, split, n, probs, mirror, twins)):
+        for i, (image, rec) in enumerate(
+            generate_samples(seed, split, n, probs, mirror, twins, relations)
+        ):
             images[i] = image
             name = f"images/{i:06d}.png"
             if write_png:
@@ -530,6 +571,7 @@ def generate_shapes(
         "n": n,
         "mirrored_captions": mirror,
         "relation_twins": twins,
+        "relation_captions": relations,
         "category_probabilities": {
             c: round(float(probs[k]) if probs is not None else 1 / len(CATEGORIES), 4)
             for k, c in enumerate(CATEGORIES)
