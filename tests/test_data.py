@@ -186,6 +186,15 @@ def test_relation_captions_state_where_two_objects_stand(tmp_path, shapes_dir):
         assert extra == [shapes.describe(spec), shapes.describe(shapes.mirrored(spec))]
         stated += 1
     assert stated >= 50
+    # Without mirrored captions (version 1) a scene gains the one statement, not its mirror.
+    v1 = shapes.generate_shapes(
+        tmp_path / "v1", 40, seed=7, write_png=False, mirror=False, relations=True
+    )
+    for row, full in zip(_rows(v1), _rows(out)[:40], strict=True):
+        two = full["truth"]["category"] in ("two_object", "color_attr")
+        if two and len(full["caption"]) > 3:  # [canonical, (alt), mirror, relation, its mirror]
+            assert row["caption"][-1] == full["caption"][-2]
+            assert len(row["caption"]) == len(full["caption"]) - 2
 
 
 def test_category_weights(tmp_path):

@@ -395,10 +395,11 @@ def _scene(
 
 
 def relation_captions(
-    spec: SceneSpec, objects: list[PlacedObject], rng: np.random.Generator
+    spec: SceneSpec, objects: list[PlacedObject], rng: np.random.Generator, mirror: bool = True
 ) -> list[str]:
     """Captions that state where the two objects of a two-object or colour-attribution scene
-    stand ("a red circle left of a blue square ..." and its mirror), read off the laid-out boxes.
+    stand ("a red circle left of a blue square ..." and, with ``mirror``, its mirror), read off
+    the laid-out boxes.
 
     One of the relations ``relation_between`` finds (two for a diagonal), or none when the
     objects are level or the statement would use a held-out relation triple, so the train split
@@ -412,7 +413,7 @@ def relation_captions(
     stated = replace(spec, relation=found[int(rng.integers(len(found)))])
     if is_held_out(stated):
         return []
-    return [describe(stated), describe(mirrored(stated))]
+    return [describe(stated)] + ([describe(mirrored(stated))] if mirror else [])
 
 
 def _record(
@@ -437,7 +438,7 @@ def _record(
     }
     captions = caption_variants(spec, rng, mirror)
     if relations:
-        captions += relation_captions(spec, objects, rng)
+        captions += relation_captions(spec, objects, rng, mirror)
     return image, {"captions": captions, "truth": truth}
 
 
