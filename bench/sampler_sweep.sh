@@ -18,6 +18,7 @@ SETTINGS=("$@")
 E=${EMBER:-.venv/bin/ember}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
+ROWS=()  # (setting, its folder) pairs for the table
 for S in "${SETTINGS[@]}"; do
   SAMPLER=${S%:*} STEPS=${S##*:}
   D="$OUT/$(echo "$SAMPLER-$STEPS" | tr ' +A-Z' '_pa-z')"
@@ -25,18 +26,17 @@ for S in "${SETTINGS[@]}"; do
     --images-per-prompt 8 --sampler "$SAMPLER" --steps "$STEPS" -o "$D/in" >/dev/null
   [ -f "$D/emoji/report.json" ] || $E eval emoji --model "$MODEL" --data "$DATA" \
     --sampler "$SAMPLER" --steps "$STEPS" -o "$D/emoji" >/dev/null
+  ROWS+=("$S" "$D")
 done
-.venv/bin/python - "$OUT" "${SETTINGS[@]}" <<'EOF'
+.venv/bin/python - "${ROWS[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out, settings = Path(sys.argv[1]), sys.argv[2:]
+rows = sys.argv[1:]
 cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 print("| sampler:steps | in-distribution | " + " | ".join(cats) + " | emoji top-1 / top-5 / median rank |")
 print("| --- | ---: |" + " ---: |" * len(cats) + " --- |")
-for s in settings:
-    sampler, steps = s.rsplit(":", 1)
-    d = out / f"{sampler}-{steps}".translate(str.maketrans(" +", "_p")).lower()
+for s, d in zip(rows[::2], map(Path, rows[1::2])):
     g = json.loads((d / "in" / "report.json").read_text())
     e = json.loads((d / "emoji" / "report.json").read_text())
     per = " | ".join(f"{g['per_category'][c]:.2f}" for c in cats)

@@ -421,7 +421,7 @@ def _record(
     objects: list[PlacedObject],
     rng: np.random.Generator,
     mirror: bool,
-    relations: bool = False,
+    relations: bool,
 ) -> tuple[np.ndarray, dict]:
     image = render_objects(objects, spec.background)
     truth = {
