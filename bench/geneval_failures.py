@@ -52,9 +52,11 @@ def main() -> None:
     ap.add_argument("--split", default="in-distribution", choices=list(PROMPT_SETS))
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--layout-guidance", type=float, help="default: the model's")
     ap.add_argument("--vae-round-trip", action="store_true")
     args = ap.parse_args()
     ns = argparse.Namespace(model=args.model, sampler="dpmpp_2m", steps=20, cfg=args.cfg, seed=0,
+                            layout_guidance=args.layout_guidance,
                             batch=16, images_per_prompt=args.images_per_prompt)  # fmt: skip
     loaded = _load(ns)
     prompts = PROMPT_SETS[args.split]

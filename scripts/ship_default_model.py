@@ -255,8 +255,9 @@ def render(card: dict) -> str:
     for name, r in card["evaluation"].items():
         if "overall" in r:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in r["per_category"].items())
+            layout = f", layout guidance {r['layout_guidance']:g}" if "layout_guidance" in r else ""
             lines.append(f"- {name}: overall **{r['overall']:.3f}** ({cats}); "
-                         f"{r['images_per_prompt']} images/prompt, {r['sampler']} {r['steps']} steps, cfg {r['cfg']}")  # fmt: skip
+                         f"{r['images_per_prompt']} images/prompt, {r['sampler']} {r['steps']} steps, cfg {r['cfg']}{layout}")  # fmt: skip
         else:
             rank = (
                 f", median rank of the prompted emoji {r['median_rank']:.0f}"

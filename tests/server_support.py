@@ -25,10 +25,13 @@ SAMPLER_BY_A1111 = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
 class FakeEngine:
     """Deterministic images from seeds; `step_delay` seconds per step; records every batch."""
 
-    def __init__(self, step_delay: float = 0.0, size: int = 64, guidance: float = 7.0) -> None:
+    def __init__(
+        self, step_delay: float = 0.0, size: int = 64, guidance: float = 7.0, layout: float = 0.0
+    ) -> None:
         self.step_delay = step_delay
         self.size = size
         self.guidance = guidance
+        self.layout = layout
         self.batches: list[list[str]] = []
         self._models = [
             ModelInfo("fake-a", "/models/fake-a.safetensors", "a" * 64, "a" * 10),
@@ -58,6 +61,9 @@ class FakeEngine:
 
     def default_cfg(self) -> float:
         return self.guidance
+
+    def default_layout_guidance(self) -> float:
+        return self.layout
 
     def validate(self, params: GenerationParams) -> GenerationParams:
         sampler = params.sampler.lower()

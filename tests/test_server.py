@@ -177,6 +177,16 @@ def test_job_without_cfg_uses_the_models_guidance(tmp_path):
         assert json.loads(a1111["info"])["cfg_scale"] == 7.0  # A1111's own default stays
 
 
+def test_job_without_layout_guidance_uses_the_models(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path), FakeEngine(layout=1.0))) as c:
+        job = {"prompt": "a red circle left of a blue square", "steps": 2, "seed": 1}
+        plain = c.post("/v1/jobs", json=job).json()
+        off = c.post("/v1/jobs", json={**job, "layout_guidance": 0}).json()
+        assert plain["params"]["layout_guidance"] == 1.0 and off["params"]["layout_guidance"] == 0
+        bad = c.post("/v1/jobs", json={**job, "layout_guidance": 11})
+        assert bad.status_code == 422 and "layout_guidance" in bad.text
+
+
 def test_unknown_field_rejected_by_name(client):
     r = client.post("/v1/jobs", json={"prompt": "x", "hires": True})
     assert r.status_code == 422 and "hires" in r.text

@@ -95,6 +95,13 @@ def add_generate(sub) -> None:
         "7 for Stable Diffusion)",
     )
     p.add_argument(
+        "--layout-guidance",
+        type=float,
+        metavar="S",
+        help="steer 'A left of / right of / above / below B' prompts to that layout, 0..10; "
+        "0 = off (default: the model's; 1 for ember's own models, off for Stable Diffusion)",
+    )
+    p.add_argument(
         "--seed", type=int, help="seed of image 0; image i uses seed+i (default 0; -1 = random)"
     )
     p.add_argument(
@@ -155,6 +162,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "strength": args.strength,
         "clip_skip": args.clip_skip,
+        "layout_guidance": args.layout_guidance,
     }
     if args.size:
         overrides["width"], overrides["height"] = args.size
@@ -175,6 +183,8 @@ def run_generate(args: argparse.Namespace) -> int:
         params = dataclasses.replace(params, width=loaded.config.size, height=loaded.config.size)
     if args.cfg is None and not args.from_image:
         params = dataclasses.replace(params, cfg=loaded.config.default_cfg)
+    if args.layout_guidance is None and not args.from_image:
+        params = dataclasses.replace(params, layout_guidance=loaded.config.default_layout_guidance)
 
     from ember.pipeline import Inputs, dtype_name, generate, validate
 

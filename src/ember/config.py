@@ -124,6 +124,9 @@ SD_DEFAULT_CFG = 7.0
 # ember's own 64x64 models score best on the shapes eval at cfg 5 (the measurements for each bundled
 # model: docs/training.md, "Guidance scale").
 EMBER_SMALL_CFG = 5.0
+# Layout guidance (ember.diffusion.layout) for ember's own models: without it the bundled model
+# draws "A left of B" the right way round at chance (docs/training.md, "Layout guidance").
+EMBER_SMALL_LAYOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,16 @@ class ModelConfig:
     # The classifier-free guidance scale the model is made for: generation's default where the
     # user gives none. None: Stable Diffusion's customary 7.
     guidance: float | None = None
+    # The layout guidance strength generation uses where the user gives none. None: off.
+    layout_guidance: float | None = None
 
     @property
     def default_cfg(self) -> float:
         return SD_DEFAULT_CFG if self.guidance is None else self.guidance
+
+    @property
+    def default_layout_guidance(self) -> float:
+        return 0.0 if self.layout_guidance is None else self.layout_guidance
 
     @property
     def inpainting(self) -> bool:
@@ -174,13 +183,18 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
         schedule=_build(ScheduleConfig, data.get("schedule", {})),
         size=data.get("size", 512),
         # files written before the field existed get their preset's
-        guidance=data["guidance"] if "guidance" in data else _preset_guidance(data["name"]),
+        guidance=data["guidance"]
+        if "guidance" in data
+        else _preset_value(data["name"], "guidance"),
+        layout_guidance=data["layout_guidance"]
+        if "layout_guidance" in data
+        else _preset_value(data["name"], "layout_guidance"),
     )
 
 
-def _preset_guidance(name: str) -> float | None:
+def _preset_value(name: str, field_name: str) -> float | None:
     preset = PRESETS.get(name)
-    return preset.guidance if preset is not None else None
+    return getattr(preset, field_name) if preset is not None else None
 
 
 CLIP_L = TextConfig()
@@ -268,6 +282,7 @@ PRESETS: dict[str, ModelConfig] = {
         ScheduleConfig(prediction="v"),
         size=64,
         guidance=EMBER_SMALL_CFG,
+        layout_guidance=EMBER_SMALL_LAYOUT,
     ),
     # ember-small with 8 latent channels (16x16x8 latents: 6x compression instead of 12x), a
     # candidate for the next default model: small stars and crosses survive the VAE round trip.
@@ -279,6 +294,7 @@ PRESETS: dict[str, ModelConfig] = {
         ScheduleConfig(prediction="v"),
         size=64,
         guidance=EMBER_SMALL_CFG,
+        layout_guidance=EMBER_SMALL_LAYOUT,
     ),
     # ember-small-z8 conditioned on MiniLM's fifth (penultimate) layer: the last one is tuned for
     # pooled sentence similarity and blurs word order and which colour goes with which shape.
@@ -290,6 +306,7 @@ PRESETS: dict[str, ModelConfig] = {
         ScheduleConfig(prediction="v"),
         size=64,
         guidance=EMBER_SMALL_CFG,
+        layout_guidance=EMBER_SMALL_LAYOUT,
     ),
     # ember-small-z8p with coordinate input channels (UNetConfig.coord_channels).
     "ember-small-z8pc": ModelConfig(
@@ -300,6 +317,7 @@ PRESETS: dict[str, ModelConfig] = {
         ScheduleConfig(prediction="v"),
         size=64,
         guidance=EMBER_SMALL_CFG,
+        layout_guidance=EMBER_SMALL_LAYOUT,
     ),
 }
 
@@ -329,5 +347,6 @@ class GenerationParams:
     batch: int = 1
     strength: float = 0.75  # img2img / inpaint only
     clip_skip: int = 1
+    layout_guidance: float = 0.0  # strength of ember.diffusion.layout's guidance; 0: off
     eta: float | None = None  # noise of ancestral/SDE samplers; None: 1, or 0 for ddim
     extra: dict[str, Any] = field(default_factory=dict)

@@ -85,6 +85,8 @@ def format_infotext(record: ImageRecord) -> str:
         pairs["Denoising strength"] = _num(p.strength)
     if p.clip_skip > 1:
         pairs["Clip skip"] = p.clip_skip
+    if p.layout_guidance > 0:
+        pairs["Layout guidance"] = _num(p.layout_guidance)
     pairs["Version"] = f"ember {record.ember_version}"
     lines = [p.prompt]
     if p.negative_prompt:

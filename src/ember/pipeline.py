@@ -67,6 +67,10 @@ def validate(params: GenerationParams, multiple: int = 8) -> GenerationParams:
         raise EmberError(f"strength {params.strength} is not allowed: use a number from 0 to 1")
     if params.eta is not None and (not math.isfinite(params.eta) or not 0 <= params.eta <= 10):
         raise EmberError(f"eta {params.eta} is not allowed: use a number from 0 to 10")
+    if not math.isfinite(params.layout_guidance) or not 0 <= params.layout_guidance <= 10:
+        raise EmberError(
+            f"layout guidance {params.layout_guidance} is not allowed: use a number from 0 to 10"
+        )
     if not isinstance(params.seed, int) or not 0 <= params.seed <= MAX_SEED:
         raise EmberError(f"seed {params.seed} is not allowed: use 0 to {MAX_SEED}")
     if not isinstance(params.clip_skip, int) or not 1 <= params.clip_skip <= 12:
@@ -157,7 +161,9 @@ def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.T
 
 
 # Settings that must agree for requests to share one U-Net batch.
-SHARED = ("width", "height", "sampler", "schedule", "steps", "cfg", "strength", "eta")
+SHARED = (
+    "width", "height", "sampler", "schedule", "steps", "cfg", "strength", "eta", "layout_guidance",
+)  # fmt: skip
 
 
 def generate(
@@ -255,6 +261,8 @@ def generate_batch(
     denoiser = denoiser_cls(unet_fn, cfg.schedule)
     if first.cfg != 1.0:
         denoiser = D.CFGDenoiser(denoiser, first.cfg)
+    if first.layout_guidance > 0:
+        denoiser = _with_layout_guidance(loaded, denoiser, requests, counts, first, shape)
     if latent_mask is not None:
         denoiser = MaskBlendDenoiser(denoiser, init_latents, latent_mask)
     conditioning = D.Conditioning(
@@ -278,6 +286,31 @@ def generate_batch(
     if not torch.isfinite(images).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
     return list(images.split(counts))
+
+
+# Layout guidance acts on this leading fraction of the steps, where the layout is decided.
+LAYOUT_STEPS = 0.4
+
+
+def _with_layout_guidance(loaded, denoiser, requests, counts, first, shape):
+    """`denoiser` wrapped in layout guidance for the images whose prompt names a relation."""
+    from ember.diffusion import denoisers as D
+    from ember.diffusion.layout import LayoutGuidedDenoiser, guided_layers, layout_from_prompt
+    from ember.diffusion.schedules import get_sigmas
+
+    regions = [layout_from_prompt(p.prompt, loaded.tokenizer) for p in requests]
+    per_image = [r for r, n in zip(regions, counts, strict=True) for _ in range(n)]
+    if not any(per_image):
+        return denoiser
+    inner = denoiser.inner if isinstance(denoiser, D.CFGDenoiser) else denoiser
+    # The step boundary comes from the full schedule, so img2img guides the same noise levels.
+    full = get_sigmas(first.schedule, first.steps, loaded.config.schedule, sampler=first.sampler)
+    stop = float(full[min(round(LAYOUT_STEPS * first.steps), len(full) - 1)])
+    unet = loaded.model.model.diffusion_model
+    return LayoutGuidedDenoiser(
+        denoiser, inner, guided_layers(unet), per_image, strength=first.layout_guidance,
+        sigma_stop=stop, latent_hw=(shape[2], shape[3]),
+    )  # fmt: skip
 
 
 class MaskBlendDenoiser:

@@ -49,6 +49,12 @@ def _common(p) -> None:
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 5 for ember's)")
+    p.add_argument(
+        "--layout-guidance",
+        type=float,
+        metavar="S",
+        help="layout guidance strength, 0 = off (default: the model's; 1 for ember's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per U-Net batch")
     p.add_argument("-o", "--out", default="eval-out", help="folder for report.json and sheet.png")
@@ -70,6 +76,7 @@ def _generate(loaded, prompts: list[str], seeds: list[int], args) -> list[np.nda
                 sampler=args.sampler,
                 steps=args.steps,
                 cfg=args.cfg,
+                layout_guidance=args.layout_guidance,
                 seed=s,
                 width=size,
                 height=size,
@@ -97,6 +104,8 @@ def _load(args):
     loaded = load_for_cli(args.model, None, "fp32", quiet=True)
     if args.cfg is None:
         args.cfg = loaded.config.default_cfg
+    if args.layout_guidance is None:
+        args.layout_guidance = loaded.config.default_layout_guidance
     return loaded
 
 
@@ -132,6 +141,7 @@ def _settings(loaded, args, **extra) -> dict:
         "sampler": args.sampler,
         "steps": args.steps,
         "cfg": args.cfg,
+        "layout_guidance": args.layout_guidance,
         "seed": args.seed,
         **extra,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -204,12 +205,28 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return scores.float().softmax(-1).to(v.dtype) @ v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head softmax(q k^T / sqrt(d)) v on (B, N, heads*d) tensors -> (B, N, heads*d)."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    probe: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Multi-head softmax(q k^T / sqrt(d)) v on (B, N, heads*d) tensors -> (B, N, heads*d).
+
+    With a `probe`, the attention weights are formed explicitly and handed to it, averaged over
+    heads as (B, N, L) float32 (what layout guidance reads; gradients flow through them).
+    """
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, h, N, d)
-    return sdpa(q, k, v).transpose(1, 2).reshape(b, n, inner)
+    if probe is None:
+        out = sdpa(q, k, v)
+    else:
+        probs = ((q * d**-0.5) @ k.transpose(-1, -2)).float().softmax(-1)  # (B, h, N, L)
+        probe(probs.mean(1))
+        out = probs.to(v.dtype) @ v
+    return out.transpose(1, 2).reshape(b, n, inner)
 
 
 class CrossAttention(nn.Module):
@@ -220,6 +237,8 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
+        # Set by `ember.diffusion.layout.record_attention` while it reads the attention maps.
+        self.probe: Callable[[torch.Tensor], None] | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -228,7 +247,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, N, query_dim), context (B, L, context_dim)
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.probe
+        )
         return self.to_out(out)
 
 

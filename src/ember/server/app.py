@@ -83,6 +83,7 @@ class Server:
         fields.setdefault("width", size)
         fields.setdefault("height", size)
         fields.setdefault("cfg", self.engine.default_cfg())
+        fields.setdefault("layout_guidance", self.engine.default_layout_guidance())
         if fields.get("seed", -1) == -1:
             fields["seed"] = random.randrange(2**32)
         self.limits.check_request(
@@ -284,6 +285,9 @@ class JobRequest(BaseModel):
     batch: int = 1
     strength: float = Field(0.75, allow_inf_nan=False)
     clip_skip: int = 1
+    layout_guidance: float | None = Field(
+        None, ge=0, le=10, allow_inf_nan=False, description="0..10, 0 = off; default: the model's"
+    )
     init_image: str | None = Field(None, description="base64 PNG, JPEG or WebP")
     mask: str | None = Field(None, description="base64 image; white = repaint")
     model: str | None = Field(None, max_length=1000)

@@ -71,6 +71,10 @@ class Engine(Protocol):
     def refresh(self) -> list[ModelInfo]: ...
     def current(self) -> ModelInfo: ...
     def select(self, title: str) -> ModelInfo: ...
+    def default_layout_guidance(self) -> float:
+        assert self._loaded is not None
+        return self._loaded.config.default_layout_guidance
+
     def validate(self, params: GenerationParams) -> GenerationParams: ...
     def native_size(self) -> int: ...
     def default_cfg(self) -> float: ...
@@ -175,6 +179,10 @@ class ModelEngine:
     def default_cfg(self) -> float:
         assert self._loaded is not None
         return self._loaded.config.default_cfg
+
+    def default_layout_guidance(self) -> float:
+        assert self._loaded is not None
+        return self._loaded.config.default_layout_guidance
 
     def validate(self, params: GenerationParams) -> GenerationParams:
         from ember.pipeline import validate
