@@ -48,6 +48,9 @@ def test_generate_with_no_model_flag_uses_the_bundled_model(tmp_path):
     assert record["model_name"] == card["name"] == "ember-small"
     assert record["model_sha256"] == card["sha256"]
     assert record["params"]["cfg"] == 5.0  # the guidance its evaluation scores are measured at
+    # ... and the layout guidance: what a user gets by default is what the card's scores measure
+    shapes_eval = card["evaluation"]["geneval in-distribution"]
+    assert record["params"]["layout_guidance"] == shapes_eval["layout_guidance"] > 0
 
 
 def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):

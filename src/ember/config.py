@@ -126,7 +126,7 @@ SD_DEFAULT_CFG = 7.0
 EMBER_SMALL_CFG = 5.0
 # Layout guidance (ember.diffusion.layout) for ember's own models: without it the bundled model
 # draws "A left of B" the right way round at chance (docs/training.md, "Layout guidance").
-EMBER_SMALL_LAYOUT = 1.0
+EMBER_SMALL_LAYOUT = 2.0
 
 
 @dataclass(frozen=True)

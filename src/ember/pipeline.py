@@ -289,7 +289,7 @@ def generate_batch(
 
 
 # Layout guidance acts on this leading fraction of the steps, where the layout is decided.
-LAYOUT_STEPS = 0.4
+LAYOUT_STEPS = 0.2
 
 
 def _with_layout_guidance(loaded, denoiser, requests, counts, first, shape):

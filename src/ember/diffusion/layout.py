@@ -4,7 +4,7 @@ Backward guidance of Chen, Laina & Vedaldi 2023 ("Training-Free Layout Control w
 Guidance", section 3.3): for each object there is a box and the prompt tokens that name it; the
 energy `E = sum_i (1 - sum_{box_i} A_i / sum A_i)^2` over the cross-attention map `A_i` of those
 tokens is small when each object's attention lies in its box. During the early, high-noise steps,
-where the layout is decided, the latent is moved down `grad E` before the x0 prediction is made.
+where the layout is decided, the x0 prediction is moved down `grad E` (taken w.r.t. the latent).
 
 A small U-Net can draw two named objects yet ignore the relation word between them (for ember's
 bundled model the denoising loss is the same under the converse relation, docs/training.md), while
@@ -124,11 +124,11 @@ def layout_energy(probs: torch.Tensor, regions: Sequence[Region], h: int, w: int
 def guided_layers(unet: nn.Module, count: int = 3) -> list[CrossAttention]:
     """The last `count` cross-attention layers of the U-Net's decoder, in forward order.
 
-    Three is the decoder's last attention level in ember-small and SD 1.x alike. Those layers locate
-    the objects being drawn: in the bundled model, the side of one named shape's attention centroid
-    relative to the other's matches the finished image for 82% (first steps) to 94% (last steps) of
-    images at the last layer and 62-81% at the one before it; the encoder's and middle layers are
-    near chance (`bench/layout_attention.py`).
+    Three is the decoder's last attention level in ember-small and SD 1.x alike. The last layers
+    locate the objects being drawn: in the bundled model, the side of one named shape's attention
+    centroid relative to the other's matches the finished image for 82% (first steps) to 94% (last
+    steps) of images at the last layer; the one before rises from chance to 81% over the steps; the
+    others are near chance (`bench/layout_attention.py`).
     """
     cross = [m for name, m in unet.named_modules() if name.endswith("attn2")]
     if not cross:
@@ -136,14 +136,33 @@ def guided_layers(unet: nn.Module, count: int = 3) -> list[CrossAttention]:
     return [m for m in cross[-count:] if isinstance(m, CrossAttention)]
 
 
+class ForwardDone(Exception):
+    """Raised by `record_attention(..., stop=True)` once its last layer is read."""
+
+
 @contextmanager
-def record_attention(layers: Sequence[CrossAttention]) -> Iterator[list[torch.Tensor]]:
-    """Collect each layer's (B, N, L) attention weights, in call order, while the block runs."""
+def record_attention(
+    layers: Sequence[CrossAttention], *, stop: bool = False
+) -> Iterator[list[torch.Tensor]]:
+    """Collect each layer's (B, N, L) attention weights, in call order, while the block runs.
+
+    With `stop`, the forward pass ends (quietly) right after the last of `layers` has been read:
+    guidance needs nothing the U-Net computes after it.
+    """
     maps: list[torch.Tensor] = []
+
+    def probe_last(probs: torch.Tensor) -> None:
+        maps.append(probs)
+        if stop:
+            raise ForwardDone
+
     for layer in layers:
         layer.probe = maps.append
+    layers[-1].probe = probe_last
     try:
         yield maps
+    except ForwardDone:
+        pass
     finally:
         for layer in layers:
             layer.probe = None
@@ -152,12 +171,14 @@ def record_attention(layers: Sequence[CrossAttention]) -> Iterator[list[torch.Te
 class LayoutGuidedDenoiser:
     """Wrap a (CFG) denoiser so that, above `sigma_stop`, images with regions are steered to them.
 
-    For each guided call: one forward and backward pass of the conditional branch over the images
-    that have regions gives `grad E` with respect to the latent; it is scaled to an RMS of
-    `strength` per image and subtracted, and the inner denoiser predicts x0 from the moved latent.
-    (Chen et al. update the latent in place; a denoiser cannot move the sampler's `x`, so the move
-    reaches `x` through the x0 it returns.) `cond_denoiser` is the unguided single-branch denoiser
-    inside `inner`, `latent_hw` the latent's (H, W) to place the attention maps on.
+    For each guided call, a forward pass of the conditional branch over the images that have
+    regions, stopped after the last guided layer, and its backward pass give `grad E` with respect
+    to the latent; scaled to an RMS of 1 per image, `strength` times it is subtracted from the x0
+    prediction, as classifier guidance subtracts an energy's gradient (Dhariwal & Nichol 2021).
+    Chen et al. move the latent itself; a denoiser cannot move the sampler's `x`, and moving the
+    prediction instead steered as well in a paired test (docs/training.md, "Layout guidance").
+    `cond_denoiser` is the unguided single-branch denoiser inside `inner`, `latent_hw` the latent's
+    (H, W) to place the attention maps on.
     """
 
     def __init__(
@@ -190,9 +211,10 @@ class LayoutGuidedDenoiser:
         sub = Conditioning(
             cond.context[idx], None, None if cond.concat is None else cond.concat[idx]
         )
-        with torch.enable_grad(), record_attention(self.layers) as maps:
+        with torch.enable_grad():
             xg = x[idx].detach().requires_grad_()
-            self.cond_denoiser(xg, sigma[idx], sub)
+            with record_attention(self.layers, stop=True) as maps:
+                self.cond_denoiser(xg, sigma[idx], sub)
             energy = xg.new_zeros(())
             for probs in maps:  # (len(idx), N, L)
                 h, w = _map_hw(probs.shape[1], self.latent_hw)
@@ -208,7 +230,7 @@ class LayoutGuidedDenoiser:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
         if self.strength == 0 or float(sigma.max()) <= self.sigma_stop:
             return self.inner(x, sigma, cond)
-        return self.inner(x - self.strength * self.energy_grad(x, sigma, cond), sigma, cond)
+        return self.inner(x, sigma, cond) - self.strength * self.energy_grad(x, sigma, cond)
 
 
 def _map_hw(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -53,7 +53,7 @@ def _common(p) -> None:
         "--layout-guidance",
         type=float,
         metavar="S",
-        help="layout guidance strength, 0 = off (default: the model's; 1 for ember's)",
+        help="layout guidance strength, 0 = off (default: the model's; 2 for ember's)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per U-Net batch")
