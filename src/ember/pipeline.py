@@ -234,7 +234,7 @@ def generate_batch(
         return unet(x.to(dtype), t.to(dtype), context).float()
 
     mode = inputs[0].mode
-    sigmas = get_sigmas(first.schedule, first.steps, cfg.schedule, sampler=first.sampler)
+    sigmas = schedule = get_sigmas(first.schedule, first.steps, cfg.schedule, sampler=first.sampler)
     init_latents = concat = latent_mask = None
     if mode != "txt2img":
         images = torch.cat([_check_image(i.init_image, first).expand(n, -1, -1, -1)
@@ -258,11 +258,10 @@ def generate_batch(
         x = noise * initial_noise_scale(sigmas, first.sampler)
 
     denoiser_cls = D.VDenoiser if cfg.schedule.prediction == "v" else D.EpsDenoiser
-    denoiser = denoiser_cls(unet_fn, cfg.schedule)
-    if first.cfg != 1.0:
-        denoiser = D.CFGDenoiser(denoiser, first.cfg)
+    base = denoiser_cls(unet_fn, cfg.schedule)
+    denoiser = base if first.cfg == 1.0 else D.CFGDenoiser(base, first.cfg)
     if first.layout_guidance > 0:
-        denoiser = _with_layout_guidance(loaded, denoiser, requests, counts, first, shape)
+        denoiser = _with_layout_guidance(loaded, denoiser, base, requests, counts, schedule, shape)
     if latent_mask is not None:
         denoiser = MaskBlendDenoiser(denoiser, init_latents, latent_mask)
     conditioning = D.Conditioning(
@@ -292,23 +291,23 @@ def generate_batch(
 LAYOUT_STEPS = 0.2
 
 
-def _with_layout_guidance(loaded, denoiser, requests, counts, first, shape):
-    """`denoiser` wrapped in layout guidance for the images whose prompt names a relation."""
-    from ember.diffusion import denoisers as D
+def _with_layout_guidance(loaded, denoiser, cond_denoiser, requests, counts, schedule, shape):
+    """`denoiser` wrapped in layout guidance for the images whose prompt names a relation.
+
+    `schedule` is the full sigma schedule (before img2img truncates it), so img2img guides the
+    same noise levels.
+    """
     from ember.diffusion.layout import LayoutGuidedDenoiser, guided_layers, layout_from_prompt
-    from ember.diffusion.schedules import get_sigmas
 
     regions = [layout_from_prompt(p.prompt, loaded.tokenizer) for p in requests]
     per_image = [r for r, n in zip(regions, counts, strict=True) for _ in range(n)]
     if not any(per_image):
         return denoiser
-    inner = denoiser.inner if isinstance(denoiser, D.CFGDenoiser) else denoiser
-    # The step boundary comes from the full schedule, so img2img guides the same noise levels.
-    full = get_sigmas(first.schedule, first.steps, loaded.config.schedule, sampler=first.sampler)
-    stop = float(full[min(round(LAYOUT_STEPS * first.steps), len(full) - 1)])
+    first = requests[0]
+    stop = float(schedule[min(round(LAYOUT_STEPS * first.steps), len(schedule) - 1)])
     unet = loaded.model.model.diffusion_model
     return LayoutGuidedDenoiser(
-        denoiser, inner, guided_layers(unet), per_image, strength=first.layout_guidance,
+        denoiser, cond_denoiser, guided_layers(unet), per_image, strength=first.layout_guidance,
         sigma_stop=stop, latent_hw=(shape[2], shape[3]),
     )  # fmt: skip
 

@@ -25,6 +25,12 @@ from ember.diffusion.schedules import sigma_to_t, train_sigmas
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def per_image_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """`sigma` as a float32 (B,) tensor on x's device: samplers pass a scalar or one per image."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
 @dataclass
 class Conditioning:
     """What the network is conditioned on.
@@ -61,8 +67,7 @@ class _DiscreteDenoiser:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
+        sigma = per_image_sigma(sigma, x)  # (B,)
         c_skip, c_out, c_in = (c.view(-1, *([1] * (x.ndim - 1))) for c in self.scalings(sigma))
         x_in = x * c_in.to(x.dtype)  # (B, C, H, W)
         if cond.concat is not None:
@@ -118,8 +123,7 @@ class CFGDenoiser:
             if self.scale != 1.0:
                 raise ValueError(f"guidance scale {self.scale} needs an uncond_context")
             return self.inner(x, sigma, Conditioning(cond.context, None, cond.concat))
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
+        sigma = per_image_sigma(sigma, x)  # (B,)
         concat = None if cond.concat is None else torch.cat([cond.concat, cond.concat])
         if cond.uncond_context.shape[1:] != cond.context.shape[1:]:
             # Prompts of different token lengths cannot share a batch; two calls give the same x0.

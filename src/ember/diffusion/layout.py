@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ember.diffusion.denoisers import Conditioning, Denoiser
+from ember.diffusion.denoisers import Conditioning, Denoiser, per_image_sigma
 from ember.models.layers import CrossAttention
+from ember.prompts import tokenize_weighted
 
 # (x0, y0, x1, y1) as fractions of the image's width and height, x1 and y1 exclusive
 Box = tuple[float, float, float, float]
@@ -68,18 +69,18 @@ def layout_from_prompt(prompt: str, tokenizer) -> list[Region]:
     tokenizer's start token. Prompts the analysis cannot map onto tokens exactly (emphasis syntax,
     BREAK, longer than one window) get no layout rather than a wrong one.
     """
-    text = prompt.lower()
-    if any(c in text for c in "()[]:") or "BREAK" in prompt:
-        return []
-    words = _WORD.findall(text)
+    chunks = tokenize_weighted(prompt, tokenizer)
+    if len(chunks) != 1 or any(w != 1.0 for w in chunks[0].weights):
+        return []  # emphasis, BREAK or more than one window
+    words = _WORD.findall(prompt.lower())
     positions: list[tuple[int, ...]] = []
-    nxt = 1  # after the start token
+    ids: list[int] = []
     for w in words:
-        n = len(tokenizer.encode(w))
-        positions.append(tuple(range(nxt, nxt + n)))
-        nxt += n
-    if nxt - 1 != len(tokenizer.encode(prompt)) or nxt + 1 > tokenizer.max_length:
-        return []
+        word_ids = tokenizer.encode(w)
+        positions.append(tuple(range(1 + len(ids), 1 + len(ids) + len(word_ids))))  # after bos
+        ids += word_ids
+    if chunks[0].ids[1 : len(ids) + 2] != [*ids, tokenizer.eos_token_id]:
+        return []  # the words do not tokenise as the whole prompt does
     for i in range(1, len(words)):
         for phrase, (subject_box, object_box) in RELATIONS.items():
             if tuple(words[i : i + len(phrase)]) != phrase:
@@ -130,10 +131,14 @@ def guided_layers(unet: nn.Module, count: int = 3) -> list[CrossAttention]:
     steps) of images at the last layer; the one before rises from chance to 81% over the steps; the
     others are near chance (`bench/layout_attention.py`).
     """
-    cross = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    cross = [
+        m
+        for name, m in unet.named_modules()
+        if name.endswith("attn2") and isinstance(m, CrossAttention)
+    ]
     if not cross:
         raise ValueError("layout guidance needs a U-Net with cross-attention layers")
-    return [m for m in cross[-count:] if isinstance(m, CrossAttention)]
+    return cross[-count:]
 
 
 class ForwardDone(Exception):
@@ -226,8 +231,7 @@ class LayoutGuidedDenoiser:
         return grad
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
+        sigma = per_image_sigma(sigma, x)  # (B,)
         if self.strength == 0 or float(sigma.max()) <= self.sigma_stop:
             return self.inner(x, sigma, cond)
         return self.inner(x, sigma, cond) - self.strength * self.energy_grad(x, sigma, cond)
