@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild ember's bundled default model from scratch, exactly as shipped (see the model card).
 # About 4 hours of CPU on a 2-core machine; every step resumes: rerun the script after a stop.
-# Stages (see the model card): an 8-channel VAE (ember-small-z8), then one U-Net run on it
-# (ember-small-z8p: the same model reading MiniLM's penultimate layer).
+# Stages (see the model card): an 8-channel VAE (ember-small-z8), one U-Net run on it
+# (ember-small-z8p: the same model reading MiniLM's penultimate layer), then a fine-tune of the
+# VAE's decoder alone (the encoder, and so the latent space the U-Net learned, is kept).
 # The VAE was trained for 600 steps and then extended to 1,200 (its cosine schedule restarted
 # from the middle), so the script does the same: two calls, the second with --steps 1200.
 # Usage: bash scripts/build-default-model.sh [WORK_DIR]   (default: runs/default-model)
@@ -47,13 +48,20 @@ latest() {  # the newest checkpoint's step in a run folder, 0 if none
   --vae "$W/vae/vae.safetensors" --steps 12500 --batch-size 64 --lr 8e-4 --warmup-steps 200 \
   --min-snr-gamma 5 --min-snr-floor 0.25 --min-snr-floor-files '[12]-emoji-*/*' \
   --checkpoint-every 250 --sample-every 2500 --bf16 auto --compile $(resume "$W/unet")
+# The decoder: 400 steps on the U-Net's data from the U-Net run's export, encoder frozen; the ship
+# script swaps it into the model (and refuses to if the encoder differs).
+[ -f "$W/vae-dec/vae.safetensors" ] || $E train vae "$W/unet-data" "$W/vae-dec" \
+  --preset ember-small-z8p --init-from "$W/unet/model.safetensors" --freeze-encoder --steps 400 \
+  --batch-size 32 --lr 2e-4 --warmup-steps 20 --edge-weight 1.0 --checkpoint-every 100 \
+  --bf16 auto $(resume "$W/vae-dec")
 
 OUT="$W/shipped"
-.venv/bin/python scripts/ship_default_model.py "$W/vae" "$W/unet" --out "$OUT"
+RUNS=("$W/vae" "$W/unet" "$W/vae-dec")
+.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT"
 M="$OUT/ember-small.safetensors"
 $E eval geneval --model "$M" --split in-distribution -o "$W/eval-in"
 $E eval geneval --model "$M" --split held-out -o "$W/eval-held-out"
 $E eval emoji --model "$M" --data "$W/emoji" -o "$W/eval-emoji"
-.venv/bin/python scripts/ship_default_model.py "$W/vae" "$W/unet" --out "$OUT" \
+.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT" \
   --evals "$W/eval-in" "$W/eval-held-out" "$W/eval-emoji"
 echo "model: $M (card: $OUT/MODEL_CARD.md); copy $OUT/* to src/ember/assets/default-model/ to ship it"

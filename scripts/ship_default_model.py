@@ -148,14 +148,22 @@ def main() -> None:
     shutil.copyfile(last_unet / "model.safetensors", tmp)
     if later_vae:
         swap_vae(tmp, later_vae[-1] / "vae.safetensors")
-    if model.exists() and same_content(model, tmp):
-        tmp.unlink()  # keep the file's bytes (safetensors writes metadata in no fixed order)
+    keep = model.exists() and same_content(model, tmp)  # then keep the file's bytes: safetensors
+    sha, short = file_hashes(model if keep else tmp)  # writes metadata in no fixed order
+    reports = [json.loads((folder / "report.json").read_text()) for folder in args.evals]
+    for folder, report in zip(args.evals, reports, strict=True):
+        if report.get("model_sha256") != sha:
+            tmp.unlink()
+            raise SystemExit(
+                f"{folder}: scores {str(report.get('model_sha256'))[:10]}, not the shipped file "
+                f"{short}; evaluate that file (the same weights written again get new bytes)"
+            )
+    if keep:
+        tmp.unlink()
     else:
         tmp.replace(model)
-    sha, short = file_hashes(model)
     evals = {}
-    for folder in args.evals:
-        report = json.loads((folder / "report.json").read_text())
+    for folder, report in zip(args.evals, reports, strict=True):
         key = report.get("split") and f"geneval {report['split']}" or "emoji"
         evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
         save_sheet(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")

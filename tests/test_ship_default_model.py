@@ -1,13 +1,18 @@
 """scripts/ship_default_model.py: decoder swaps only over the same encoder; the cost of caching;
-what the card says about each stage."""
+what the card says about each stage; scores only of the file shipped."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ember.config import get_preset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_default_model.py"
 
@@ -84,3 +89,52 @@ def test_card_states_the_loss_weighting_a_unet_stage_trained_with():
     plain = dict(stage, training=dict(training, min_snr_floor=0.0, min_snr_floor_files=""))
     line = _ship().describe(plain)
     assert "min-SNR gamma 5;" in line and "floor" not in line
+
+
+def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
+    ship = _ship()
+    run = tmp_path / "unet"
+    run.mkdir()
+    _model(run / "model.safetensors", torch.zeros(2), torch.zeros(2))
+    cost = {"steps": 10, "images_seen": 80, "wall_seconds": 5.0, "cpu_seconds": 9.0,
+            "estimated_flops": 1.0, "bf16_autocast": False, "processes": 1,
+            "cache_wall_seconds": {"latents": 1.0, "text": 1.0}}  # fmt: skip
+    arch = json.loads(get_preset("tiny").to_json())
+    data = {"path": "d", "images": 8, "unlicensed_images": 0, "skipped_corrupt_images": 0,
+            "sources": []}  # fmt: skip
+    card = {"task": "unet", "model": arch, "run": cost, "data": data,
+            "training": {"steps": 10, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1,
+                         "ema_decay": 0.0, "data": "d"}}  # fmt: skip
+    (run / "model_card.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+
+    def main(*evals):
+        argv = ["ship", str(run), "--out", str(out), "--evals", *map(str, evals)]
+        monkeypatch.setattr(sys, "argv", argv)
+        ship.main()
+
+    main()
+    sha = json.loads((out / "model_card.json").read_text())["sha256"]
+    shipped = (out / "ember-small.safetensors").read_bytes()
+
+    def report(name, model_sha):
+        folder = tmp_path / name
+        folder.mkdir()
+        scores = {"split": "held-out", "overall": 0.7, "per_category": {"position": 0.7},
+                  "images_per_prompt": 4, "sampler": "euler", "steps": 20, "cfg": 5.0,
+                  "model_sha256": model_sha}  # fmt: skip
+        (folder / "report.json").write_text(json.dumps(scores))
+        Image.new("RGB", (8, 8)).save(folder / "sheet.png")
+        return folder
+
+    # scores of other bytes (an earlier write of the same weights) are refused; nothing changes
+    with pytest.raises(SystemExit, match="not the shipped file"):
+        main(report("other", "0" * 64))
+    assert (out / "ember-small.safetensors").read_bytes() == shipped
+    assert json.loads((out / "model_card.json").read_text())["evaluation"] == {}
+    assert not list(out.glob("*.tmp"))
+    # scores of the shipped file are taken, and its bytes are kept
+    main(report("same", sha))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["sha256"] == sha and card["evaluation"]["geneval held-out"]["overall"] == 0.7
+    assert (out / "ember-small.safetensors").read_bytes() == shipped
