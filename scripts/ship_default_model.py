@@ -148,22 +148,21 @@ def main() -> None:
     shutil.copyfile(last_unet / "model.safetensors", tmp)
     if later_vae:
         swap_vae(tmp, later_vae[-1] / "vae.safetensors")
-    keep = model.exists() and same_content(model, tmp)  # then keep the file's bytes: safetensors
-    sha, short = file_hashes(model if keep else tmp)  # writes metadata in no fixed order
-    reports = [json.loads((folder / "report.json").read_text()) for folder in args.evals]
-    for folder, report in zip(args.evals, reports, strict=True):
-        if report.get("model_sha256") != sha:
-            tmp.unlink()
-            raise SystemExit(
-                f"{folder}: scores {str(report.get('model_sha256'))[:10]}, not the shipped file "
-                f"{short}; evaluate that file (the same weights written again get new bytes)"
-            )
-    if keep:
+    # safetensors writes metadata in no fixed order: the same content keeps the file's bytes
+    keep = model.exists() and same_content(model, tmp)
+    sha, short = file_hashes(model if keep else tmp)
+    reports = {folder: json.loads((folder / "report.json").read_text()) for folder in args.evals}
+    scored = {folder: str(r.get("model_sha256")) for folder, r in reports.items()}
+    stale = [folder for folder, other in scored.items() if other != sha]
+    if keep or stale:
         tmp.unlink()
     else:
         tmp.replace(model)
+    if stale:
+        raise SystemExit(f"{stale[0]}: scores {scored[stale[0]][:10]}, not the shipped file {short}; "
+                         "evaluate that file (the same weights written again get new bytes)")  # fmt: skip
     evals = {}
-    for folder, report in zip(args.evals, reports, strict=True):
+    for folder, report in reports.items():
         key = report.get("split") and f"geneval {report['split']}" or "emoji"
         evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
         save_sheet(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")

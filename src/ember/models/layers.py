@@ -201,8 +201,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """
     if not (torch.is_grad_enabled() and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    return scores.float().softmax(-1).to(v.dtype) @ v
+    return attention_weights(q, k).to(v.dtype) @ v
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float32: (B, h, N, d), (B, h, L, d) -> (B, h, N, L)."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float().softmax(-1)
 
 
 def attention(
@@ -223,7 +227,7 @@ def attention(
     if probe is None:
         out = sdpa(q, k, v)
     else:
-        probs = ((q * d**-0.5) @ k.transpose(-1, -2)).float().softmax(-1)  # (B, h, N, L)
+        probs = attention_weights(q, k)  # (B, h, N, L)
         probe(probs.mean(1))
         out = probs.to(v.dtype) @ v
     return out.transpose(1, 2).reshape(b, n, inner)
