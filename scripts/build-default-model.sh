@@ -3,7 +3,8 @@
 # About 4 hours of CPU on a 2-core machine; every step resumes: rerun the script after a stop.
 # Stages (see the model card): an 8-channel VAE (ember-small-z8), one U-Net run on it
 # (ember-small-z8p: the same model reading MiniLM's penultimate layer), then a fine-tune of the
-# VAE's decoder alone (the encoder, and so the latent space the U-Net learned, is kept).
+# VAE's decoder alone (the encoder, and so the latent space the U-Net learned, is kept). The model
+# holds the U-Net run's raw weights of its last step, not their EMA (--unet-weights raw).
 # The VAE was trained for 600 steps and then extended to 1,200 (its cosine schedule restarted
 # from the middle), so the script does the same: two calls, the second with --steps 1200.
 # Usage: bash scripts/build-default-model.sh [WORK_DIR]   (default: runs/default-model)
@@ -57,11 +58,11 @@ latest() {  # the newest checkpoint's step in a run folder, 0 if none
 
 OUT="$W/shipped"
 RUNS=("$W/vae" "$W/unet" "$W/vae-dec")
-.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT"
+.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT" --unet-weights raw
 M="$OUT/ember-small.safetensors"
 $E eval geneval --model "$M" --split in-distribution -o "$W/eval-in"
 $E eval geneval --model "$M" --split held-out -o "$W/eval-held-out"
 $E eval emoji --model "$M" --data "$W/emoji" -o "$W/eval-emoji"
-.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT" \
+.venv/bin/python scripts/ship_default_model.py "${RUNS[@]}" --out "$OUT" --unet-weights raw \
   --evals "$W/eval-in" "$W/eval-held-out" "$W/eval-emoji"
 echo "model: $M (card: $OUT/MODEL_CARD.md); copy $OUT/* to src/ember/assets/default-model/ to ship it"

@@ -2,12 +2,14 @@
 
 Usage:
     .venv/bin/python scripts/ship_default_model.py RUN... [--evals DIR...]
-        [--previous-card CARD.json] [--out DIR]
+        [--previous-card CARD.json] [--out DIR] [--unet-weights ema|raw]
 
 RUN folders are training runs in the order they happened (`ember train vae|unet`, each with its
 `model_card.json`). The shipped file is the last U-Net run's `model.safetensors`; a VAE run after
 it (a decoder fine-tune, `--freeze-encoder`) has its decoder swapped in, which is refused unless
-its encoder is the one the U-Net was trained on. `--previous-card` puts the stages of an earlier
+its encoder is the one the U-Net was trained on. `--unet-weights raw` ships the U-Net run's raw
+weights of its last step (its final checkpoint) instead of the EMA weights its export holds; the card
+says which. `--previous-card` puts the stages of an earlier
 card first (the runs a continued model started from). The card lists every stage with its data,
 licences and cost, and the eval reports.
 """
@@ -26,6 +28,7 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "ember" / "assets" / "defaul
 COST_KEYS = ("steps", "images_seen", "wall_seconds", "cpu_seconds", "estimated_flops",
              "bf16_autocast", "processes")  # fmt: skip
 VAE_PREFIX = "first_stage_model."
+UNET_PREFIX = "model.diffusion_model."
 
 
 def stage_of(run: Path) -> dict:
@@ -100,6 +103,28 @@ def swap_vae(model: Path, vae_file: Path) -> None:
     save_file(tensors, str(model), meta)
 
 
+def swap_raw_unet(model: Path, run: Path, steps: int) -> None:
+    """Put the raw (not EMA) U-Net weights of `run`'s checkpoint at step `steps` into `model`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ember.train.state import checkpoint_name
+
+    ckpt = run / "checkpoints" / checkpoint_name(steps) / "model.safetensors"
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: no checkpoint of the run's last step; cannot ship raw weights")
+    tensors = load_file(str(model))
+    with safe_open(str(model), "pt") as f:
+        meta = f.metadata() or {}
+    raw = load_file(str(ckpt))
+    ours = {k for k in tensors if k.startswith(UNET_PREFIX)}
+    if {UNET_PREFIX + k for k in raw} != ours:
+        raise SystemExit(f"{ckpt}: its U-Net tensors are not the exported model's")
+    for k, v in raw.items():
+        tensors[UNET_PREFIX + k] = v.to(tensors[UNET_PREFIX + k].dtype)
+    save_file(tensors, str(model), meta)
+
+
 def save_sheet(src: Path, dst: Path) -> None:
     """An eval contact sheet in 256 colours: a third of the bytes, so the model folder (weights,
     card, sheets) stays within the 60 MB the default model may take."""
@@ -125,6 +150,8 @@ def main() -> None:
     ap.add_argument("--evals", type=Path, nargs="*", default=[], help="folders with report.json")
     ap.add_argument("--previous-card", type=Path, help="model_card.json of the model continued")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--unet-weights", choices=("ema", "raw"), default="ema",
+                    help="the U-Net run's EMA weights (its export) or its raw weights at the last step")  # fmt: skip
     args = ap.parse_args()
 
     prior = json.loads(args.previous_card.read_text()) if args.previous_card else None
@@ -146,6 +173,9 @@ def main() -> None:
               "the total leaves it out", file=sys.stderr)  # fmt: skip
     tmp = model.with_suffix(".tmp")
     shutil.copyfile(last_unet / "model.safetensors", tmp)
+    parts[unet_at[-1]]["weights"] = args.unet_weights
+    if args.unet_weights == "raw":
+        swap_raw_unet(tmp, last_unet, parts[unet_at[-1]]["cost"]["steps"])
     if later_vae:
         swap_vae(tmp, later_vae[-1] / "vae.safetensors")
     # safetensors writes metadata in no fixed order: the same content keeps the file's bytes
@@ -212,8 +242,11 @@ def describe(stage: dict) -> str:
         if taken == t["steps"]
         else f"{taken} steps of a {t['steps']}-step cosine schedule (--stop-at {taken})"
     )
+    ema = f"EMA {t['ema_decay']}"
+    if stage.get("weights") == "raw":
+        ema += " (not shipped: the raw weights of the last step are)"
     return (f"{how}{start}: {steps} at batch {t['batch_size']}, lr {t['lr']}, "
-            f"warm-up {t['warmup_steps']}, EMA {t['ema_decay']}{extra}; data `{stage['data']['path']}`")  # fmt: skip
+            f"warm-up {t['warmup_steps']}, {ema}{extra}; data `{stage['data']['path']}`")  # fmt: skip
 
 
 def render(card: dict) -> str:

@@ -138,3 +138,43 @@ def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
     card = json.loads((out / "model_card.json").read_text())
     assert card["sha256"] == sha and card["evaluation"]["geneval held-out"]["overall"] == 0.7
     assert (out / "ember-small.safetensors").read_bytes() == shipped
+
+
+def test_raw_unet_weights_come_from_the_last_checkpoint_and_the_card_says_so(tmp_path, monkeypatch):
+    ship = _ship()
+    run = tmp_path / "unet"
+    run.mkdir()
+    _model(run / "model.safetensors", torch.zeros(2), torch.zeros(2))
+    cost = {"steps": 10, "images_seen": 80, "wall_seconds": 5.0, "cpu_seconds": 9.0,
+            "estimated_flops": 1.0, "bf16_autocast": False, "processes": 1,
+            "cache_wall_seconds": {"latents": 1.0, "text": 1.0}}  # fmt: skip
+    data = {"path": "d", "images": 8, "unlicensed_images": 0, "skipped_corrupt_images": 0,
+            "sources": []}  # fmt: skip
+    card = {"task": "unet", "model": json.loads(get_preset("tiny").to_json()), "run": cost,
+            "data": data, "training": {"steps": 10, "batch_size": 8, "lr": 1e-3,
+                                       "warmup_steps": 1, "ema_decay": 0.999, "data": "d"}}  # fmt: skip
+    (run / "model_card.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+
+    def main(weights):
+        argv = ["ship", str(run), "--out", str(out), "--unet-weights", weights]
+        monkeypatch.setattr(sys, "argv", argv)
+        ship.main()
+
+    with pytest.raises(SystemExit, match="no checkpoint of the run's last step"):
+        main("raw")
+    for step, value in ((5, 5.0), (10, 7.0)):  # an older checkpoint, and the last step's
+        folder = run / "checkpoints" / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        save_file({"out.weight": torch.full((3,), value)}, str(folder / "model.safetensors"))
+    main("raw")
+    shipped = load_file(str(out / "ember-small.safetensors"))
+    assert torch.equal(shipped["model.diffusion_model.out.weight"], torch.full((3,), 7.0))
+    assert torch.equal(shipped["first_stage_model.encoder.conv_in.weight"], torch.zeros(2))
+    stage = json.loads((out / "model_card.json").read_text())["stages"][-1]
+    assert stage["weights"] == "raw"
+    assert "raw weights of the last step" in (out / "MODEL_CARD.md").read_text()
+    main("ema")  # the run's export, as before
+    shipped = load_file(str(out / "ember-small.safetensors"))
+    assert torch.equal(shipped["model.diffusion_model.out.weight"], torch.ones(3))
+    assert "raw weights" not in (out / "MODEL_CARD.md").read_text()
