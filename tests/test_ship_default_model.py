@@ -91,8 +91,8 @@ def test_card_states_the_loss_weighting_a_unet_stage_trained_with():
     assert "min-SNR gamma 5;" in line and "floor" not in line
 
 
-def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
-    ship = _ship()
+def _unet_run(tmp_path: Path, ema_decay: float) -> Path:
+    """A finished 10-step U-Net run folder: its export (`_model`) and card."""
     run = tmp_path / "unet"
     run.mkdir()
     _model(run / "model.safetensors", torch.zeros(2), torch.zeros(2))
@@ -104,8 +104,14 @@ def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
             "sources": []}  # fmt: skip
     card = {"task": "unet", "model": arch, "run": cost, "data": data,
             "training": {"steps": 10, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1,
-                         "ema_decay": 0.0, "data": "d"}}  # fmt: skip
+                         "ema_decay": ema_decay, "data": "d"}}  # fmt: skip
     (run / "model_card.json").write_text(json.dumps(card))
+    return run
+
+
+def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
+    ship = _ship()
+    run = _unet_run(tmp_path, 0.0)
     out = tmp_path / "out"
 
     def main(*evals):
@@ -142,18 +148,7 @@ def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
 
 def test_raw_unet_weights_come_from_the_last_checkpoint_and_the_card_says_so(tmp_path, monkeypatch):
     ship = _ship()
-    run = tmp_path / "unet"
-    run.mkdir()
-    _model(run / "model.safetensors", torch.zeros(2), torch.zeros(2))
-    cost = {"steps": 10, "images_seen": 80, "wall_seconds": 5.0, "cpu_seconds": 9.0,
-            "estimated_flops": 1.0, "bf16_autocast": False, "processes": 1,
-            "cache_wall_seconds": {"latents": 1.0, "text": 1.0}}  # fmt: skip
-    data = {"path": "d", "images": 8, "unlicensed_images": 0, "skipped_corrupt_images": 0,
-            "sources": []}  # fmt: skip
-    card = {"task": "unet", "model": json.loads(get_preset("tiny").to_json()), "run": cost,
-            "data": data, "training": {"steps": 10, "batch_size": 8, "lr": 1e-3,
-                                       "warmup_steps": 1, "ema_decay": 0.999, "data": "d"}}  # fmt: skip
-    (run / "model_card.json").write_text(json.dumps(card))
+    run = _unet_run(tmp_path, 0.999)
     out = tmp_path / "out"
 
     def main(weights):
