@@ -86,43 +86,50 @@ def previous_stages(card: dict) -> list[dict]:
              "cost": card["cost"][part]} for part in ("vae", "unet")]  # fmt: skip
 
 
+def _rewrite(model: Path, edit) -> None:
+    """Let `edit` change `model`'s tensors (a dict, in place); write them back, metadata kept."""
+    from ember.checkpoints import read_safetensors, save_safetensors
+
+    tensors, meta = read_safetensors(model)
+    edit(tensors)
+    save_safetensors(tensors, model, meta)
+
+
 def swap_vae(model: Path, vae_file: Path) -> None:
     """Put `vae_file`'s decoder into `model`; its encoder must equal the one already there."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    tensors = load_file(str(model))
-    with safe_open(str(model), "pt") as f:
-        meta = f.metadata() or {}
     vae = load_file(str(vae_file))
-    for k, v in vae.items():
-        key = VAE_PREFIX + k
-        if k.startswith(("encoder.", "quant_conv.")) and not tensors[key].equal(v):
-            raise SystemExit(f"{vae_file}: encoder differs from the U-Net's ({k}); not swapping")
-        tensors[key] = v.to(tensors[key].dtype)
-    save_file(tensors, str(model), meta)
+
+    def edit(tensors: dict) -> None:
+        for k, v in vae.items():
+            key = VAE_PREFIX + k
+            if k.startswith(("encoder.", "quant_conv.")) and not tensors[key].equal(v):
+                raise SystemExit(
+                    f"{vae_file}: encoder differs from the U-Net's ({k}); not swapping"
+                )
+            tensors[key] = v.to(tensors[key].dtype)
+
+    _rewrite(model, edit)
 
 
 def swap_raw_unet(model: Path, run: Path, steps: int) -> None:
     """Put the raw (not EMA) U-Net weights of `run`'s checkpoint at step `steps` into `model`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from ember.train.state import checkpoint_name
 
     ckpt = run / "checkpoints" / checkpoint_name(steps) / "model.safetensors"
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt}: no checkpoint of the run's last step; cannot ship raw weights")
-    tensors = load_file(str(model))
-    with safe_open(str(model), "pt") as f:
-        meta = f.metadata() or {}
-    raw = load_file(str(ckpt))
-    ours = {k for k in tensors if k.startswith(UNET_PREFIX)}
-    if {UNET_PREFIX + k for k in raw} != ours:
-        raise SystemExit(f"{ckpt}: its U-Net tensors are not the exported model's")
-    for k, v in raw.items():
-        tensors[UNET_PREFIX + k] = v.to(tensors[UNET_PREFIX + k].dtype)
-    save_file(tensors, str(model), meta)
+    raw = {UNET_PREFIX + k: v for k, v in load_file(str(ckpt)).items()}
+
+    def edit(tensors: dict) -> None:
+        if set(raw) != {k for k in tensors if k.startswith(UNET_PREFIX)}:
+            raise SystemExit(f"{ckpt}: its U-Net tensors are not the exported model's")
+        tensors.update({k: v.to(tensors[k].dtype) for k, v in raw.items()})
+
+    _rewrite(model, edit)
 
 
 def save_sheet(src: Path, dst: Path) -> None:

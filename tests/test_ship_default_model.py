@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ember.config import get_preset
+from ember.train.state import checkpoint_name
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_default_model.py"
 
@@ -159,7 +160,7 @@ def test_raw_unet_weights_come_from_the_last_checkpoint_and_the_card_says_so(tmp
     with pytest.raises(SystemExit, match="no checkpoint of the run's last step"):
         main("raw")
     for step, value in ((5, 5.0), (10, 7.0)):  # an older checkpoint, and the last step's
-        folder = run / "checkpoints" / f"step_{step:07d}"
+        folder = run / "checkpoints" / checkpoint_name(step)
         folder.mkdir(parents=True)
         save_file({"out.weight": torch.full((3,), value)}, str(folder / "model.safetensors"))
     main("raw")
