@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python scripts/ship_default_model.py RUN... [--evals DIR...]
         [--previous-card CARD.json] [--out DIR] [--unet-weights ema|raw]
+    .venv/bin/python scripts/ship_default_model.py --rescore --evals DIR... [--out DIR]
 
 RUN folders are training runs in the order they happened (`ember train vae|unet`, each with its
 `model_card.json`). The shipped file is the last U-Net run's `model.safetensors`; a VAE run after
@@ -12,6 +13,10 @@ weights of its last step (its final checkpoint) instead of the EMA weights its e
 says which. `--previous-card` puts the stages of an earlier
 card first (the runs a continued model started from). The card lists every stage with its data,
 licences and cost, and the eval reports.
+
+`--rescore` keeps the shipped file and its card and replaces only the card's scores of the kinds
+given (for when generation changes and the weights do not); like shipping, it refuses reports of
+any other file.
 """
 
 from __future__ import annotations
@@ -151,15 +156,57 @@ def same_content(a: Path, b: Path) -> bool:
         return all(fa.get_tensor(k).equal(fb.get_tensor(k)) for k in fa.keys())
 
 
+def checked_reports(folders: list[Path], sha: str) -> dict[Path, dict]:
+    """Each folder's report.json; SystemExit unless every one scores the file with hash `sha`."""
+    reports = {folder: json.loads((folder / "report.json").read_text()) for folder in folders}
+    for folder, report in reports.items():
+        scored = str(report.get("model_sha256"))
+        if scored != sha:
+            raise SystemExit(f"{folder}: scores {scored[:10]}, not the shipped file {sha[:10]}; "
+                             "evaluate that file (the same weights written again get new bytes)")  # fmt: skip
+    return reports
+
+
+def card_evaluation(reports: dict[Path, dict], out: Path) -> dict[str, dict]:
+    """The card's scores by kind ("geneval held-out", "emoji"), each report's sheet copied to `out`."""
+    evals = {}
+    for folder, report in reports.items():
+        key = report.get("split") and f"geneval {report['split']}" or "emoji"
+        evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
+        save_sheet(folder / "sheet.png", out / f"eval-{key.replace(' ', '-')}.png")
+    return evals
+
+
+def rescore(out: Path, folders: list[Path]) -> None:
+    """Replace the shipped card's scores of the kinds in `folders`; the model file is untouched."""
+    card_file = out / "model_card.json"
+    card = json.loads(card_file.read_text())
+    sha, _ = file_hashes(out / card["file"])
+    if sha != card["sha256"]:
+        raise SystemExit(f"{card_file} describes {card['sha256'][:10]}, not {out / card['file']}")
+    reports = checked_reports(folders, sha)
+    card["evaluation"] |= card_evaluation(reports, out)
+    card_file.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+    (out / "MODEL_CARD.md").write_text(render(card))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("runs", type=Path, nargs="+", help="training run folders, in order")
+    ap.add_argument("runs", type=Path, nargs="*", help="training run folders, in order")
     ap.add_argument("--evals", type=Path, nargs="*", default=[], help="folders with report.json")
     ap.add_argument("--previous-card", type=Path, help="model_card.json of the model continued")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--unet-weights", choices=("ema", "raw"), default="ema",
                     help="the U-Net run's EMA weights (its export) or its raw weights at the last step")  # fmt: skip
+    ap.add_argument("--rescore", action="store_true",
+                    help="only replace the shipped card's scores with these --evals")  # fmt: skip
     args = ap.parse_args()
+    if args.rescore:
+        if args.runs or not args.evals:
+            ap.error("--rescore takes --evals and no run folders")
+        return rescore(args.out, args.evals)
+    if not args.runs:
+        ap.error("give the training run folders")
 
     prior = json.loads(args.previous_card.read_text()) if args.previous_card else None
     parts = [stage_of(r) for r in args.runs]
@@ -188,21 +235,16 @@ def main() -> None:
     # safetensors writes metadata in no fixed order: the same content keeps the file's bytes
     keep = model.exists() and same_content(model, tmp)
     sha, short = file_hashes(model if keep else tmp)
-    reports = {folder: json.loads((folder / "report.json").read_text()) for folder in args.evals}
-    scored = {folder: str(r.get("model_sha256")) for folder, r in reports.items()}
-    stale = [folder for folder, other in scored.items() if other != sha]
-    if keep or stale:
+    try:
+        reports = checked_reports(args.evals, sha)
+    except SystemExit:
+        tmp.unlink()
+        raise
+    if keep:
         tmp.unlink()
     else:
         tmp.replace(model)
-    if stale:
-        raise SystemExit(f"{stale[0]}: scores {scored[stale[0]][:10]}, not the shipped file {short}; "
-                         "evaluate that file (the same weights written again get new bytes)")  # fmt: skip
-    evals = {}
-    for folder, report in reports.items():
-        key = report.get("split") and f"geneval {report['split']}" or "emoji"
-        evals[key] = {k: v for k, v in report.items() if k != "per_prompt"}
-        save_sheet(folder / "sheet.png", args.out / f"eval-{key.replace(' ', '-')}.png")
+    evals = card_evaluation(reports, args.out)
     architecture = json.loads((last_unet / "model_card.json").read_text())["model"]
     card = {
         "name": "ember-small",

@@ -146,6 +146,32 @@ def test_card_only_takes_scores_of_the_file_it_ships(tmp_path, monkeypatch):
     assert card["sha256"] == sha and card["evaluation"]["geneval held-out"]["overall"] == 0.7
     assert (out / "ember-small.safetensors").read_bytes() == shipped
 
+    # --rescore: new scores of the same file replace those of their kind; nothing else changes
+    def rescore(*evals):
+        monkeypatch.setattr(sys, "argv", ["ship", "--rescore", "--out", str(out), "--evals",
+                                          *map(str, evals)])  # fmt: skip
+        ship.main()
+
+    emoji = report("emoji", sha)
+    (emoji / "report.json").write_text(json.dumps({"top1": 0.3, "top5": 0.5, "n": 100,
+                                                   "candidates": 9, "chance_top1": 0.1,
+                                                   "model_sha256": sha}))  # fmt: skip
+    main(report("first", sha), emoji)
+    before = json.loads((out / "model_card.json").read_text())
+    better = report("better", sha)
+    scores = json.loads((better / "report.json").read_text())
+    (better / "report.json").write_text(json.dumps({**scores, "overall": 0.75}))
+    with pytest.raises(SystemExit, match="not the shipped file"):
+        rescore(better, report("stale", "0" * 64))
+    assert json.loads((out / "model_card.json").read_text()) == before
+    rescore(better)
+    after = json.loads((out / "model_card.json").read_text())
+    assert after["evaluation"]["geneval held-out"]["overall"] == 0.75
+    assert after == before | {"evaluation": before["evaluation"] | after["evaluation"]}
+    assert after["evaluation"]["emoji"] == before["evaluation"]["emoji"]
+    assert "overall **0.750**" in (out / "MODEL_CARD.md").read_text()
+    assert (out / "ember-small.safetensors").read_bytes() == shipped
+
 
 def test_raw_unet_weights_come_from_the_last_checkpoint_and_the_card_says_so(tmp_path, monkeypatch):
     ship = _ship()

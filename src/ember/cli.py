@@ -98,8 +98,9 @@ def add_generate(sub) -> None:
         "--layout-guidance",
         type=float,
         metavar="S",
-        help="steer 'A left of / right of / above / below B' prompts to that layout, 0..10; "
-        "0 = off (default: the model's; 2 for ember's own models, off for Stable Diffusion)",
+        help="steer 'A left of / right of / above / below B' prompts to that layout, and "
+        "'three Xs ...' prompts to one X a quadrant, 0..10; 0 = off (default: the model's; 2 for "
+        "ember's own models, off for Stable Diffusion)",
     )
     p.add_argument(
         "--seed", type=int, help="seed of image 0; image i uses seed+i (default 0; -1 = random)"

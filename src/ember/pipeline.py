@@ -292,7 +292,7 @@ LAYOUT_STEPS = 0.2
 
 
 def _with_layout_guidance(loaded, denoiser, cond_denoiser, requests, counts, schedule, shape):
-    """`denoiser` wrapped in layout guidance for the images whose prompt names a relation.
+    """`denoiser` wrapped in layout guidance for the images whose prompt names a relation or count.
 
     `schedule` is the full sigma schedule (before img2img truncates it), so img2img guides the
     same noise levels.

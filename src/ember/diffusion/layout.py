@@ -10,7 +10,10 @@ A small U-Net can draw two named objects yet ignore the relation word between th
 bundled model the denoising loss is the same under the converse relation, docs/training.md), while
 its last cross-attention maps already say where each object is being drawn. So "a red circle left
 of a blue square" gets the boxes "left half" and "right half" from the prompt
-(`layout_from_prompt`) and the guidance enforces them.
+(`layout_from_prompt`) and the guidance enforces them. Counts are laid out too: a model that has
+learnt to put three or four objects in distinct quadrants tends to fill all four when asked for
+three, so "three red squares" gets a `Count` whose energy empties the quadrant the squares' attention
+fills least.
 """
 
 from __future__ import annotations
@@ -39,8 +42,22 @@ class Region:
     box: Box
 
 
+@dataclass(frozen=True)
+class Count:
+    """`n` objects named by the same tokens ("three red squares"), one to a quadrant.
+
+    Their energy asks for the attention of those tokens to leave `4 - n` quadrants empty, whichever
+    they are, and to reach into the others: the quadrants the U-Net is already filling least are the
+    ones pushed to empty, so the layout it has started on is kept where it can be.
+    """
+
+    tokens: tuple[int, ...]
+    n: int
+
+
 # Relation phrases -> (box of the subject, box of the object). Longest phrases first.
 _LEFT, _RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+_QUADRANTS = [(x, y, x + 0.5, y + 0.5) for y in (0.0, 0.5) for x in (0.0, 0.5)]
 _TOP, _BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
 RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
     ("to", "the", "left", "of"): (_LEFT, _RIGHT),
@@ -55,17 +72,24 @@ RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
     ("under",): (_BOTTOM, _TOP),
     ("beneath",): (_BOTTOM, _TOP),
 }
+# Counts that get a quadrant each. ember's shapes world puts three or four objects in distinct
+# quadrants (`ember.data.shapes.layout_scene`) and two anywhere. Only three leaves a quadrant
+# empty, which a model that has learnt the four-quadrant grid tends to fill (the bundled model drew
+# four for "three ..." in 11 of 20 images): four fill every quadrant and need no layout.
+COUNTS = {"three": 3, "3": 3}
 # Words that end the object's phrase after a relation ("... a blue square on a white background").
 _PHRASE_END = {"and", "on", "in", "with", "against", "at", "near", "next"}
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
 
-def layout_from_prompt(prompt: str, tokenizer) -> list[Region]:
-    """The two regions a plain prompt's first spatial relation implies, or [] if it names none.
+def layout_from_prompt(prompt: str, tokenizer) -> list[Region] | list[Count]:
+    """The layout a plain prompt's first spatial relation, or else its count, implies; or [].
 
     "a red circle left of a blue square on a white background": the subject is the word just before
     the relation ("circle", left half), the object is the last word of the phrase after it, up to
-    the next comma or "on"/"in"/"with"/... ("square", right half). Token positions count the
+    the next comma or "on"/"in"/"with"/... ("square", right half). "three red squares on a white
+    background": a prompt that starts with a number in `COUNTS` has the last word of the phrase
+    after the number counted ("squares", a `Count` of 3; `_count`). Token positions count the
     tokenizer's start token. Prompts the analysis cannot map onto tokens exactly (emphasis syntax,
     BREAK, longer than one window) get no layout rather than a wrong one.
     """
@@ -81,6 +105,34 @@ def layout_from_prompt(prompt: str, tokenizer) -> list[Region]:
         ids += word_ids
     if chunks[0].ids[1 : len(ids) + 2] != [*ids, tokenizer.eos_token_id]:
         return []  # the words do not tokenise as the whole prompt does
+    return _relation(words, positions) or _count(words, positions)
+
+
+def _phrase_end(words: list[str], start: int) -> int:
+    """Index just past the phrase from `start`: up to a comma, "on", "and", ... or the end."""
+    end = start
+    while end < len(words) and words[end].isalnum() and words[end] not in _PHRASE_END:
+        end += 1
+    return end
+
+
+def _count(words: list[str], positions: list[tuple[int, ...]]) -> list[Count]:
+    """A count prompt's counted word: "three red squares on a white background" -> "squares", 3.
+
+    Only a prompt that starts with its number is a count of things to lay out: in "a smiling face
+    with three hearts" or "a speaker with three sound waves" the number describes part of one
+    drawing, and in "three o'clock" it counts nothing (the counted word must be a plural in -s).
+    """
+    if not words or words[0] not in COUNTS:
+        return []
+    end = _phrase_end(words, 1)
+    if end == 1 or not words[end - 1].endswith("s"):
+        return []
+    return [Count(positions[end - 1], COUNTS[words[0]])]
+
+
+def _relation(words: list[str], positions: list[tuple[int, ...]]) -> list[Region]:
+    """The subject's and the object's regions of the first relation in `words`, or []."""
     for i in range(1, len(words)):
         for phrase, (subject_box, object_box) in RELATIONS.items():
             if tuple(words[i : i + len(phrase)]) != phrase:
@@ -89,9 +141,7 @@ def layout_from_prompt(prompt: str, tokenizer) -> list[Region]:
             if not words[subject].isalnum():
                 return []
             j = i + len(phrase)
-            end = j
-            while end < len(words) and words[end].isalnum() and words[end] not in _PHRASE_END:
-                end += 1
+            end = _phrase_end(words, j)
             if end == j:
                 return []
             obj = end - 1
@@ -109,17 +159,36 @@ def box_mask(box: Box, h: int, w: int) -> torch.Tensor:
     return (inside_y[:, None] & inside_x[None, :]).flatten().float()
 
 
-def layout_energy(probs: torch.Tensor, regions: Sequence[Region], h: int, w: int) -> torch.Tensor:
-    """sum over regions of (1 - share of the region's attention inside its box)^2, for one map.
+def layout_energy(
+    probs: torch.Tensor, regions: Sequence[Region | Count], h: int, w: int
+) -> torch.Tensor:
+    """The energy of one map: small when every region's attention is where its layout wants it.
 
-    `probs`: (h*w, L) cross-attention weights of one image at one layer.
+    `probs`: (h*w, L) cross-attention weights of one image at one layer. A `Region` adds
+    (1 - share of its attention inside its box)^2; a `Count` adds `count_energy`.
     """
     energy = probs.new_zeros(())
     for region in regions:
         a = probs[:, list(region.tokens)].sum(-1)  # (h*w,)
         a = a / a.sum().clamp_min(1e-12)
-        energy = energy + (1 - (a * box_mask(region.box, h, w).to(a)).sum()) ** 2
+        if isinstance(region, Count):
+            energy = energy + count_energy(a, region.n, h, w)
+        else:
+            energy = energy + (1 - (a * box_mask(region.box, h, w).to(a)).sum()) ** 2
     return energy
+
+
+def count_energy(a: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(h*w,) attention shares summing to 1 -> energy of `n` objects in `n` of the 4 quadrants.
+
+    The `4 - n` quadrants with the least attention should hold none (their share, squared), and
+    each of the other `n` at least half of an even share (the shortfall, squared).
+    """
+    masks = torch.stack([box_mask(q, h, w) for q in _QUADRANTS]).to(a)  # (4, h*w)
+    ordered = (masks @ a).sort().values
+    empty = ordered[: 4 - n].sum() ** 2
+    filled = (0.5 / n - ordered[4 - n :]).clamp_min(0).square().sum()
+    return empty + filled
 
 
 def guided_layers(unet: nn.Module, count: int = 3) -> list[CrossAttention]:
