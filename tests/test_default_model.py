@@ -83,8 +83,11 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
         args = ["generate", "a red circle left of a blue square", "--model", str(model)]
         assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
         images.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
-    assert np.array_equal(images[0], images[1])
-    assert not np.array_equal(images[0], images[2]), "the layer choice changed nothing"
+    # The same image up to one rounding step: the folder's truncated encoder and the file's full one
+    # round differently on some CPUs (seen on an AVX2-only EPYC), and layout guidance's backward
+    # pass can carry that into a pixel.
+    assert np.abs(images[0] - images[1]).max() <= 1
+    assert np.abs(images[0] - images[2]).max() > 1, "the layer choice changed nothing"
     # A numbered layer (here the fourth) exports the four layers it uses.
     fourth = variant(4)
     folder4 = tmp_path / "l4-diffusers"
@@ -100,5 +103,5 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
         args = ["generate", "a red circle left of a blue square", "--model", str(model)]
         assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
         pair.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
-    assert np.array_equal(pair[0], pair[1])
-    assert not np.array_equal(pair[0], images[0])
+    assert np.abs(pair[0] - pair[1]).max() <= 1
+    assert np.abs(pair[0] - images[0]).max() > 1
