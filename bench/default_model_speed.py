@@ -3,7 +3,8 @@
 Loads the shipped file once per dtype, makes one warm-up image, then times --images images and
 prints the median and each time. Usage: python bench/default_model_speed.py [--threads 2] [--images 5]
 [--prompt P] [--layout-guidance S ...] (several strengths are timed side by side; layout guidance
-only acts on prompts that name a relation, such as "a red circle left of a blue square").
+only acts on prompts that name a relation, such as "a red circle left of a blue square", or start
+with a count of three, such as "three red squares on a white background").
 """
 
 from __future__ import annotations
