@@ -128,7 +128,6 @@ def tiny(tiny_model_file):
 @pytest.mark.parametrize("prompt", ["a red circle left of a blue square", "three red squares"])
 def test_one_guidance_step_lowers_the_energy(tiny, prompt):
     """The gradient step generation takes moves the attention of each object towards its layout."""
-    # (untrained attention is nearly even: the steps are small, but the slope is the guidance's)
     from ember.diffusion.denoisers import Conditioning, EpsDenoiser
     from ember.diffusion.layout import LayoutGuidedDenoiser
     from ember.pipeline import encode_text

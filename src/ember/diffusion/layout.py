@@ -57,7 +57,6 @@ class Count:
 
 # Relation phrases -> (box of the subject, box of the object). Longest phrases first.
 _LEFT, _RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
-_QUADRANTS = [(x, y, x + 0.5, y + 0.5) for y in (0.0, 0.5) for x in (0.0, 0.5)]
 _TOP, _BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
 RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
     ("to", "the", "left", "of"): (_LEFT, _RIGHT),
@@ -77,6 +76,7 @@ RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
 # empty, which a model that has learnt the four-quadrant grid tends to fill (the bundled model drew
 # four for "three ..." in 11 of 20 images): four fill every quadrant and need no layout.
 COUNTS = {"three": 3, "3": 3}
+_QUADRANTS = [(x, y, x + 0.5, y + 0.5) for y in (0.0, 0.5) for x in (0.0, 0.5)]
 # Words that end the object's phrase after a relation ("... a blue square on a white background").
 _PHRASE_END = {"and", "on", "in", "with", "against", "at", "near", "next"}
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
