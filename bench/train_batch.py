@@ -1,13 +1,15 @@
 """Images per second of one U-Net training step at several batch sizes (and memory layouts).
 
     .venv/bin/python bench/train_batch.py [--preset ember-small-z8p] [--batches 64,128,256]
-        [--channels-last] [--rounds 3] [--images 1024]
+        [--channels-last] [--sides 16,8] [--rounds 3] [--images 1024]
 
 One step = forward in bf16 autocast (fp32 where the CPU lacks bf16) + backward + clipped AdamW, as
 `ember train` does, on random latents of the preset's shape with 32x384 text states. The cases run
 interleaved, `--rounds` times, each for about `--images` images after a warm-up step (`bench/train_step.py`'s timing); the table
 gives each case's median images/s over its rounds and its ratio to the first case. More images per
 second is only half of a recipe: a larger batch takes fewer optimizer steps for the same images.
+`--sides` also times latents of other sides (8 = the latents of 32x32 images: the cost per image of
+a lower-resolution training phase).
 """
 
 import argparse
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--preset", default="ember-small-z8p")
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--channels-last", action="store_true", help="also each batch channels-last")
+    ap.add_argument("--sides", default="", help="latent sides to time (default: the preset's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0)
@@ -50,25 +53,26 @@ def main() -> None:
     model = UNetModel(cfg)
     bf16 = bf16_fast(torch.device("cpu"))
     layouts = [False, True] if args.channels_last else [False]
-    cases = [(b, cl) for b in map(int, args.batches.split(",")) for cl in layouts]
-    rates: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
+    sides = [int(x) for x in args.sides.split(",")] if args.sides else [side]
+    cases = [(b, cl, s) for s in sides for b in map(int, args.batches.split(",")) for cl in layouts]
+    rates: dict[tuple[int, bool, int], list[float]] = {c: [] for c in cases}
     for _ in range(args.rounds):
-        for batch, cl in cases:
+        for batch, cl, s in cases:
             model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            shape = (cfg.in_channels, side, side)
-            loss_fn = step_case(model, batch, shape, cfg.context_dim, cl)
+            loss_fn = step_case(model, batch, (cfg.in_channels, s, s), cfg.context_dim, cl)
             rate = batch / time_steps(model, loss_fn, bf16, max(2, args.images // batch))
-            rates[(batch, cl)].append(rate)
-            print(f"  batch {batch}{' channels-last' if cl else ''}: {rate:.1f} img/s", flush=True)
+            rates[(batch, cl, s)].append(rate)
+            print(f"  {s}x{s} batch {batch}{' channels-last' if cl else ''}: {rate:.1f} img/s",
+                  flush=True)  # fmt: skip
     print(f"\n{args.preset} U-Net training step, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, bf16 autocast {bf16}, torch {torch.__version__}, "
           f"median of {args.rounds} interleaved rounds\n")  # fmt: skip
-    print("| batch | layout | images/s | vs first |\n| ---: | --- | ---: | ---: |")
+    print("| latent | batch | layout | images/s | vs first |\n| --- | ---: | --- | ---: | ---: |")
     base = statistics.median(rates[cases[0]])
-    for batch, cl in cases:
-        med = statistics.median(rates[(batch, cl)])
+    for batch, cl, s in cases:
+        med = statistics.median(rates[(batch, cl, s)])
         layout = "channels-last" if cl else "contiguous"
-        print(f"| {batch} | {layout} | {med:.1f} | {med / base:.2f}x |")
+        print(f"| {s}x{s} | {batch} | {layout} | {med:.1f} | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":
