@@ -186,8 +186,17 @@ def rescore(out: Path, folders: list[Path]) -> None:
         raise SystemExit(f"{card_file} describes {card['sha256'][:10]}, not {out / card['file']}")
     reports = checked_reports(folders, sha)
     card["evaluation"] |= card_evaluation(reports, out)
-    card_file.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
-    (out / "MODEL_CARD.md").write_text(render(card))
+    write_card(out, card)
+
+
+def write_card(out: Path, card: dict) -> None:
+    """`model_card.json` and its `MODEL_CARD.md`, each written atomically (no half-written card)."""
+    from ember.train.state import write_atomic
+
+    write_atomic(
+        out / "model_card.json", (json.dumps(card, indent=1, sort_keys=True) + "\n").encode()
+    )
+    write_atomic(out / "MODEL_CARD.md", render(card).encode())
 
 
 def main() -> None:
@@ -258,8 +267,7 @@ def main() -> None:
         "total_wall_seconds": round(sum(stage_seconds(s) for s in stages), 3),
         "evaluation": evals,
     }
-    (args.out / "model_card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
-    (args.out / "MODEL_CARD.md").write_text(render(card))
+    write_card(args.out, card)
     print(model, f"{model.stat().st_size / 1e6:.1f} MB", short)
 
 

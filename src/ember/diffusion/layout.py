@@ -41,6 +41,10 @@ class Region:
     tokens: tuple[int, ...]
     box: Box
 
+    def energy(self, a: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(1 - share of the attention `a` (h*w,), summing to 1, inside the box)^2."""
+        return (1 - (a * box_mask(self.box, h, w).to(a)).sum()) ** 2
+
 
 @dataclass(frozen=True)
 class Count:
@@ -53,6 +57,9 @@ class Count:
 
     tokens: tuple[int, ...]
     n: int
+
+    def energy(self, a: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return count_energy(a, self.n, h, w)
 
 
 # Relation phrases -> (box of the subject, box of the object). Longest phrases first.
@@ -164,17 +171,13 @@ def layout_energy(
 ) -> torch.Tensor:
     """The energy of one map: small when every region's attention is where its layout wants it.
 
-    `probs`: (h*w, L) cross-attention weights of one image at one layer. A `Region` adds
-    (1 - share of its attention inside its box)^2; a `Count` adds `count_energy`.
+    `probs`: (h*w, L) cross-attention weights of one image at one layer; each region's tokens'
+    attention, as shares of 1, goes to its own `energy` (`Region.energy`, `count_energy`).
     """
     energy = probs.new_zeros(())
     for region in regions:
         a = probs[:, list(region.tokens)].sum(-1)  # (h*w,)
-        a = a / a.sum().clamp_min(1e-12)
-        if isinstance(region, Count):
-            energy = energy + count_energy(a, region.n, h, w)
-        else:
-            energy = energy + (1 - (a * box_mask(region.box, h, w).to(a)).sum()) ** 2
+        energy = energy + region.energy(a / a.sum().clamp_min(1e-12), h, w)
     return energy
 
 
