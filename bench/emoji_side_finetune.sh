@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Does a view of an emoji at a lower resolution teach the 64x64 model? Paired fine-tunes of one
+# model on the emoji eval's own 100 emoji (bench/emoji_subset.py; the test set, so a diagnostic of
+# learning speed only) at several training sizes, each scored by `ember eval emoji` at the model's
+# own 64x64. A 32x32 image is an 8x8 latent, which trains 2.5-3x as many images per second as a
+# 16x16 one (bench/train_batch.py --sides 16,8), so the question is what such a view is worth.
+#
+#   bash bench/emoji_side_finetune.sh MODEL EMOJI_DATA OUT [ARM ...]
+#
+# An ARM is SIZE:STEPS, or SIZE:STEPS+SIZE:STEPS for a second phase that continues the first's
+# weights (default arms: 64:15 64:50 64:100 32:100 32:100+64:15). Every phase: batch 64,
+# lr 2e-4, min-SNR 5 with a floor of 0.25 (the bundled recipe's on emoji), raw weights (no
+# EMA), same seed. Prints each arm's training-loop seconds and its eval. Run nothing else meanwhile: two processes on two cores slow
+# each other about fourfold.
+set -euo pipefail
+MODEL=$1 DATA=$2 OUT=$3
+shift 3
+ARMS=("$@")
+[ ${#ARMS[@]} -gt 0 ] || ARMS=(64:15 64:50 64:100 32:100 32:100+64:15)
+E=${EMBER:-.venv/bin/ember}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+[ -f "$OUT/emoji-100/manifest.jsonl" ] || $PY bench/emoji_subset.py "$DATA" "$OUT/emoji-100"
+
+phase() {  # phase INIT SIZE STEPS RUN
+  [ -f "$4/model.safetensors" ] || $E train unet "$OUT/emoji-100" "$4" --preset ember-small-z8p \
+    --vae "$MODEL" --init-from "$1" --image-size "$2" --steps "$3" --batch-size 64 --lr 2e-4 \
+    --warmup-steps 10 --min-snr-gamma 5 --min-snr-floor 0.25 --ema-decay 0 \
+    --checkpoint-every "$3" --sample-every 0 --bf16 auto >"$4.log" 2>&1
+}
+
+for ARM in "${ARMS[@]}"; do
+  R="$OUT/arm-${ARM//[:+]/_}"
+  INIT=$MODEL
+  SECONDS_TOTAL=0
+  IFS=+ read -ra PHASES <<<"$ARM"
+  for i in "${!PHASES[@]}"; do
+    SIZE=${PHASES[$i]%%:*} STEPS=${PHASES[$i]##*:}
+    P="$R/phase$i"
+    mkdir -p "$R"
+    phase "$INIT" "$SIZE" "$STEPS" "$P"
+    S=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['run']['wall_seconds'])" \
+      "$P/model_card.json")
+    SECONDS_TOTAL=$($PY -c "print(round($SECONDS_TOTAL + $S, 1))")
+    INIT="$P/model.safetensors"
+  done
+  echo "== $ARM: training loop ${SECONDS_TOTAL} s"
+  [ -f "$R/eval/report.json" ] || $E eval emoji --model "$INIT" --data "$DATA" -o "$R/eval" >/dev/null
+  $PY - "$R/eval/report.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print({k: r[k] for k in r if k in ("top1", "top5", "median_rank")})
+EOF
+  $PY bench/emoji_hits_by_tone.py "$R/eval/report.json" "$DATA"
+done
