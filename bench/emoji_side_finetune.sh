@@ -10,8 +10,10 @@
 # An ARM is SIZE:STEPS, or SIZE:STEPS+SIZE:STEPS for a second phase that continues the first's
 # weights (default arms: 64:15 64:50 64:100 32:100 32:100+64:15). Every phase: batch 64,
 # lr 2e-4, min-SNR 5 with a floor of 0.25 (the bundled recipe's on emoji), raw weights (no
-# EMA), same seed. Prints each arm's training-loop seconds and its eval. Run nothing else meanwhile: two processes on two cores slow
-# each other about fourfold.
+# EMA), same seed. Prints each arm's training-loop seconds and its eval. EXTRA=N trains on the
+# eval's 100 plus N other emoji on white (bench/emoji_subset.py --extra; e.g. `EXTRA=900 ... 64:500`
+# gives each of the 1,000 the views of 64:50 on the 100). Run nothing else meanwhile: two processes
+# on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3
@@ -19,18 +21,22 @@ ARMS=("$@")
 [ ${#ARMS[@]} -gt 0 ] || ARMS=(64:15 64:50 64:100 32:100 32:100+64:15)
 E=${EMBER:-.venv/bin/ember}
 PY=${PYTHON:-.venv/bin/python}
+EXTRA=${EXTRA:-0}
+SET=emoji-100 TAG=
+[ "$EXTRA" = 0 ] || SET=emoji-100+$EXTRA TAG=+$EXTRA
 mkdir -p "$OUT"
-[ -f "$OUT/emoji-100/manifest.jsonl" ] || $PY bench/emoji_subset.py "$DATA" "$OUT/emoji-100"
+[ -f "$OUT/$SET/manifest.jsonl" ] ||
+  $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA"
 
 phase() {  # phase INIT SIZE STEPS RUN
-  [ -f "$4/model.safetensors" ] || $E train unet "$OUT/emoji-100" "$4" --preset ember-small-z8p \
+  [ -f "$4/model.safetensors" ] || $E train unet "$OUT/$SET" "$4" --preset ember-small-z8p \
     --vae "$MODEL" --init-from "$1" --image-size "$2" --steps "$3" --batch-size 64 --lr 2e-4 \
     --warmup-steps 10 --min-snr-gamma 5 --min-snr-floor 0.25 --ema-decay 0 \
     --checkpoint-every "$3" --sample-every 0 --bf16 auto >"$4.log" 2>&1
 }
 
 for ARM in "${ARMS[@]}"; do
-  R="$OUT/arm-${ARM//[:+]/_}"
+  R="$OUT/arm-${ARM//[:+]/_}$TAG"
   INIT=$MODEL
   SECONDS_TOTAL=0
   IFS=+ read -ra PHASES <<<"$ARM"
@@ -44,7 +50,7 @@ for ARM in "${ARMS[@]}"; do
     SECONDS_TOTAL=$($PY -c "print(round($SECONDS_TOTAL + $S, 1))")
     INIT="$P/model.safetensors"
   done
-  echo "== $ARM: training loop ${SECONDS_TOTAL} s"
+  echo "== $ARM on $SET: training loop ${SECONDS_TOTAL} s"
   [ -f "$R/eval/report.json" ] || $E eval emoji --model "$INIT" --data "$DATA" -o "$R/eval" >/dev/null
   $PY - "$R/eval/report.json" <<'EOF'
 import json, sys
