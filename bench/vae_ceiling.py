@@ -1,13 +1,17 @@
 """How much of the shapes-world GenEval score a VAE allows: score its reconstructions of ground truth.
 
     .venv/bin/python bench/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2] [--emoji DATA]
+        [--by-background]
 
 A diffusion model decodes through its VAE, so the VAE's round trip of perfect renders is a ceiling
 on what the model can score. With `--emoji DATA` (an `ember data emoji` folder) it also scores the
 round trip of the emoji eval's 100 prompted emoji, as `ember eval emoji` scores generated ones.
+`--by-background` also prints each background's mean score (prompts, score): the L1 loss weighs an
+edge by its contrast, so a VAE can keep shapes on white and lose them on a mid-tone background.
 """
 
 import argparse
+import collections
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--emoji", default="", help="emoji dataset folder: score its round trip too")
+    ap.add_argument("--by-background", action="store_true", help="score each background apart")
     args = ap.parse_args()
     meta = check_safetensors(args.model).get("__metadata__") or {}
     config = (
@@ -46,6 +51,12 @@ def main() -> None:
         r = evaluate(images)
         cats = ", ".join(f"{k} {v:.2f}" for k, v in r["per_category"].items())
         print(f"{split}: overall {r['overall']:.3f} ({cats})")
+        if args.by_background:
+            by_bg = collections.defaultdict(list)
+            for p in prompts:
+                by_bg[p.spec.background].append(r["per_prompt"][p.prompt])
+            means = [f"{bg} {sum(v) / len(v):.2f} ({len(v)})" for bg, v in sorted(by_bg.items())]
+            print("  by background: " + ", ".join(means))
     if args.emoji:
         sample = EmojiSample(Path(args.emoji))
         x = torch.from_numpy(sample.ref_images[sample.chosen]).permute(0, 3, 1, 2).float()
