@@ -23,7 +23,10 @@ SAMPLER_BY_A1111 = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
 
 
 class FakeEngine:
-    """Deterministic images from seeds; `step_delay` seconds per step; records every batch."""
+    """Deterministic images from seeds; `step_delay` seconds per step; records every batch.
+
+    Steps wait while `gate` is clear, so a test can hold the worker mid-job without timing.
+    """
 
     def __init__(
         self, step_delay: float = 0.0, size: int = 64, guidance: float = 7.0, layout: float = 0.0
@@ -39,6 +42,8 @@ class FakeEngine:
         ]
         self._current = self._models[0]
         self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
@@ -90,6 +95,7 @@ class FakeEngine:
         self.batches.append([i.job_id for i in items])
         p = items[0].params
         for step in range(p.steps):
+            self.gate.wait(timeout=30)
             time.sleep(self.step_delay)
             n = sum(i.params.batch for i in items)
             previews = [np.zeros((p.height, p.width, 3), np.uint8)] * n if step % 2 else None

@@ -205,12 +205,15 @@ def test_idempotency_key(client):
 
 def test_cancel_only_that_job_race(tmp_path):
     engine = FakeEngine(step_delay=0.01)
+    engine.gate.clear()  # the worker holds its first batch at step 1 until the cancels are in
     with TestClient(create_app(make_settings(tmp_path), engine)) as c:
         jobs = [c.post("/v1/jobs", json={"prompt": f"{i}", "steps": 5, "seed": i}).json()["id"]
                 for i in range(12)]  # fmt: skip
-        victims = set(jobs[1::3])
-        for job_id in victims:  # cancel while earlier jobs run: queued and running ones
+        wait_for(lambda: c.get(f"/v1/jobs/{jobs[0]}").json()["status"] == "running")
+        victims = set(jobs[0::3])  # the running job and queued ones
+        for job_id in victims:
             assert c.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        engine.gate.set()
         final = {}
         for job_id in jobs:
             final[job_id] = wait_for(lambda j=job_id: (s := c.get(f"/v1/jobs/{j}").json())
@@ -220,7 +223,7 @@ def test_cancel_only_that_job_race(tmp_path):
                 assert view["status"] == "cancelled" and view["images"] == []
             else:
                 assert view["status"] == "done" and len(view["images"]) == 1
-        assert c.delete(f"/v1/jobs/{jobs[0]}").status_code == 409  # already done
+        assert c.delete(f"/v1/jobs/{jobs[1]}").status_code == 409  # already done
 
 
 def test_cancel_running_job_stops_it(tmp_path):
