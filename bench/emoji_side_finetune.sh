@@ -38,19 +38,15 @@ phase() {  # phase INIT SIZE STEPS RUN
 for ARM in "${ARMS[@]}"; do
   R="$OUT/arm-${ARM//[:+]/_}$TAG"
   INIT=$MODEL
-  SECONDS_TOTAL=0
   IFS=+ read -ra PHASES <<<"$ARM"
+  mkdir -p "$R"
   for i in "${!PHASES[@]}"; do
-    SIZE=${PHASES[$i]%%:*} STEPS=${PHASES[$i]##*:}
-    P="$R/phase$i"
-    mkdir -p "$R"
-    phase "$INIT" "$SIZE" "$STEPS" "$P"
-    S=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['run']['wall_seconds'])" \
-      "$P/model_card.json")
-    SECONDS_TOTAL=$($PY -c "print(round($SECONDS_TOTAL + $S, 1))")
-    INIT="$P/model.safetensors"
+    phase "$INIT" "${PHASES[$i]%%:*}" "${PHASES[$i]##*:}" "$R/phase$i"
+    INIT="$R/phase$i/model.safetensors"
   done
-  echo "== $ARM on $SET: training loop ${SECONDS_TOTAL} s"
+  LOOP=$($PY -c "import json, sys; print(round(sum(json.load(open(f))['run']['wall_seconds']
+    for f in sys.argv[1:]), 1))" "$R"/phase*/model_card.json)
+  echo "== $ARM on $SET: training loop ${LOOP} s"
   [ -f "$R/eval/report.json" ] || $E eval emoji --model "$INIT" --data "$DATA" -o "$R/eval" >/dev/null
   $PY - "$R/eval/report.json" <<'EOF'
 import json, sys

@@ -20,12 +20,11 @@ import argparse
 
 import numpy as np
 import torch
+from vae_ceiling import load_file_vae  # a sibling script (bench/ is on sys.path)
 
-from ember.checkpoints import CONFIG_KEY, check_safetensors
 from ember.cli import DEFAULT_MODEL
-from ember.config import ModelConfig, get_preset
 from ember.data.shapes import BACKGROUNDS, COLOURS, MIN_CONTRAST, PlacedObject, render_objects
-from ember.train.vae import load_vae
+from ember.train.data import to_pixels
 
 SHAPES = ("triangle", "star", "square", "heart", "cross")
 BOXES = ((22, 22, 42, 42), (8, 30, 24, 46))  # small objects, where shapes are lost first
@@ -36,14 +35,10 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--backgrounds", default="white,black,gray,green,blue")
     args = ap.parse_args()
-    meta = check_safetensors(args.model).get("__metadata__") or {}
-    config = (
-        ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else get_preset("ember-small")
-    )
-    vae, _ = load_vae(args.model, config)
+    vae = load_file_vae(args.model)
 
     def pixels(image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
+        return to_pixels(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
 
     @torch.no_grad()
     def round_trip(image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

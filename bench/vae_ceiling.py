@@ -24,6 +24,15 @@ from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
 from ember.train.vae import load_vae
 
 
+def load_file_vae(path: str) -> torch.nn.Module:
+    """The VAE of a model or VAE file, built from the file's own config."""
+    meta = check_safetensors(path).get("__metadata__") or {}
+    config = (
+        ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else get_preset("ember-small")
+    )
+    return load_vae(path, config)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
@@ -31,11 +40,7 @@ def main() -> None:
     ap.add_argument("--emoji", default="", help="emoji dataset folder: score its round trip too")
     ap.add_argument("--by-background", action="store_true", help="score each background apart")
     args = ap.parse_args()
-    meta = check_safetensors(args.model).get("__metadata__") or {}
-    config = (
-        ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else get_preset("ember-small")
-    )
-    vae, _ = load_vae(args.model, config)  # the file's own VAE config
+    vae = load_file_vae(args.model)
     for split, prompts in PROMPT_SETS.items():
         images = {}
         for p in prompts:
