@@ -12,8 +12,9 @@
 # lr 2e-4, min-SNR 5 with a floor of 0.25 (the bundled recipe's on emoji), raw weights (no
 # EMA), same seed. Prints each arm's training-loop seconds and its eval. EXTRA=N trains on the
 # eval's 100 plus N other emoji on white (bench/emoji_subset.py --extra; e.g. `EXTRA=900 ... 64:500`
-# gives each of the 1,000 the views of 64:50 on the 100). Run nothing else meanwhile: two processes
-# on two cores slow each other about fourfold.
+# gives each of the 1,000 the views of 64:50 on the 100). BATCH=B LR=X WARMUP=W change every phase's
+# batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4 WARMUP=5 ... 64:25`: the images of
+# 64:50 in half the optimizer steps). Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3
@@ -21,17 +22,18 @@ ARMS=("$@")
 [ ${#ARMS[@]} -gt 0 ] || ARMS=(64:15 64:50 64:100 32:100 32:100+64:15)
 E=${EMBER:-.venv/bin/ember}
 PY=${PYTHON:-.venv/bin/python}
-EXTRA=${EXTRA:-0}
+EXTRA=${EXTRA:-0} BATCH=${BATCH:-64} LR=${LR:-2e-4} WARMUP=${WARMUP:-10}
 SET=emoji-100 TAG=
 [ "$EXTRA" = 0 ] || SET=emoji-100+$EXTRA TAG=+$EXTRA
+[ "$BATCH:$LR:$WARMUP" = 64:2e-4:10 ] || TAG=$TAG-b$BATCH-lr$LR-w$WARMUP
 mkdir -p "$OUT"
 [ -f "$OUT/$SET/manifest.jsonl" ] ||
   $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA"
 
 phase() {  # phase INIT SIZE STEPS RUN
   [ -f "$4/model.safetensors" ] || $E train unet "$OUT/$SET" "$4" --preset ember-small-z8p \
-    --vae "$MODEL" --init-from "$1" --image-size "$2" --steps "$3" --batch-size 64 --lr 2e-4 \
-    --warmup-steps 10 --min-snr-gamma 5 --min-snr-floor 0.25 --ema-decay 0 \
+    --vae "$MODEL" --init-from "$1" --image-size "$2" --steps "$3" --batch-size "$BATCH" --lr "$LR" \
+    --warmup-steps "$WARMUP" --min-snr-gamma 5 --min-snr-floor 0.25 --ema-decay 0 \
     --checkpoint-every "$3" --sample-every 0 --bf16 auto >"$4.log" 2>&1
 }
 
@@ -46,7 +48,7 @@ for ARM in "${ARMS[@]}"; do
   done
   LOOP=$($PY -c "import json, sys; print(round(sum(json.load(open(f))['run']['wall_seconds']
     for f in sys.argv[1:]), 1))" "$R"/phase*/model_card.json)
-  echo "== $ARM on $SET: training loop ${LOOP} s"
+  echo "== $ARM on $SET (batch $BATCH, lr $LR, warmup $WARMUP): training loop ${LOOP} s"
   [ -f "$R/eval/report.json" ] || $E eval emoji --model "$INIT" --data "$DATA" -o "$R/eval" >/dev/null
   $PY - "$R/eval/report.json" <<'EOF'
 import json, sys
