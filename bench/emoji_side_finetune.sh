@@ -9,12 +9,13 @@
 #
 # An ARM is SIZE:STEPS, or SIZE:STEPS+SIZE:STEPS for a second phase that continues the first's
 # weights (default arms: 64:15 64:50 64:100 32:100 32:100+64:15). Every phase: batch 64,
-# lr 2e-4, min-SNR 5 with a floor of 0.25 (the bundled recipe's on emoji), raw weights (no
-# EMA), same seed. Prints each arm's training-loop seconds and its eval. EXTRA=N trains on the
-# eval's 100 plus N other emoji on white (bench/emoji_subset.py --extra; e.g. `EXTRA=900 ... 64:500`
-# gives each of the 1,000 the views of 64:50 on the 100). BATCH=B LR=X WARMUP=W change every phase's
-# batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4 WARMUP=5 ... 64:25`: the images of
-# 64:50 in half the optimizer steps). Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
+# lr 2e-4 and 10 warmup steps by default, min-SNR 5 with a floor of 0.25 (the bundled recipe's on
+# emoji), raw weights (no EMA), same seed. Prints each arm's training-loop seconds and its eval.
+# EXTRA=N trains on the eval's 100 plus N other emoji on white (bench/emoji_subset.py --extra; e.g.
+# `EXTRA=900 ... 64:500` gives each of the 1,000 the views of 64:50 on the 100). BATCH=B LR=X
+# WARMUP=W change every phase's batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4
+# WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
+# carries them. Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3

@@ -41,8 +41,8 @@ def main() -> None:
         return to_pixels(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
 
     @torch.no_grad()
-    def round_trip(image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        z = vae.encode(pixels(image)).mode()
+    def round_trip(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = vae.encode(x).mode()
         return z[0], vae.decode(z)[0]
 
     print("background  pairs  latent/pixel  decoded/pixel  |z|    L1 error")
@@ -53,11 +53,11 @@ def main() -> None:
                 continue
             for shape in SHAPES:
                 for box in BOXES:
-                    a = render_objects([PlacedObject(shape, colour, "small", box)], bg)
-                    b = render_objects([PlacedObject("circle", colour, "small", box)], bg)
+                    a = pixels(render_objects([PlacedObject(shape, colour, "small", box)], bg))
+                    b = pixels(render_objects([PlacedObject("circle", colour, "small", box)], bg))
                     (za, ya), (zb, yb) = round_trip(a), round_trip(b)
-                    dp = float((pixels(a) - pixels(b)).norm())
-                    err = float((ya - pixels(a)[0]).abs().mean())
+                    dp = float((a - b).norm())
+                    err = float((ya - a[0]).abs().mean())
                     rows.append(
                         (float((za - zb).norm()) / dp, float((ya - yb).norm()) / dp, za.norm(), err)
                     )
