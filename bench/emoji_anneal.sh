@@ -27,7 +27,8 @@ R="$OUT/anneal-$STEPS-lr$LR"
   $E eval emoji --model "$R/model.safetensors" --data "$DATA" -o "$R/eval-emoji" >/dev/null
 [ -f "$R/eval-in/report.json" ] || $E eval geneval --model "$R/model.safetensors" \
   --split in-distribution -o "$R/eval-in" >/dev/null
-${PYTHON:-.venv/bin/python} - "$R" <<'EOF'
+PY=${PYTHON:-.venv/bin/python}
+$PY - "$R" <<'EOF'
 import json, sys
 r = sys.argv[1]
 card = json.load(open(f"{r}/model_card.json"))["run"]
@@ -38,3 +39,4 @@ print("emoji", {k: emoji[k] for k in ("top1", "top5", "median_rank")})
 print("in-distribution", round(shapes["overall"], 3),
       {k: round(v, 2) for k, v in shapes["per_category"].items()})
 EOF
+$PY bench/emoji_hits_by_tone.py "$R/eval-emoji/report.json" "$DATA"
