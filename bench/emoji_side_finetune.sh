@@ -15,7 +15,8 @@
 # `EXTRA=900 ... 64:500` gives each of the 1,000 the views of 64:50 on the 100). BATCH=B LR=X
 # WARMUP=W change every phase's batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4
 # WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
-# carries them. Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
+# carries them. TRAIN_ONLY=GLOBS trains only the matching U-Net parameters (--train-only; e.g.
+# '*.attn2.*', the cross-attention), also named in the folder. Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3
@@ -27,6 +28,8 @@ EXTRA=${EXTRA:-0} BATCH=${BATCH:-64} LR=${LR:-2e-4} WARMUP=${WARMUP:-10}
 SET=emoji-100 TAG=
 [ "$EXTRA" = 0 ] || SET=emoji-100+$EXTRA TAG=+$EXTRA
 [ "$BATCH:$LR:$WARMUP" = 64:2e-4:10 ] || TAG=$TAG-b$BATCH-lr$LR-w$WARMUP
+TRAIN_ONLY=${TRAIN_ONLY:-}
+[ -z "$TRAIN_ONLY" ] || TAG=$TAG-only$(tr -c 'A-Za-z0-9\n' _ <<<"$TRAIN_ONLY")
 mkdir -p "$OUT"
 [ -f "$OUT/$SET/manifest.jsonl" ] ||
   $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA"
@@ -35,7 +38,8 @@ phase() {  # phase INIT SIZE STEPS RUN
   [ -f "$4/model.safetensors" ] || $E train unet "$OUT/$SET" "$4" --preset ember-small-z8p \
     --vae "$MODEL" --init-from "$1" --image-size "$2" --steps "$3" --batch-size "$BATCH" --lr "$LR" \
     --warmup-steps "$WARMUP" --min-snr-gamma 5 --min-snr-floor 0.25 --ema-decay 0 \
-    --checkpoint-every "$3" --sample-every 0 --bf16 auto >"$4.log" 2>&1
+    --checkpoint-every "$3" --sample-every 0 --bf16 auto ${TRAIN_ONLY:+--train-only "$TRAIN_ONLY"} \
+    >"$4.log" 2>&1
 }
 
 for ARM in "${ARMS[@]}"; do

@@ -366,6 +366,38 @@ def test_init_from_starts_the_unet_from_an_exported_model(data, vae_run, tmp_pat
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in unet)
 
 
+def test_train_only_moves_the_matching_parameters_and_resumes_exactly(
+    data, vae_run, tmp_path, capsys
+):
+    """--train-only: a fine-tune of the cross-attention leaves every other weight as it started,
+    and a run stopped midway resumes to the same weights (the optimizer holds only the subset)."""
+    args = [*COMMON, "--vae", str(vae_run / "vae.safetensors"), "--checkpoint-every", "0"]
+    first = tmp_path / "first"
+    assert in_process(main_train_unet, [str(data), str(first), *args, "--steps", "2"]) == 0
+    start = first / "model.safetensors"
+    tune = [*args, "--steps", "4", "--init-from", str(start), "--train-only", "*.attn2.*"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert in_process(main_train_unet, [str(data), str(full), *tune]) == 0
+    a, b = weights(start), weights(full / "model.safetensors")
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    trained = [k for k in unet if ".attn2." in k]
+    assert trained and len(trained) < len(unet)
+    assert all(torch.equal(a[k], b[k]) for k in unet if k not in trained)
+    assert not any(torch.equal(a[k], b[k]) for k in trained if k.endswith("to_q.weight"))
+    assert json.loads((full / "train_config.json").read_text())["train_only"] == "*.attn2.*"
+    assert in_process(main_train_unet, [str(data), str(split), *tune, "--stop-at", "2"]) == 0
+    assert in_process(main_train_unet, [str(data), str(split), *tune, "--resume"]) == 0
+    assert_identical(weights(split / "model.safetensors"), b)
+    capsys.readouterr()
+    # Bad input: a glob that matches nothing, or nothing to keep the frozen part from.
+    bad = [*args, "--steps", "1", "--init-from", str(start), "--train-only", "*.attn9.*"]
+    assert in_process(main_train_unet, [str(data), str(tmp_path / "bad"), *bad]) == 2
+    assert "--train-only '*.attn9.*' matches no trainable parameter" in capsys.readouterr().err
+    bare = [*args, "--steps", "1", "--train-only", "*.attn2.*"]
+    assert in_process(main_train_unet, [str(data), str(tmp_path / "bare"), *bare]) == 2
+    assert "--train-only needs --init-from" in capsys.readouterr().err
+
+
 def test_export_writes_a_checkpoint_as_a_model(data, vae_run, tmp_path, capsys):
     from ember.cli import main
 

@@ -81,6 +81,12 @@ class TrainConfig:
         "'1-emoji/*' for one part of a merged set) matches this glob; empty = every item",
         tasks=("unet",),
     )
+    train_only: str = _opt(
+        "",
+        "train only the parameters whose name matches one of these comma-separated globs (e.g. "
+        "'*.attn2.*' for the U-Net's cross-attention); the rest keep their --init-from values; "
+        "empty = train everything",
+    )
     recon_loss: Literal["l1", "l2"] = _opt("l1", "VAE reconstruction loss", tasks=("vae",))
     kl_weight: float = _opt(1e-6, "VAE KL weight (ldm convention)", tasks=("vae",))
     edge_weight: float = _opt(0.0, "VAE image-gradient (edge) L1 loss weight", tasks=("vae",))
@@ -145,6 +151,10 @@ class TrainConfig:
             )
         if self.min_snr_floor_files and not self.min_snr_floor:
             raise EmberError("--min-snr-floor-files needs --min-snr-floor")
+        if self.train_only and not self.init_from:
+            raise EmberError(
+                "--train-only needs --init-from MODEL (the weights the frozen parameters keep)"
+            )
         if self.freeze_encoder and not self.init_from:
             raise EmberError(
                 "--freeze-encoder needs --init-from VAE_OR_MODEL (the encoder to keep)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -302,6 +303,30 @@ def _truncate_metrics(path: Path, step: int) -> None:
     S.write_atomic(path, "".join(ln + "\n" for ln in keep).encode())
 
 
+def freeze_except(model: nn.Module, globs: str) -> int:
+    """Keep trainable only the parameters (already trainable) whose name matches one of the
+    comma-separated `globs`; return how many tensors stay trainable.
+
+    Raises `EmberError` when a glob matches no parameter, so a typo cannot silently train nothing
+    or freeze what was meant to train.
+    """
+    patterns = [g.strip() for g in globs.split(",") if g.strip()]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+            example = named[0][0] if named else "none"
+            raise EmberError(
+                f"--train-only {pattern!r} matches no trainable parameter (names look like "
+                f"{example!r})"
+            )
+    kept = 0
+    for name, p in named:
+        keep = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        p.requires_grad_(keep)
+        kept += keep
+    return kept
+
+
 def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, nn.Module]:
     """Train `task.model` up to step `cfg.stop_at or cfg.steps`; return the counters and the EMA
     (or raw) model.
@@ -312,6 +337,11 @@ def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, 
     run_dir = Path(cfg.run_dir)
     hooks = _Hooks()
     model = task.model.to(d.device)
+    if cfg.train_only:
+        kept = freeze_except(model, cfg.train_only)
+        if d.is_main:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"--train-only: training {kept} tensors ({n:,} parameters)", file=sys.stderr)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     ema_params = [p for p in ema.parameters()] if ema is not None else []
