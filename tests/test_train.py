@@ -393,6 +393,9 @@ def test_train_only_moves_the_matching_parameters_and_resumes_exactly(
     bad = [*args, "--steps", "1", "--init-from", str(start), "--train-only", "*.attn9.*"]
     assert in_process(main_train_unet, [str(data), str(tmp_path / "bad"), *bad]) == 2
     assert "--train-only '*.attn9.*' matches no trainable parameter" in capsys.readouterr().err
+    bad[-1] = " , "
+    assert in_process(main_train_unet, [str(data), str(tmp_path / "bad2"), *bad]) == 2
+    assert "names no glob" in capsys.readouterr().err
     bare = [*args, "--steps", "1", "--train-only", "*.attn2.*"]
     assert in_process(main_train_unet, [str(data), str(tmp_path / "bare"), *bare]) == 2
     assert "--train-only needs --init-from" in capsys.readouterr().err

@@ -311,6 +311,8 @@ def freeze_except(model: nn.Module, globs: str) -> int:
     or freeze what was meant to train.
     """
     patterns = [g.strip() for g in globs.split(",") if g.strip()]
+    if not patterns:
+        raise EmberError(f"--train-only {globs!r} names no glob")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
