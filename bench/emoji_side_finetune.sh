@@ -16,7 +16,8 @@
 # WARMUP=W change every phase's batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4
 # WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
 # carries them. TRAIN_ONLY=GLOBS trains only the matching U-Net parameters (--train-only; e.g.
-# '*.attn2.*', the cross-attention), also named in the folder. Run nothing else meanwhile: two processes on two cores slow each other about fourfold.
+# '*.attn2.*', the cross-attention), also named in the folder. Run nothing else meanwhile: two
+# processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3

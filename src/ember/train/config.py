@@ -151,6 +151,8 @@ class TrainConfig:
             )
         if self.min_snr_floor_files and not self.min_snr_floor:
             raise EmberError("--min-snr-floor-files needs --min-snr-floor")
+        if self.train_only and not train_only_globs(self.train_only):
+            raise EmberError(f"--train-only {self.train_only!r} names no glob")
         if self.train_only and not self.init_from:
             raise EmberError(
                 "--train-only needs --init-from MODEL (the weights the frozen parameters keep)"
@@ -162,6 +164,11 @@ class TrainConfig:
         if not self.data or not self.run_dir:
             raise EmberError("DATA and RUN_DIR are required")
         return self
+
+
+def train_only_globs(value: str) -> list[str]:
+    """The globs of a `--train-only` value (comma-separated, blanks dropped)."""
+    return [g.strip() for g in value.split(",") if g.strip()]
 
 
 def _flag(name: str) -> str:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ember.config import ModelConfig
 from ember.train import state as S
-from ember.train.config import EmberError, TrainConfig
+from ember.train.config import EmberError, TrainConfig, train_only_globs
 
 EXIT_DIVERGED = 3
 
@@ -310,9 +310,7 @@ def freeze_except(model: nn.Module, globs: str) -> int:
     Raises `EmberError` when a glob matches no parameter, so a typo cannot silently train nothing
     or freeze what was meant to train.
     """
-    patterns = [g.strip() for g in globs.split(",") if g.strip()]
-    if not patterns:
-        raise EmberError(f"--train-only {globs!r} names no glob")
+    patterns = train_only_globs(globs)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
