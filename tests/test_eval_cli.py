@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ember.cli import main
 from ember.eval.geneval import CATEGORIES, PROMPT_SETS
 
@@ -61,3 +63,21 @@ def test_emoji_score_is_valid_on_references_noise_and_mismatches(tmp_path):
     # each image shows another emoji: never counted as the prompted one
     report = sample.score(np.roll(refs, 1, axis=0))
     assert report["top1"] == 0.0 and report["candidates"] == 24
+
+
+def test_emoji_validation_split_is_disjoint_from_the_test_and_leaves_it_unchanged(tmp_path):
+    from ember.errors import EmberError
+    from ember.eval.commands import EmojiSample
+
+    data = _fake_emoji(tmp_path / "emoji", n=60)  # 120 plain emoji: 100 test, 20 left
+    test = EmojiSample(data)
+    again = EmojiSample(data, "test")
+    valid = EmojiSample(data, "validation")
+    assert test.chosen == again.chosen and len(test.chosen) == 100
+    assert len(valid.chosen) == 20 and not set(valid.chosen) & set(test.chosen)
+    assert set(valid.prompts).isdisjoint(test.prompts)
+    refs = valid.ref_images[valid.chosen]
+    assert valid.score(refs)["top1"] == 1.0 and valid.score(refs)["split"] == "validation"
+    # a dataset the test sample uses up has nothing to validate on: a clear error
+    with pytest.raises(EmberError, match="outside the test sample"):
+        EmojiSample(_fake_emoji(tmp_path / "small"), "validation")

@@ -14,6 +14,7 @@ from ember.errors import EmberError
 
 EMOJI_SAMPLE = 100
 EMOJI_SEED = 20261128  # fixed forever: changing it changes which emoji are scored
+VALIDATION_SEED = 20261203  # the validation sample's, drawn from the emoji the test sample leaves
 FEATURE_SIDE = 16
 
 
@@ -40,6 +41,13 @@ def add_eval(sub) -> None:
         f"{FEATURE_SIDE}x{FEATURE_SIDE} RGB space); report top-1 and top-5 accuracy.",
     )
     e.add_argument("--data", required=True, help="the emoji dataset folder (`ember data emoji`)")
+    e.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="test: the fixed sample the model card reports; validation: another fixed sample, "
+        "disjoint from it, for choosing settings (e.g. a checkpoint) without looking at the test",
+    )
     _common(e)
     e.set_defaults(run=run_emoji)
 
@@ -163,10 +171,12 @@ class EmojiSample:
     """The emoji eval's fixed sample and its reference set (every emoji on white in `data`).
 
     `prompts[n]` asks for reference `chosen[n]`; `score(images)` finds each image's nearest
-    reference in the feature space and reports how often it is the prompted emoji.
+    reference in the feature space and reports how often it is the prompted emoji. The "test"
+    split is the sample the model card reports; "validation" is a second fixed sample of the
+    emoji without skin tones that the test sample does not hold.
     """
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, split: str = "test") -> None:
         from ember.data.folder import load_dataset
 
         if not (data / "manifest.jsonl").exists():
@@ -180,11 +190,14 @@ class EmojiSample:
         self.keys = [(it.meta["emoji"]["unified"], it.file.split("/")[1]) for _, it in refs]
         self.ref_images = np.stack([ds.load_image(i) for i, _ in refs])  # (R, 64, 64, 3)
         self.ref_feats = features(self.ref_images)
-        rng = np.random.default_rng(EMOJI_SEED)
         plain = [j for j, (_, it) in enumerate(refs) if it.meta["emoji"].get("tone") is None]
-        self.chosen = sorted(
-            rng.choice(plain, size=min(EMOJI_SAMPLE, len(plain)), replace=False).tolist()
-        )
+        self.split = split
+        self.chosen = _draw(plain, EMOJI_SEED)
+        if split == "validation":
+            rest = sorted(set(plain) - set(self.chosen))
+            if not rest:
+                raise EmberError(f"{data} has no emoji outside the test sample to validate on")
+            self.chosen = _draw(rest, VALIDATION_SEED)
         self.prompts = [_caption(refs[j][1]) for j in self.chosen]
 
     def score(self, images: np.ndarray) -> dict:
@@ -201,6 +214,7 @@ class EmojiSample:
             "top5": float(np.mean(top5)),
             "median_rank": float(np.median(ranks)),
             "n": len(chosen),
+            "split": self.split,
             "candidates": len(keys),
             "chance_top1": 1 / len(keys),
             "feature_space": f"{FEATURE_SIDE}x{FEATURE_SIDE} mean RGB, L2",
@@ -211,7 +225,7 @@ class EmojiSample:
 def run_emoji(args: argparse.Namespace) -> int:
     from ember.eval.geneval import contact_sheet
 
-    sample = EmojiSample(Path(args.data))
+    sample = EmojiSample(Path(args.data), args.split)
     prompts = sample.prompts
     loaded = _load(args)
     images = np.stack(
@@ -223,6 +237,12 @@ def run_emoji(args: argparse.Namespace) -> int:
     labels = [("OK " if report["per_prompt"][p] else "-- ") + p for p in prompts]
     _write(Path(args.out), report, contact_sheet(list(images), labels, columns=10))
     return 0
+
+
+def _draw(pool: list[int], seed: int) -> list[int]:
+    """A fixed sample of up to EMOJI_SAMPLE reference indices from `pool`, sorted."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(pool, size=min(EMOJI_SAMPLE, len(pool)), replace=False).tolist())
 
 
 def _caption(item) -> str:
