@@ -37,8 +37,9 @@ def add_eval(sub) -> None:
         "emoji",
         help="how often a generated emoji's nearest dataset image is the prompted one",
         description=f"For a fixed sample of {EMOJI_SAMPLE} emoji, generate one image each from its "
-        "caption and find the nearest image among all emoji of that style on white (in "
-        f"{FEATURE_SIDE}x{FEATURE_SIDE} RGB space); report top-1 and top-5 accuracy.",
+        "caption and find the nearest image among every emoji on white, of both styles (in "
+        f"{FEATURE_SIDE}x{FEATURE_SIDE} RGB space); a hit is the prompted emoji in the prompted "
+        "style. Report top-1 and top-5 accuracy.",
     )
     e.add_argument("--data", required=True, help="the emoji dataset folder (`ember data emoji`)")
     e.add_argument(
