@@ -76,8 +76,8 @@ def test_emoji_validation_split_is_disjoint_from_the_test_and_leaves_it_unchange
     assert test.chosen == again.chosen and len(test.chosen) == 100
     assert len(valid.chosen) == 20 and not set(valid.chosen) & set(test.chosen)
     assert set(valid.prompts).isdisjoint(test.prompts)
-    refs = valid.ref_images[valid.chosen]
-    assert valid.score(refs)["top1"] == 1.0 and valid.score(refs)["split"] == "validation"
+    report = valid.score(valid.ref_images[valid.chosen])
+    assert report["top1"] == 1.0 and report["split"] == "validation"
     # a dataset the test sample uses up has nothing to validate on: a clear error
     with pytest.raises(EmberError, match="outside the test sample"):
         EmojiSample(_fake_emoji(tmp_path / "small"), "validation")
