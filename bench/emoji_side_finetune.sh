@@ -16,7 +16,8 @@
 # WARMUP=W change every phase's batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4
 # WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
 # carries them. TRAIN_ONLY=GLOBS trains only the matching U-Net parameters (--train-only; e.g.
-# '*.attn2.*', the cross-attention), also named in the folder. Run nothing else meanwhile: two
+# '*.attn2.*', the cross-attention), also named in the folder. INCLUDE=CODE adds one named emoji
+# (both styles, on white; e.g. 1f355, the quickstart's pizza) to the set. Run nothing else meanwhile: two
 # processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
@@ -25,15 +26,16 @@ ARMS=("$@")
 [ ${#ARMS[@]} -gt 0 ] || ARMS=(64:15 64:50 64:100 32:100 32:100+64:15)
 E=${EMBER:-.venv/bin/ember}
 PY=${PYTHON:-.venv/bin/python}
-EXTRA=${EXTRA:-0} BATCH=${BATCH:-64} LR=${LR:-2e-4} WARMUP=${WARMUP:-10}
+INCLUDE=${INCLUDE:-} EXTRA=${EXTRA:-0} BATCH=${BATCH:-64} LR=${LR:-2e-4} WARMUP=${WARMUP:-10}
 SET=emoji-100 TAG=
 [ "$EXTRA" = 0 ] || SET=emoji-100+$EXTRA TAG=+$EXTRA
+[ -z "$INCLUDE" ] || SET=$SET+$INCLUDE TAG=$TAG+$INCLUDE
 [ "$BATCH:$LR:$WARMUP" = 64:2e-4:10 ] || TAG=$TAG-b$BATCH-lr$LR-w$WARMUP
 TRAIN_ONLY=${TRAIN_ONLY:-}
 [ -z "$TRAIN_ONLY" ] || TAG=$TAG-only$(tr -c 'A-Za-z0-9\n' _ <<<"$TRAIN_ONLY")
 mkdir -p "$OUT"
 [ -f "$OUT/$SET/manifest.jsonl" ] ||
-  $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA"
+  $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA" ${INCLUDE:+--include "$INCLUDE"}
 
 phase() {  # phase INIT SIZE STEPS RUN
   [ -f "$4/model.safetensors" ] || $E train unet "$OUT/$SET" "$4" --preset ember-small-z8p \

@@ -7,6 +7,9 @@ of an emoji the U-Net needs before the eval recognises it (capacity and learning
 scarcity taken out). It is the test set, so a model trained on it says nothing about generalisation.
 Items keep their licence, source and attribution; captions are the eval's prompts.
 
+`--include CODE` adds one named emoji (both styles, on white), e.g. the quickstart's pizza (1f355),
+to see how many views that one needs.
+
 `--extra N` adds N other emoji on white (seeded, their first caption), so the same views of the
 eval's 100 can be compared while the U-Net learns more emoji beside them: whether learning one
 emoji is slowed by learning others (interference, capacity) or only by how often it is seen.
@@ -29,6 +32,13 @@ def main() -> None:
     ap.add_argument(
         "--extra", type=int, default=0, help="other emoji on white to add beside the 100"
     )
+    ap.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="also add this emoji's plain images on white, both styles (unified code, e.g. 1f355)",
+    )
     args = ap.parse_args()
     sample = EmojiSample(args.data)
     rows = {json.loads(line)["file"]: json.loads(line)
@@ -46,6 +56,13 @@ def main() -> None:
     others = sorted(set(sample.ref_files) - {sample.ref_files[j] for j in sample.chosen})
     for file in np.random.default_rng(0).permutation(others)[: args.extra].tolist():
         add(dict(rows[file], caption=rows[file]["caption"][:1]))
+    for code in args.include:
+        found = [f for f in sorted(set(sample.ref_files)) if f.split("/")[-1] == f"{code.lower()}_white.png"]
+        if not found:
+            raise SystemExit(f"no plain emoji on white with code {code} in {args.data}")
+        for file in found:
+            if file not in {r["file"] for r in out_rows}:
+                add(dict(rows[file], caption=rows[file]["caption"][:1]))
     (args.out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
     print(
         f"{args.out}: {len(out_rows)} emoji ({len(out_rows) - len(sample.chosen)} beside the eval's)"
