@@ -57,7 +57,8 @@ def main() -> None:
     for file in np.random.default_rng(0).permutation(others)[: args.extra].tolist():
         add(dict(rows[file], caption=rows[file]["caption"][:1]))
     for code in args.include:
-        found = [f for f in sorted(set(sample.ref_files)) if f.split("/")[-1] == f"{code.lower()}_white.png"]
+        name = f"{code.lower()}_white.png"
+        found = [f for f in sorted(set(sample.ref_files)) if f.split("/")[-1] == name]
         if not found:
             raise SystemExit(f"no plain emoji on white with code {code} in {args.data}")
         for file in found:
