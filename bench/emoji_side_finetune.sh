@@ -17,8 +17,8 @@
 # WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
 # carries them. TRAIN_ONLY=GLOBS trains only the matching U-Net parameters (--train-only; e.g.
 # '*.attn2.*', the cross-attention), also named in the folder. INCLUDE=CODE adds one named emoji
-# (both styles, on white; e.g. 1f355, the quickstart's pizza) to the set. Run nothing else meanwhile: two
-# processes on two cores slow each other about fourfold.
+# (both styles, on white; e.g. 1f355, the quickstart's pizza) to the set, named in its folder. Run
+# nothing else meanwhile: two processes on two cores slow each other about fourfold.
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 shift 3
