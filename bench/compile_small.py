@@ -36,7 +36,7 @@ def main() -> None:
 
     import ember.models.layers as layers
     from ember.checkpoints import load_model
-    from ember.config import GenerationParams
+    from ember.settings import GenerationParams
     from ember.pipeline import generate
 
     torch.set_num_threads(a.threads)

@@ -18,7 +18,7 @@ import torch
 
 from ember.checkpoints import load_model
 from ember.cli import DEFAULT_MODEL
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.pipeline import generate
 
 

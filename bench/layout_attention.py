@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ember.cli import DEFAULT_MODEL, load_for_cli  # noqa: E402
-from ember.config import GenerationParams  # noqa: E402
+from ember.settings import GenerationParams  # noqa: E402
 from ember.diffusion.layout import layout_from_prompt, record_attention  # noqa: E402
 from ember.eval.geneval import PROMPT_SETS, detect  # noqa: E402
 from ember.images import tensor_to_uint8  # noqa: E402

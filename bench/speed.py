@@ -100,7 +100,7 @@ def worker_ember(a: argparse.Namespace) -> dict:
     import torch
 
     from ember.checkpoints import load_model
-    from ember.config import GenerationParams
+    from ember.settings import GenerationParams
     from ember.pipeline import generate
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 from ember.images import A1111_SAMPLER_NAMES, ImageRecord
 from ember.server.engine import ModelInfo, WorkItem

@@ -16,7 +16,7 @@ from PIL import Image
 from ember import pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.models.layers import Conv2d, _onednn_usable
 
 NO_BF16 = {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}  # an AVX-512 CPU without AVX512-BF16

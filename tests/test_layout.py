@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ember.checkpoints import load_model
-from ember.config import GenerationParams, TextConfig
+from ember.config import TextConfig
+from ember.settings import GenerationParams
 from ember.diffusion.layout import (
     Count,
     Region,

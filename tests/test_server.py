@@ -64,7 +64,7 @@ def test_txt2img_a1111_shapes(client):
     # each image carries its infotext and is the one its seed gives
     assert decode(body["images"][1]).text["parameters"] == info["infotexts"][1]
     expected = FakeEngine.pixels(client.app.state.server.engine.validate(
-        __import__("ember.config", fromlist=["GenerationParams"]).GenerationParams(
+        __import__("ember.settings", fromlist=["GenerationParams"]).GenerationParams(
             "a", seed=9, width=64, height=64)))[0]  # fmt: skip
     assert np.array_equal(np.asarray(decode(body["images"][2]).convert("RGB")), expected)
 

@@ -135,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ember import images as I
-    from ember.config import GenerationParams
+    from ember.settings import GenerationParams
 
     init_path, mask_path, model_name = args.init_image, args.mask, args.model
     base = GenerationParams(prompt="", sampler="dpmpp_2m")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Prediction = Literal["eps", "v"]
@@ -329,24 +329,3 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(
             f"unknown model config {name!r}; choose one of {', '.join(PRESETS)}"
         ) from None
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything that determines an image. Stored in each PNG's `ember` record."""
-
-    prompt: str
-    negative_prompt: str = ""
-    sampler: str = "euler_a"
-    schedule: str = "default"
-    steps: int = 20
-    cfg: float = SD_DEFAULT_CFG
-    seed: int = 0
-    width: int = 512
-    height: int = 512
-    batch: int = 1
-    strength: float = 0.75  # img2img / inpaint only
-    clip_skip: int = 1
-    layout_guidance: float = 0.0  # strength of ember.diffusion.layout's guidance; 0: off
-    eta: float | None = None  # noise of ancestral/SDE samplers; None: 1, or 0 for ddim
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 
 RECORD_KEY = "ember"

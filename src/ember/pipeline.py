@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 
 MAX_SIDE = 2048

@@ -71,7 +71,7 @@ def _common(p) -> None:
 
 def _generate(loaded, prompts: list[str], seeds: list[int], args) -> list[np.ndarray]:
     """One image per (prompt, seed), batched through the pipeline."""
-    from ember.config import GenerationParams
+    from ember.settings import GenerationParams
     from ember.images import tensor_to_uint8
     from ember.pipeline import generate_batch
 

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 from ember.server import a1111
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed

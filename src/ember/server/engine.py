@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 from ember.images import ImageRecord
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ember.config import GenerationParams
+from ember.settings import GenerationParams
 from ember.errors import EmberError
 from ember.images import format_infotext, png_bytes
 from ember.server.engine import Engine, WorkItem

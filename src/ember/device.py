@@ -1,0 +1,47 @@
+"""Where the model runs and in which precision: the CPU's features and the weights' dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.errors import EmberError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """True where bf16 arithmetic runs in hardware: CUDA with bf16, or a CPU with AVX512-BF16 or
+    AMX tiles. Elsewhere oneDNN emulates bf16, which is slower than fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype for `name`: "fp32", "bf16", or "auto" (bf16 only where `native_bf16`).
+
+    bf16 weights keep GroupNorm, softmax, the sampler and the VAE output in fp32; measured on the
+    decoded image it stays >= 30 dB PSNR of fp32 (bench/results.md, tests/test_bf16.py).
+    """
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise EmberError(f"dtype {name!r} is not allowed: use auto, fp32 or bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
