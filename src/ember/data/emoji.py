@@ -9,7 +9,6 @@ tarballs, composites each image onto named background colours and writes ember's
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ember.data.shapes import BACKGROUNDS
+from ember.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "ember" / "emoji"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_emoji_packages(cache_dir: str | Path | None = None) -> Path:
     """Download the pinned packages with ``npm pack`` into ``cache_dir`` (skipping ones present)."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -99,7 +91,7 @@ def fetch_emoji_packages(cache_dir: str | Path | None = None) -> Path:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != pkg.sha256:
             raise RuntimeError(f"{path}: sha256 {digest} differs from the pinned {pkg.sha256}")
     return cache

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ember.train.state import write_atomic
+from ember.files import write_atomic
 
 
 def build_card(

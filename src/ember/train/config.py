@@ -14,13 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-try:  # the shared bad-input exception, when present
-    from ember.errors import EmberError
-except ImportError:  # pragma: no cover - only before ember.errors exists
-
-    class EmberError(ValueError):  # type: ignore[no-redef]
-        """Bad input."""
-
+from ember.errors import EmberError
 
 Task = Literal["vae", "unet"]
 

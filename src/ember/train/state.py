@@ -8,6 +8,8 @@ Layout of a run folder's `checkpoints/`:
 A checkpoint is written into a hidden temp folder, every file fsynced, then the folder is renamed
 into place and `latest` is replaced the same way. A kill at any moment therefore leaves the
 previous checkpoint complete and pointed at; stale temp folders are removed on the next save.
+A checkpoint is several files that must change together, so its commit is a folder rename, not
+`ember.files.write_atomic` (which serves the one-file `latest` pointer).
 The optimizer state is flattened into tensors (safetensors) + structure (JSON).
 """
 
@@ -27,26 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ember.files import fsync_dir, write_atomic
+
 CHECKPOINTS = "checkpoints"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` so that readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:

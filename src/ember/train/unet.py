@@ -25,26 +25,18 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.diffusion.losses import DiffusionLoss
+from ember.files import sha256_file, write_atomic
 from ember.models.text import build_text_encoder, build_tokenizer, load_minilm_pretrained
 from ember.models.unet import UNetModel
 from ember.train.config import TrainConfig
 from ember.train.data import TrainData, to_pixels
 from ember.train.loop import Dist
 from ember.train.samples import sample_euler_cfg, save_grid
-from ember.train.state import write_atomic
 from ember.train.vae import load_vae
 
 MODEL_FILE = "model.safetensors"
 SAMPLE_PROMPTS = 4
 BUILD_SECONDS = "build_wall_seconds"  # cache-file metadata: what building it cost
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _progress(items, desc: str):
@@ -149,7 +141,7 @@ class UNetTask:
 
     def _keys(self) -> tuple[str, str]:
         data_hash = hashlib.sha256(self.data.images.numpy().tobytes()).hexdigest()
-        latent_key = f"{data_hash}:{_sha256_file(Path(self.cfg.vae))}:{self.cache_bf16}"
+        latent_key = f"{data_hash}:{sha256_file(self.cfg.vae)}:{self.cache_bf16}"
         captions = json.dumps(self.data.captions)
         text_key = hashlib.sha256(
             (captions + json.dumps(dataclasses.asdict(self.model_config.text))).encode()

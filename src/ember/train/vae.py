@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.files import write_atomic
 from ember.models.vae import AutoencoderKL
 from ember.train.config import TrainConfig
 from ember.train.data import TrainData, to_pixels
 from ember.train.samples import save_grid
-from ember.train.state import write_atomic
 
 VAE_FILE = "vae.safetensors"
 
