@@ -31,7 +31,7 @@ from ember.models.unet import UNetModel
 from ember.train.config import TrainConfig
 from ember.train.data import TrainData, to_pixels
 from ember.train.loop import Dist
-from ember.train.samples import sample_euler_cfg, save_grid
+from ember.train.samples import sample_latents, save_grid
 from ember.train.vae import load_vae
 
 MODEL_FILE = "model.safetensors"
@@ -239,7 +239,7 @@ class UNetTask:
         uncond = self.states[self.empty : self.empty + 1]
         shape = (len(ctx), *self.mean.shape[1:])
         gen = torch.Generator().manual_seed(self.cfg.seed + 777)
-        z = sample_euler_cfg(
+        z = sample_latents(
             unet, ctx, uncond, shape, self.model_config.schedule, steps=steps, scale=scale,
             generator=gen,
         )  # fmt: skip
