@@ -9,20 +9,20 @@ Only safetensors are read; pickled `.ckpt`/`.bin` files are refused (unpickling 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ember import config as C
 from ember.errors import EmberError
+from ember.files import atomic_path, sha256_files, write_atomic
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_DTYPES = {
@@ -38,6 +38,11 @@ IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_pre
                     "sqrt_", "log_one_minus", "posterior_", "logvar")  # fmt: skip
 IGNORED_SUFFIXES = ("position_ids",)
 PASSTHROUGH_TEXT_KEYS = ("text_projection", "logit_scale")
+# Ends every refusal of a model, so a user learns what to look for instead.
+SUPPORTED = (
+    "ember loads SD 1.x, SD 2.x (512 and 768-v), SD inpainting and ember's own models, "
+    "as one .safetensors file or a diffusers folder"
+)
 
 
 @dataclass
@@ -122,9 +127,12 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     """Validated read of all tensors and the string metadata."""
     header = check_safetensors(path)
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except SafetensorError as exc:  # what check_safetensors does not cover, e.g. unreadable bytes
+        raise EmberError(f"{path}: unreadable safetensors file ({exc})") from None
     return tensors, dict(header.get("__metadata__") or {})
 
 
@@ -146,51 +154,72 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
     hit = cache.get(str(path))
     if isinstance(hit, dict) and hit.get("stamp") == stamp:
         return hit["sha256"], hit["sha256"][:10]
-    digest = _sha256_files(files)
+    digest = sha256_files(files)
     cache[str(path)] = {"stamp": stamp, "sha256": digest}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".hashes.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        write_atomic(cache_file, json.dumps(cache).encode())
     except OSError:
         pass  # a read-only home only costs the next run a re-hash
     return digest, digest[:10]
 
 
-def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
-    """Write atomically (temp file, fsync, rename): a kill mid-write leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically (`ember.files.atomic_path`): a kill mid-write leaves the old file intact."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------
 # detecting what a single file is
 
 
+def describe_other_model(keys: Iterable[str]) -> str | None:
+    """What a single file holds when it is not an SD 1.x/2.x model, told by its tensor names;
+    None when it looks like one (ldm U-Net keys, no other architecture's)."""
+    keys = list(keys)
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("conditioner.embedders."):  # sgm's layout: base has CLIP-L and bigG, the refiner bigG
+        return "an SDXL " + ("base" if has("conditioner.embedders.1.") else "refiner") + " model"
+    if has(UNET + "label_emb."):
+        return "a U-Net with a class or size embedding (label_emb: SDXL or SD unCLIP)"
+    if has(UNET + "joint_blocks.", "text_encoders.t5xxl."):
+        return "an SD3 model"
+    if has(UNET + "double_blocks.", "double_blocks."):
+        return "a Flux model"
+    if any("lora_" in k or ".lora." in k for k in keys):
+        return "a LoRA (an add-on to a model), not a model"
+    if has("string_to_param", "emb_params") or set(keys) & {"clip_l", "clip_g"}:
+        return "a textual-inversion embedding, not a model"
+    if has("down_blocks.", "mid_block."):
+        return "one diffusers component (diffusers names); pass the whole diffusers folder"
+    if not has(UNET):
+        if has(VAE, "encoder.", "decoder."):
+            return "a VAE alone, not a whole model"
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return f"a file of {len(keys)} tensors without a Stable Diffusion U-Net ({shown})"
+    return None
+
+
 def detect_config(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> C.ModelConfig:
     """The ModelConfig of an ldm-named state dict: ember's own metadata, else the SD family."""
     if CONFIG_KEY in metadata:
-        return C.ModelConfig.from_json(metadata[CONFIG_KEY])
+        try:
+            return C.ModelConfig.from_json(metadata[CONFIG_KEY])
+        except (ValueError, TypeError, KeyError) as exc:  # hand-edited or from a newer ember
+            raise EmberError(f"unreadable ember config in the file's metadata ({exc!r})") from None
+    other = describe_other_model(sd)
+    if other:
+        raise EmberError(f"the file is {other}; {SUPPORTED}")
     probe = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     first = UNET + "input_blocks.0.0.weight"
-    if probe not in sd or first not in sd:
+    if probe not in sd or first not in sd or sd[probe].ndim != 2 or sd[first].ndim != 4:
         raise EmberError(
-            "not a Stable Diffusion 1.x/2.x checkpoint (no ldm U-Net keys); pass --config NAME "
-            f"to say which architecture it is ({', '.join(C.PRESETS)})"
+            f"an ldm U-Net that is not SD 1.x/2.x's (no cross-attention in its first block); "
+            f"{SUPPORTED}; or pass --config NAME if it is one of {', '.join(C.PRESETS)}"
         )
     context_dim = sd[probe].shape[1]
     in_channels = sd[first].shape[1]
@@ -199,7 +228,16 @@ def detect_config(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> C.Mo
     elif context_dim == 1024:
         cfg = C.get_preset("sd21-base")
     else:
-        raise EmberError(f"unknown SD family: cross-attention width {context_dim}; use --config")
+        raise EmberError(
+            f"an SD-like U-Net with cross-attention width {context_dim} (SD 1.x has 768, SD 2.x "
+            f"1024); {SUPPORTED}; or pass --config NAME ({', '.join(C.PRESETS)})"
+        )
+    if in_channels not in (4, 9):
+        # 5: SD 2 depth-to-image, 7: the x4 upscaler; their extra inputs are not implemented.
+        raise EmberError(
+            f"an SD U-Net with {in_channels} input channels (4: text-to-image, 9: inpainting; "
+            f"5 is depth-to-image, 7 the x4 upscaler); {SUPPORTED}"
+        )
     if in_channels != cfg.unet.in_channels:
         cfg = dataclasses.replace(
             cfg,
@@ -269,12 +307,24 @@ def load_model(
         cfg = config or cfg
     else:
         note("reading checkpoint")
+        header = check_safetensors(path)
+        if CONFIG_KEY not in (header.get("__metadata__") or {}):
+            # Told by the names alone, before gigabytes of another architecture are read.
+            other = describe_other_model(k for k in header if k != "__metadata__")
+            if other:
+                raise EmberError(f"{path.name} is {other}; {SUPPORTED}")
         raw, metadata = read_safetensors(path)
-        cfg = config or detect_config(raw, metadata)
-        sd, extra = ldm_to_internal(raw, cfg)
+        try:
+            cfg = config or detect_config(raw, metadata)
+            sd, extra = ldm_to_internal(raw, cfg)
+        except (EmberError, ValueError) as exc:  # openclip_to_hf names stray text-model keys
+            raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
     note("building model")
-    model = build_model(cfg, sd, dtype=dtype)
+    try:
+        model = build_model(cfg, sd, dtype=dtype)
+    except EmberError as exc:
+        raise EmberError(f"{path.name}: {exc}") from None
     if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
         if cfg.unet.context_dim == 1024 and cfg.schedule.prediction == "eps":
             if is_v_prediction(model, cfg):
@@ -409,64 +459,157 @@ def save_single_file(loaded: LoadedModel, path: str | Path) -> None:
     save_safetensors(sd, path, {CONFIG_KEY: loaded.config.to_json(), "format": "pt"})
 
 
+# Pipelines of architectures ember does not implement, as model_index.json names them.
+_OTHER_PIPELINES = {
+    "StableDiffusionXL": "an SDXL model", "StableDiffusion3": "an SD3 model", "Flux": "a Flux model"
+}  # fmt: skip
+_PARTS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+_TOKENIZERS = {"clip": ("CLIPTokenizer", 49408), "minilm": ("BertTokenizer", C.MINILM.vocab_size)}
+
+
 def read_diffusers(
     folder: Path,
 ) -> tuple[dict[str, torch.Tensor], C.ModelConfig, dict[str, torch.Tensor]]:
     """A diffusers pipeline folder -> ldm-named state dict and its ModelConfig."""
     from ember import keymaps
-    from ember.models.text import text_config_from_hf
 
-    if not (folder / "model_index.json").exists():
-        raise EmberError(f"{folder} is not a diffusers folder (no model_index.json)")
-    parts = {}
-    for part, weights in (
-        ("unet", "diffusion_pytorch_model"),
-        ("vae", "diffusion_pytorch_model"),
-        ("text_encoder", "model"),
-    ):
-        cfg_file = folder / part / "config.json"
-        file = folder / part / f"{weights}.safetensors"
+    cfg, index = inspect_diffusers(folder)
+    unet_cfg, vae_cfg = cfg.unet, cfg.vae
+    if "_ember_config" in index:  # written by ember: the exact config, name and all
+        try:
+            cfg = C.model_config_from_dict(index["_ember_config"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EmberError(f"{folder.name}: unreadable _ember_config ({exc!r})") from None
+    weights = {}
+    for part, stem in _PARTS.items():
+        file = folder / part / f"{stem}.safetensors"
         if not file.exists():
-            pickled = [p.name for p in (folder / part).glob(f"{weights}*.bin")]
+            pickled = [p.name for p in (folder / part).glob(f"{stem}*.bin")]
             hint = (
                 " (only a pickled .bin is present; ember reads safetensors only)" if pickled else ""
             )
-            raise EmberError(f"{folder}: missing {part}/{weights}.safetensors{hint}")
-        tensors, _ = read_safetensors(file)
-        parts[part] = (json.loads(cfg_file.read_text()), tensors)
-    unet_cfg = keymaps.unet_config_from_diffusers(parts["unet"][0])
-    vae_cfg = keymaps.vae_config_from_diffusers(parts["vae"][0])
-    text_cfg = text_config_from_hf(parts["text_encoder"][0])
-    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
-    sched_cfg = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
-    size = int(parts["unet"][0].get("sample_size", 64)) * vae_cfg.downsample
-    cfg = C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size)
-    index = json.loads((folder / "model_index.json").read_text())
-    if "_ember_config" in index:  # written by ember: the exact config, name and all
-        cfg = C.model_config_from_dict(index["_ember_config"])
+            raise EmberError(f"{folder}: missing {part}/{stem}.safetensors{hint}")
+        weights[part], _ = read_safetensors(file)
     sd = {}
-    sd.update(
-        {UNET + k: v for k, v in keymaps.unet_diffusers_to_ldm(parts["unet"][1], unet_cfg).items()}
-    )
-    sd.update(
-        {VAE + k: v for k, v in keymaps.vae_diffusers_to_ldm(parts["vae"][1], vae_cfg).items()}
-    )
+    try:
+        unet = keymaps.unet_diffusers_to_ldm(weights["unet"], unet_cfg)
+        vae = keymaps.vae_diffusers_to_ldm(weights["vae"], vae_cfg)
+    except EmberError as exc:
+        raise EmberError(f"{folder.name}: {exc}") from None
+    sd.update({UNET + k: v for k, v in unet.items()})
+    sd.update({VAE + k: v for k, v in vae.items()})
     extra = {}
-    for k, v in parts["text_encoder"][1].items():
+    for k, v in weights["text_encoder"].items():
         if k.endswith(IGNORED_SUFFIXES):
             continue
         # transformers 5 writes CLIP keys without the `text_model.` level that 4.x and SD files use.
-        if text_cfg.kind == "clip" and not k.startswith("text_model."):
+        if cfg.text.kind == "clip" and not k.startswith("text_model."):
             k = "text_model." + k
         sd[TEXT + "transformer." + k] = v
     return sd, cfg, extra
+
+
+def inspect_diffusers(folder: Path) -> tuple[C.ModelConfig, dict]:
+    """The ModelConfig a diffusers folder describes (and its model_index.json), from its configs
+    alone: what ember cannot load is refused here, before any weights are read."""
+    from ember import keymaps
+    from ember.models.text import text_config_from_hf
+
+    if not (folder / "model_index.json").exists():
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f"; to load a file inside, pass it: {folder / files[0]}" if files else ""
+        raise EmberError(f"{folder} is not a diffusers folder (no model_index.json){hint}")
+    index = _read_json(folder / "model_index.json")
+    pipeline = str(index.get("_class_name"))
+    family = next((f for p, f in _OTHER_PIPELINES.items() if pipeline.startswith(p)), None)
+    if family is None and "text_encoder_2" in index:
+        family = "a model with two text encoders (as SDXL)"
+    if family is None and "unet" not in index:
+        family = (
+            "a transformer (DiT) model" if "transformer" in index else "a model without a U-Net"
+        )
+    if family:
+        raise EmberError(
+            f"{folder.name} is a diffusers folder of {family} ({pipeline}); {SUPPORTED}"
+        )
+    configs = {part: _read_json(folder / part / "config.json") for part in _PARTS}
+    try:
+        if configs["unet"].get("addition_embed_type") == "text_time":
+            raise EmberError("its U-Net takes SDXL's size conditioning (addition_embed_type)")
+        unet_cfg = keymaps.unet_config_from_diffusers(configs["unet"])
+        vae_cfg = keymaps.vae_config_from_diffusers(configs["vae"])
+        text_cfg = text_config_from_hf(configs["text_encoder"])
+        sched_cfg = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
+        size = int(configs["unet"].get("sample_size", 64)) * vae_cfg.downsample
+    except (ValueError, KeyError, TypeError) as exc:  # EmberError is a ValueError
+        raise EmberError(f"{folder.name} ({pipeline}): {exc}; {SUPPORTED}") from None
+    if unet_cfg.in_channels not in (4, 9):
+        raise EmberError(
+            f"{folder.name} ({pipeline}): its U-Net takes {unet_cfg.in_channels} input channels "
+            f"(4: text-to-image, 9: inpainting); {SUPPORTED}"
+        )
+    if text_cfg.hidden_size != unet_cfg.context_dim:
+        raise EmberError(
+            f"{folder.name}: its text encoder is {text_cfg.hidden_size} wide but its U-Net attends "
+            f"to {unet_cfg.context_dim}-wide context; {SUPPORTED}"
+        )
+    _check_tokenizer(folder, index, text_cfg)
+    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
+    return C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size), index
+
+
+def _check_tokenizer(folder: Path, index: dict, text_cfg: C.TextConfig) -> None:
+    """ember tokenises with its own copy of CLIP's (or MiniLM's) tokenizer, not the folder's: a
+    folder whose tokenizer or vocabulary differs would index its embedding table out of range."""
+    want, vocab_size = _TOKENIZERS[text_cfg.kind]
+    declared = _read_json(folder / "tokenizer" / "tokenizer_config.json", {}).get("tokenizer_class")
+    if declared is None and "_ember_config" not in index:  # ember once wrote CLIP for MiniLM here
+        entry = index.get("tokenizer")
+        declared = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if declared is not None and not str(declared).startswith(want):
+        raise EmberError(
+            f"{folder.name}: its tokenizer is {declared}, not {want}; ember tokenises this text "
+            f"encoder with {want}'s own vocabulary; {SUPPORTED}"
+        )
+    if text_cfg.vocab_size != vocab_size:
+        raise EmberError(
+            f"{folder.name}: its text encoder has a {text_cfg.vocab_size}-token vocabulary, "
+            f"{want}'s has {vocab_size}; {SUPPORTED}"
+        )
+    if text_cfg.kind == "clip" and (folder / "tokenizer" / "vocab.json").exists():
+        from ember.models.text import load_clip_bpe
+
+        if _read_json(folder / "tokenizer" / "vocab.json") != load_clip_bpe()[0]:
+            raise EmberError(
+                f"{folder.name}: tokenizer/vocab.json is not CLIP's vocabulary, which ember "
+                f"tokenises with; {SUPPORTED}"
+            )
+
+
+def _read_json(file: Path, default: dict | None = None) -> dict:
+    """A JSON object from a model folder; a missing file is `default` or an error."""
+    if not file.exists() and default is not None:
+        return default
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmberError(f"{file.parent.parent}: missing {file.parent.name}/{file.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EmberError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise EmberError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _pad_id(folder: Path, text_cfg: C.TextConfig) -> int:
     """SD 1.x tokenizers pad with <|endoftext|>, SD 2.x with "!" (id 0)."""
     special = folder / "tokenizer" / "special_tokens_map.json"
     if special.exists():
-        pad = json.loads(special.read_text()).get("pad_token")
+        pad = _read_json(special).get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         if pad == "!":
             return 0
@@ -478,7 +621,7 @@ def _pad_id(folder: Path, text_cfg: C.TextConfig) -> int:
 def _schedule_from_diffusers(file: Path) -> C.ScheduleConfig:
     if not file.exists():
         return C.ScheduleConfig()
-    d = json.loads(file.read_text())
+    d = _read_json(file)
     return C.ScheduleConfig(
         num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
         beta_start=float(d.get("beta_start", 0.00085)),
@@ -546,11 +689,12 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
         "clip_sample": False,
     })  # fmt: skip
     loaded.tokenizer.to_transformers().save_pretrained(folder / "tokenizer")
+    minilm = cfg.text.kind == "minilm"
     _write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_ember_config": json.loads(cfg.to_json()),
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "BertModel" if minilm else "CLIPTextModel"],
+        "tokenizer": ["transformers", _TOKENIZERS[cfg.text.kind][0]],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -558,4 +702,4 @@ def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

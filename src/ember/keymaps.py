@@ -160,7 +160,7 @@ def _rename(
     if unknown:
         shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
         src = "ldm" if to_diffusers else "diffusers"
-        raise ValueError(f"{len(unknown)} {what} keys are not {src} names of this config: {shown}")
+        raise EmberError(f"{len(unknown)} {what} keys are not {src} names of this config: {shown}")
     return out
 
 
@@ -232,10 +232,10 @@ _UNET_FIXED = {
 def _uniform(value: object, name: str) -> int:
     if isinstance(value, list | tuple):
         if len(set(value)) != 1:
-            raise ValueError(f"diffusers {name}={value!r} varies per block; ember needs one value")
+            raise EmberError(f"diffusers {name}={value!r} varies per block; ember needs one value")
         value = value[0]
     if not isinstance(value, int):
-        raise ValueError(f"diffusers {name}={value!r} is not an integer")
+        raise EmberError(f"diffusers {name}={value!r} is not an integer")
     return value
 
 
@@ -251,21 +251,21 @@ def unet_config_from_diffusers(d: Mapping[str, object]) -> UNetConfig:
         if isinstance(found, list | tuple) and key == "only_cross_attention":
             found = any(found)
         if found != value:
-            raise ValueError(f"diffusers U-Net {key}={found!r} is not supported (need {value!r})")
+            raise EmberError(f"diffusers U-Net {key}={found!r} is not supported (need {value!r})")
     chans = list(get("block_out_channels"))
     mc = chans[0]
     if any(c % mc for c in chans):
-        raise ValueError(f"block_out_channels {chans} are not multiples of the first")
+        raise EmberError(f"block_out_channels {chans} are not multiples of the first")
     down = list(get("down_block_types"))
     up = list(get("up_block_types") or [])
     attn_levels = [t == "CrossAttnDownBlock2D" for t in down]
     if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or len(down) != len(
         chans
     ):
-        raise ValueError(f"unsupported down_block_types {down}")
+        raise EmberError(f"unsupported down_block_types {down}")
     mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)]
     if up and up != mirrored:
-        raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+        raise EmberError(f"up_block_types {up} do not mirror down_block_types {down}")
     heads = get("num_attention_heads") or get("attention_head_dim")
     # Levels whose heads matter: those with attention, and the last (the mid block uses it).
     used = [i for i, a in enumerate(attn_levels) if a] + [len(chans) - 1]
@@ -278,7 +278,7 @@ def unet_config_from_diffusers(d: Mapping[str, object]) -> UNetConfig:
         elif len(set(per_level)) == 1:
             num_heads, head_channels = per_level[0], -1
         else:
-            raise ValueError(f"heads per block {heads} fit neither a fixed count nor a fixed width")
+            raise EmberError(f"heads per block {heads} fit neither a fixed count nor a fixed width")
     else:
         num_heads, head_channels = int(heads), -1
     return UNetConfig(
@@ -304,8 +304,6 @@ def unet_config_to_diffusers(cfg: UNetConfig, *, sample_size: int | None = None)
 
     `sample_size` (latent size) is only metadata for diffusers pipelines; left out when None.
     """
-    if cfg.coord_channels:
-        raise EmberError("a U-Net with coordinate channels has no diffusers equivalent")
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2**i in cfg.attention_resolutions for i in range(len(chans))]
     if cfg.num_head_channels > 0:
@@ -336,21 +334,21 @@ def vae_config_from_diffusers(d: Mapping[str, object]) -> VAEConfig:
     chans = list(d.get("block_out_channels", [64]))
     ch = chans[0]
     if any(c % ch for c in chans):
-        raise ValueError(f"block_out_channels {chans} are not multiples of the first")
+        raise EmberError(f"block_out_channels {chans} are not multiples of the first")
     for key, kind in (
         ("down_block_types", "DownEncoderBlock2D"),
         ("up_block_types", "UpDecoderBlock2D"),
     ):
         types = list(d.get(key, [kind] * len(chans)))
         if types != [kind] * len(chans):
-            raise ValueError(f"unsupported VAE {key} {types}")
+            raise EmberError(f"unsupported VAE {key} {types}")
     for key, value in (("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True)):
         if d.get(key, value) != value:
-            raise ValueError(
+            raise EmberError(
                 f"diffusers VAE {key}={d.get(key)!r} is not supported (need {value!r})"
             )
     if d.get("mid_block_add_attention", True) is not True:
-        raise ValueError("diffusers VAE without mid-block attention is not supported")
+        raise EmberError("diffusers VAE without mid-block attention is not supported")
     latent = int(d.get("latent_channels", 4))
     return VAEConfig(
         in_channels=int(d.get("in_channels", 3)),
@@ -369,7 +367,7 @@ def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
     """A diffusers `AutoencoderKL` config dict describing the same network as `cfg`."""
     if cfg.embed_dim != cfg.z_channels:
         # diffusers uses latent_channels for both the encoder output and the quant_conv width.
-        raise ValueError(
+        raise EmberError(
             f"diffusers needs embed_dim == z_channels, got {cfg.embed_dim} != {cfg.z_channels}"
         )
     n = len(cfg.ch_mult)
