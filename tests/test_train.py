@@ -1,7 +1,8 @@
 """Training subsystem: exact resume, atomic checkpoints, signals, DDP parity, NaN guard, licences.
 
 Tiny preset at 16x16 pixels, one thread per process so in-process and subprocess runs are
-bit-comparable. Processes that must be killed run as real subprocesses (`python -m ember.train`).
+bit-comparable. Faults are injected through `TrainHooks` (`FaultHooks` below); processes that
+must be killed run as real subprocesses of `drive` (this module run by `python -c`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ember.train import state as S
-from ember.train.config import TrainConfig, add_train_args, config_from_args
-from ember.train.loop import EpochSampler, cxx_compiler, lr_at
-from ember.train.run import main_train_unet, main_train_vae
+from ember.train.config import TrainConfig, add_train_args, config_from_args, parse_train_args
+from ember.train.loop import EpochSampler, TrainHooks, cxx_compiler, lr_at
+from ember.train.run import main_train_unet, main_train_vae, run_train_unet, run_train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--warmup-steps", "2",
@@ -57,21 +61,61 @@ def in_process(main, argv: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
+@dataclass
+class FaultHooks(TrainHooks):
+    """Faults at chosen steps: non-finite losses, or a pause (printing `marker`) at the moment
+    a kill hurts most, so the test can kill the process exactly there."""
+
+    nan_steps: tuple[int, ...] = ()  # 0-based optimizer steps whose loss becomes NaN
+    hang_after_save: int = -1  # park after checkpoint N is committed, until a stop signal
+    hang_before_commit: int = -1  # park after checkpoint N is written but before its rename
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step in self.nan_steps else loss
+
+    def before_commit(self, step: int) -> None:
+        if step == self.hang_before_commit:
+            park(f"HOOK_WRITING {step}")
+
+    def after_save(self, step: int, stop_requested: Callable[[], bool]) -> None:
+        if step == self.hang_after_save:
+            park(f"HOOK_SAVED {step}", until=stop_requested)
+
+
+def park(marker: str, until: Callable[[], bool] | None = None) -> None:
+    print(marker, file=sys.stderr, flush=True)
+    while until is None or not until():
+        time.sleep(0.02)
+
+
+def train(task: str, argv: list[str], hooks: TrainHooks | None = None) -> int:
+    """`ember train TASK ARGV` in this process, with `hooks` (the CLI's exit code)."""
+    run = run_train_vae if task == "vae" else run_train_unet
+    return in_process(lambda a: run(parse_train_args(a, task), hooks), argv)
+
+
+def drive(argv: list[str]) -> int:
+    """Subprocess entry: `TASK FAULTS_JSON ARGS...` trains with `FaultHooks(**FAULTS_JSON)`."""
+    task, faults, args = argv[0], json.loads(argv[1]), argv[2:]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return train(task, args, FaultHooks(**faults))
+
+
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **extra}
-    e.pop("EMBER_TEST_NAN_STEPS", None)
-    return e
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def spawn(args: list[str], **extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ember.train", *args]
-    return subprocess.Popen(cmd, env=env(**extra), stderr=subprocess.PIPE, text=True)
+def spawn(task: str, args: list[str], **faults: int) -> subprocess.Popen:
+    """A training subprocess with `FaultHooks(**faults)` (see `drive`)."""
+    code = "import sys, test_train; sys.exit(test_train.drive(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, task, json.dumps(faults), *args]
+    return subprocess.Popen(cmd, env=env(), stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 60) -> None:
     """Read stderr until `marker` appears (the process is then parked in a test hook)."""
     import select
-    import time
 
     deadline, seen = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
@@ -183,8 +227,8 @@ def test_unet_resume_after_kill9_is_bit_identical(data, vae_run, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert in_process(main_train_unet, [str(data), str(full), *args]) == 0
 
-    proc = spawn(["unet", str(data), str(killed), *args], EMBER_TEST_HANG_AFTER_SAVE="3")
-    wait_for(proc, "EMBER_TEST_SAVED 3")
+    proc = spawn("unet", [str(data), str(killed), *args], hang_after_save=3)
+    wait_for(proc, "HOOK_SAVED 3")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert S.load_checkpoint(S.latest_checkpoint(killed)).step == 3
@@ -216,8 +260,8 @@ def test_unet_resume_after_kill9_is_bit_identical(data, vae_run, tmp_path):
 def test_kill_between_write_and_rename_keeps_previous_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     args = [str(data), str(run), *COMMON, "--steps", "6", "--checkpoint-every", "2"]
-    proc = spawn(["vae", *args], EMBER_TEST_HANG_BEFORE_COMMIT="4")
-    wait_for(proc, "EMBER_TEST_WRITING 4")
+    proc = spawn("vae", args, hang_before_commit=4)
+    wait_for(proc, "HOOK_WRITING 4")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list((run / "checkpoints").glob(".tmp_step_0000004_*"))  # the half-committed one
@@ -231,8 +275,8 @@ def test_kill_between_write_and_rename_keeps_previous_checkpoint(data, tmp_path)
 def test_sigterm_saves_at_step_boundary_and_exits_zero(data, tmp_path):
     run = tmp_path / "run"
     args = [str(data), str(run), *COMMON, "--steps", "50", "--checkpoint-every", "2"]
-    proc = spawn(["vae", *args], EMBER_TEST_HANG_AFTER_SAVE="2")
-    wait_for(proc, "EMBER_TEST_SAVED 2")
+    proc = spawn("vae", args, hang_after_save=2)
+    wait_for(proc, "HOOK_SAVED 2")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -266,19 +310,18 @@ def test_torchrun_two_processes_match_one(data, vae_run, tmp_path):
 # --------------------------------------------------------------------------- faults, licences
 
 
-def test_nonfinite_loss_skips_step_then_stops(data, tmp_path, monkeypatch):
+def test_nonfinite_loss_skips_step_then_stops(data, tmp_path):
     run = tmp_path / "run"
-    monkeypatch.setenv("EMBER_TEST_NAN_STEPS", "1")
-    assert in_process(main_train_vae, [str(data), str(run), *COMMON, "--steps", "3"]) == 0
+    argv = [str(data), str(run), *COMMON, "--steps", "3"]
+    assert train("vae", argv, FaultHooks(nan_steps=(1,))) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["skipped"] is True and lines[1]["loss"] == "nan"
     assert json.loads((run / "model_card.json").read_text())["run"]["skipped_nonfinite_steps"] == 1
 
     run2 = tmp_path / "run2"
-    monkeypatch.setenv("EMBER_TEST_NAN_STEPS", "2,3,4,5")
     argv = [str(data), str(run2), *COMMON, "--steps", "9", "--checkpoint-every", "2",
             "--max-bad-steps", "3"]  # fmt: skip
-    assert in_process(main_train_vae, argv) == 3
+    assert train("vae", argv, FaultHooks(nan_steps=(2, 3, 4, 5))) == 3
     latest = S.latest_checkpoint(run2)
     assert latest.name == "step_0000004" and S.load_checkpoint(latest).step == 4
     assert not (run2 / "vae.safetensors").exists()

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ember.config import ModelConfig
+from ember.files import write_atomic
 from ember.train import state as S
 from ember.train.config import EmberError, TrainConfig, train_only_globs
 
@@ -106,7 +108,7 @@ def _bf16_matmul_speedup(n: int = 512, reps: int = 5) -> float:
 def bf16_fast(device: torch.device) -> bool:
     """True where bf16 runs fast: `native_bf16` hardware (the pipeline's own test), and on CPUs
     without AMX tiles only where a quick matmul benchmark confirms the AVX512-BF16 gain."""
-    from ember.pipeline import cpu_flags, native_bf16
+    from ember.device import cpu_flags, native_bf16
 
     if device.type == "cuda":
         return native_bf16("cuda")
@@ -217,20 +219,22 @@ class Progress:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _Hooks:
-    """Test-only fault injection, driven by EMBER_TEST_* environment variables."""
+class TrainHooks:
+    """Callbacks at the moments of a run where a fault hurts most; every default does nothing.
 
-    def __init__(self) -> None:
-        env = os.environ
-        self.nan_steps = {int(s) for s in env.get("EMBER_TEST_NAN_STEPS", "").split(",") if s}
-        self.hang_after_save = int(env.get("EMBER_TEST_HANG_AFTER_SAVE", "-1"))
-        self.hang_before_commit = int(env.get("EMBER_TEST_HANG_BEFORE_COMMIT", "-1"))
+    Tests subclass this to inject faults (a non-finite loss, a kill between writing a checkpoint
+    and committing it, a kill just after a save) through `run_training(..., hooks=...)`.
+    """
 
-    @staticmethod
-    def hang(marker: str, until: Any = None) -> None:
-        print(marker, file=sys.stderr, flush=True)
-        while until is None or not until():
-            time.sleep(0.02)
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of a micro-step of optimizer step `step` (0-based), before its backward."""
+        return loss
+
+    def before_commit(self, step: int) -> None:
+        """Checkpoint `step` is durable on disk but not yet renamed into place (rank 0)."""
+
+    def after_save(self, step: int, stop_requested: Callable[[], bool]) -> None:
+        """Checkpoint `step` is committed (rank 0); `stop_requested()` turns true on SIGTERM."""
 
 
 class _StopFlag:
@@ -300,7 +304,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    S.write_atomic(path, "".join(ln + "\n" for ln in keep).encode())
+    write_atomic(path, "".join(ln + "\n" for ln in keep).encode())
 
 
 def freeze_except(model: nn.Module, globs: str) -> int:
@@ -327,195 +331,274 @@ def freeze_except(model: nn.Module, globs: str) -> int:
     return kept
 
 
-def run_training(task: TrainTask, cfg: TrainConfig, d: Dist) -> tuple[Progress, nn.Module]:
+def run_training(
+    task: TrainTask, cfg: TrainConfig, d: Dist, hooks: TrainHooks | None = None
+) -> tuple[Progress, nn.Module]:
     """Train `task.model` up to step `cfg.stop_at or cfg.steps`; return the counters and the EMA
     (or raw) model.
 
     Raises `TrainingDiverged` after `cfg.max_bad_steps` non-finite losses in a row and
     `SystemExit(0)` after a SIGTERM/SIGINT-triggered checkpoint.
     """
-    run_dir = Path(cfg.run_dir)
-    hooks = _Hooks()
-    model = task.model.to(d.device)
-    if cfg.train_only:
-        kept = freeze_except(model, cfg.train_only)
-        if d.is_main:
-            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"--train-only: training {kept} tensors ({n:,} parameters)", file=sys.stderr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    ema_params = [p for p in ema.parameters()] if ema is not None else []
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    sampler = EpochSampler(task.num_items, cfg.seed)
-    prog = Progress()
-    start = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    meta = {"ember_config": task.model_config.to_json(), "ember_train_config": cfg.to_json()}
-
-    if cfg.resume and (found := S.latest_checkpoint(run_dir)) is not None:
-        ck = S.load_checkpoint(found)
-        model.load_state_dict(ck.model, strict=True)
-        if ema is not None:
-            ema.load_state_dict(ck.ema if ck.ema is not None else ck.model, strict=True)
-        opt.load_state_dict(ck.optimizer)
-        sampler.restore(ck.state["sampler"], ck.tensors)
-        S.restore_rng(ck.tensors, ck.state["rng"])
-        prog = Progress(**ck.state["progress"])
-        start = ck.step
-        if d.is_main:
-            _truncate_metrics(metrics_path, start)
-            print(f"resuming from {found} (step {start})", file=sys.stderr)
-    elif not cfg.resume and S.list_checkpoints(run_dir):
-        raise EmberError(
-            f"{run_dir} already holds checkpoints; pass --resume or choose a new run folder"
-        )
+    run = _Run(task, cfg, d, hooks or TrainHooks())
+    start = run.restore()
     end = cfg.stop_at or cfg.steps
     if start > end:
-        raise EmberError(f"{run_dir} is already at step {start}, past --stop-at {end}")
-    prog.steps = start
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=1))
-        (run_dir / "model_config.json").write_text(task.model_config.to_json())
-
-    net: nn.Module = model
-    if d.world > 1:
-        ids = [d.local_rank] if d.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    if cfg.compile:
-        net = compiled(net, d)
-
-    # A resumed "auto" run keeps its first decision: a re-measured one could flip and break
-    # bit-exact resume.
-    resumed_bf16 = prog.extra.get("bf16") if start > 0 and cfg.bf16 == "auto" else None
-    bf16 = bool(resumed_bf16) if resumed_bf16 is not None else use_bf16(cfg, d)
-    prog.extra["bf16"] = bf16
-    batch, accum = cfg.batch_size, cfg.grad_accum
-    micro = batch // accum
-    if micro % d.world:
-        raise EmberError(
-            f"--batch-size {batch} / --grad-accum {accum} = {micro} "
-            f"must divide among {d.world} ranks"
-        )
-    if prog.flops_per_step == 0.0 and d.is_main:
-        probe = torch.arange(micro) % task.num_items
-        prog.flops_per_step = _count_flops(task, model, probe, cfg, d, bf16)
-
-    def save(step: int) -> None:
-        if not d.is_main:
-            return
-        samp_info, samp_tensors = sampler.state()
-        rng_tensors, rng_info = S.capture_rng()
-        prog_state = {k: getattr(prog, k) for k in Progress.__dataclass_fields__}
-        commit_hook = None
-        if hooks.hang_before_commit == step:
-            commit_hook = lambda: _Hooks.hang(f"EMBER_TEST_WRITING {step}")  # noqa: E731
-        S.save_checkpoint(
-            run_dir, step, model.state_dict(), ema.state_dict() if ema is not None else None,
-            opt, {**samp_tensors, **rng_tensors},
-            {"sampler": samp_info, "rng": rng_info, "progress": prog_state,
-             "train_config": json.loads(cfg.to_json())},
-            meta, cfg.keep_checkpoints, before_commit=commit_hook,
-        )  # fmt: skip
-
-    stop = _StopFlag()
-    stop.install()
-    bar = tqdm(total=end, initial=start, file=sys.stderr, disable=not d.is_main,
-               desc=f"train {task.name}", unit="step", dynamic_ncols=True)  # fmt: skip
-    metrics = open(metrics_path, "a") if d.is_main else None
-    t_wall, t_cpu = time.perf_counter(), time.process_time()
-    window_t, window_images = time.perf_counter(), 0
-    autocast = _autocast(bf16, d.device)
-    try:
+        raise EmberError(f"{run.dir} is already at step {start}, past --stop-at {end}")
+    run.prepare(start)
+    with run.session(start, end):
         for step in range(start, end):
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            items = sampler.next(batch)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for m in range(accum):
-                chunk = items[m * micro : (m + 1) * micro]
-                sync = net.no_sync() if d.world > 1 and m < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        loss = task.loss(
-                            net, chunk, d.part(micro), step_generator(cfg.seed, step, m)
-                        )
-                    if step in hooks.nan_steps:
-                        loss = loss * float("nan")
-                    (loss.float() / accum).backward()
-                loss_sum += loss.detach().double().cpu()
-            # One collective carries the loss (for logging and the finite check) and the stop flag.
-            shared = torch.stack(
-                [loss_sum / accum, torch.tensor(float(stop.set), dtype=torch.float64)]
-            )
-            if d.world > 1:
-                dist.all_reduce(shared)
-                shared[0] /= d.world
-            loss_value, stop_now = float(shared[0]), bool(shared[1] > 0)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if finite:
-                opt.step()
-                if ema is not None:
-                    decay = ema_decay_at(step, cfg.ema_decay)
-                    with torch.no_grad():
-                        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()],
-                                             1.0 - decay)  # fmt: skip
-                prog.bad_in_row = 0
-            else:
-                prog.bad_in_row += 1
-                prog.skipped_steps += 1
-            prog.images_seen += batch
-            window_images += batch
+            result = run.step(step)
             done = step + 1
-            bar.update(1)
-            if metrics is not None and (not finite or done % cfg.log_every == 0 or done == end):
-                now = time.perf_counter()
-                record = {
-                    "step": done, "loss": loss_value if finite else str(loss_value), "lr": lr,
-                    "grad_norm": grad_norm if math.isfinite(grad_norm) else str(grad_norm),
-                    "images_per_s": window_images / max(now - window_t, 1e-9),
-                    "elapsed_s": prog.wall_s + now - t_wall, "images_seen": prog.images_seen,
-                }  # fmt: skip
-                if not finite:
-                    record["skipped"] = True
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                window_t, window_images = now, 0
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if not finite and prog.bad_in_row >= cfg.max_bad_steps:
+            run.log(done, result, last=done == end)
+            if not result.finite and run.prog.bad_in_row >= cfg.max_bad_steps:
                 raise TrainingDiverged(
-                    f"{prog.bad_in_row} non-finite losses in a row (last at step {done}); "
+                    f"{run.prog.bad_in_row} non-finite losses in a row (last at step {done}); "
                     f"stopping. The last good checkpoint is "
-                    f"{S.latest_checkpoint(run_dir) or 'none'}; lower --lr or check the data."
+                    f"{S.latest_checkpoint(run.dir) or 'none'}; lower --lr or check the data."
                 )
-            now_wall, now_cpu = time.perf_counter(), time.process_time()
-            prog.wall_s += now_wall - t_wall
-            prog.cpu_s += now_cpu - t_cpu
-            t_wall, t_cpu = now_wall, now_cpu
+            run.account_time()
+            run.prog.steps = done
             periodic = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0
-            prog.steps = done
-            if periodic or stop_now or done == end:
-                save(done)
-                d.barrier()
-                if d.is_main and hooks.hang_after_save == done:
-                    _Hooks.hang(f"EMBER_TEST_SAVED {done}", until=lambda: stop.set)
-            if stop_now:
-                bar.close()
+            if periodic or result.stop or done == end:
+                run.save(done)
+            if result.stop:
+                run.bar.close()
                 if d.is_main:
                     print(f"stopped by signal: checkpoint saved at step {done}; "
                           f"continue with --resume", file=sys.stderr)  # fmt: skip
                 raise SystemExit(0)
             if d.is_main and cfg.sample_every > 0 and done % cfg.sample_every == 0:
-                (run_dir / "samples").mkdir(exist_ok=True)
-                grid = run_dir / "samples" / f"step_{done:07d}.png"
-                task.write_samples(ema if ema is not None else model, grid)
-    finally:
-        stop.uninstall()
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    return prog, (ema if ema is not None else model)
+                run.write_samples(done)
+    return run.prog, run.final_model
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports (the loss and stop flag agreed across ranks)."""
+
+    lr: float
+    loss: float
+    grad_norm: float
+    stop: bool  # a SIGTERM/SIGINT reached some rank: save and exit at this boundary
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+class _Run:
+    """One training run's state, and the stages `run_training` calls in order:
+    restore, prepare, then per step: step, log, account_time, save, write_samples."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, d: Dist, hooks: TrainHooks) -> None:
+        self.task, self.cfg, self.d, self.hooks = task, cfg, d, hooks
+        self.dir = Path(cfg.run_dir)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.meta = {
+            "ember_config": task.model_config.to_json(),
+            "ember_train_config": cfg.to_json(),
+        }
+        model = task.model.to(d.device)
+        if cfg.train_only:
+            kept = freeze_except(model, cfg.train_only)
+            if d.is_main:
+                n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                print(f"--train-only: training {kept} tensors ({n:,} parameters)", file=sys.stderr)
+        self.model = model
+        self.net: nn.Module = model  # what the step calls: DDP- and/or compile-wrapped
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.ema_params = list(self.ema.parameters()) if self.ema is not None else []
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+        )
+        self.sampler = EpochSampler(task.num_items, cfg.seed)
+        self.prog = Progress()
+        self.bf16 = False
+        self.stop = _StopFlag()
+
+    @property
+    def final_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    # ------------------------------------------------------------------ before the first step
+
+    def restore(self) -> int:
+        """Load the latest checkpoint when resuming; return the step to start from.
+
+        Refuses a run folder that already holds checkpoints unless `--resume` is given.
+        """
+        cfg, d = self.cfg, self.d
+        found = S.latest_checkpoint(self.dir) if cfg.resume else None
+        if found is None:
+            if not cfg.resume and S.list_checkpoints(self.dir):
+                raise EmberError(
+                    f"{self.dir} already holds checkpoints; pass --resume or choose a new run folder"
+                )
+            return 0
+        ck = S.load_checkpoint(found)
+        self.model.load_state_dict(ck.model, strict=True)
+        if self.ema is not None:
+            self.ema.load_state_dict(ck.ema if ck.ema is not None else ck.model, strict=True)
+        self.opt.load_state_dict(ck.optimizer)
+        self.sampler.restore(ck.state["sampler"], ck.tensors)
+        S.restore_rng(ck.tensors, ck.state["rng"])
+        self.prog = Progress(**ck.state["progress"])
+        if d.is_main:
+            _truncate_metrics(self.metrics_path, ck.step)
+            print(f"resuming from {found} (step {ck.step})", file=sys.stderr)
+        return ck.step
+
+    def prepare(self, start: int) -> None:
+        """Record the configs, wrap the model (DDP, compile), settle bf16 and count FLOPs."""
+        cfg, d, prog = self.cfg, self.d, self.prog
+        prog.steps = start
+        if d.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "train_config.json").write_text(
+                json.dumps(json.loads(cfg.to_json()), indent=1)
+            )
+            (self.dir / "model_config.json").write_text(self.task.model_config.to_json())
+        if d.world > 1:
+            ids = [d.local_rank] if d.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, broadcast_buffers=False
+            )
+        if cfg.compile:
+            self.net = compiled(self.net, d)
+        # A resumed "auto" run keeps its first decision: a re-measured one could flip and break
+        # bit-exact resume.
+        resumed_bf16 = prog.extra.get("bf16") if start > 0 and cfg.bf16 == "auto" else None
+        self.bf16 = bool(resumed_bf16) if resumed_bf16 is not None else use_bf16(cfg, d)
+        prog.extra["bf16"] = self.bf16
+        self.micro = cfg.batch_size // cfg.grad_accum
+        if self.micro % d.world:
+            raise EmberError(
+                f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {self.micro} "
+                f"must divide among {d.world} ranks"
+            )
+        if prog.flops_per_step == 0.0 and d.is_main:
+            probe = torch.arange(self.micro) % self.task.num_items
+            prog.flops_per_step = _count_flops(self.task, self.model, probe, cfg, d, self.bf16)
+
+    @contextlib.contextmanager
+    def session(self, start: int, end: int):
+        """Signal handlers, progress bar, metrics file and clocks for the steps `start..end`."""
+        self.stop.install()
+        self.bar = tqdm(total=end, initial=start, file=sys.stderr, disable=not self.d.is_main,
+                        desc=f"train {self.task.name}", unit="step", dynamic_ncols=True)  # fmt: skip
+        self.metrics = open(self.metrics_path, "a") if self.d.is_main else None
+        self.t_wall, self.t_cpu = time.perf_counter(), time.process_time()
+        self.window_t, self.window_images = time.perf_counter(), 0
+        try:
+            yield
+        finally:
+            self.stop.uninstall()
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    # ------------------------------------------------------------------ each step
+
+    def step(self, step: int) -> StepResult:
+        """One optimizer step (0-based `step`): accumulate, clip, skip if non-finite, EMA."""
+        cfg, d, prog = self.cfg, self.d, self.prog
+        lr = lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        batch, accum, micro = cfg.batch_size, cfg.grad_accum, self.micro
+        items = self.sampler.next(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in range(accum):
+            chunk = items[m * micro : (m + 1) * micro]
+            last = m == accum - 1
+            sync = self.net.no_sync() if d.world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                with _autocast(self.bf16, d.device):
+                    loss = self.task.loss(
+                        self.net, chunk, d.part(micro), step_generator(cfg.seed, step, m)
+                    )
+                loss = self.hooks.loss(step, loss)
+                (loss.float() / accum).backward()
+            loss_sum += loss.detach().double().cpu()
+        # One collective carries the loss (for logging and the finite check) and the stop flag.
+        shared = torch.stack(
+            [loss_sum / accum, torch.tensor(float(self.stop.set), dtype=torch.float64)]
+        )
+        if d.world > 1:
+            dist.all_reduce(shared)
+            shared[0] /= d.world
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        result = StepResult(lr, float(shared[0]), grad_norm, bool(shared[1] > 0))
+        if result.finite:
+            self.opt.step()
+            if self.ema is not None:
+                decay = ema_decay_at(step, cfg.ema_decay)
+                with torch.no_grad():
+                    torch._foreach_lerp_(self.ema_params,
+                                         [p.detach() for p in self.model.parameters()],
+                                         1.0 - decay)  # fmt: skip
+            prog.bad_in_row = 0
+        else:
+            prog.bad_in_row += 1
+            prog.skipped_steps += 1
+        prog.images_seen += batch
+        self.window_images += batch
+        return result
+
+    def log(self, done: int, result: StepResult, *, last: bool) -> None:
+        """Advance the bar; append a metrics line every `log_every` steps, at the end and at
+        every non-finite loss."""
+        self.bar.update(1)
+        finite = result.finite
+        if self.metrics is None or not (not finite or done % self.cfg.log_every == 0 or last):
+            return
+        now = time.perf_counter()
+        record = {
+            "step": done, "loss": result.loss if finite else str(result.loss), "lr": result.lr,
+            "grad_norm": result.grad_norm if math.isfinite(result.grad_norm)
+            else str(result.grad_norm),
+            "images_per_s": self.window_images / max(now - self.window_t, 1e-9),
+            "elapsed_s": self.prog.wall_s + now - self.t_wall,
+            "images_seen": self.prog.images_seen,
+        }  # fmt: skip
+        if not finite:
+            record["skipped"] = True
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        self.window_t, self.window_images = now, 0
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+
+    def account_time(self) -> None:
+        """Add the wall and CPU time since the last call to the counters a resume carries on."""
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        self.prog.wall_s += now_wall - self.t_wall
+        self.prog.cpu_s += now_cpu - self.t_cpu
+        self.t_wall, self.t_cpu = now_wall, now_cpu
+
+    def save(self, step: int) -> None:
+        """Checkpoint `step` on rank 0 (every rank waits for it)."""
+        d = self.d
+        if d.is_main:
+            samp_info, samp_tensors = self.sampler.state()
+            rng_tensors, rng_info = S.capture_rng()
+            prog_state = {k: getattr(self.prog, k) for k in Progress.__dataclass_fields__}
+            S.save_checkpoint(
+                self.dir, step, self.model.state_dict(),
+                self.ema.state_dict() if self.ema is not None else None,
+                self.opt, {**samp_tensors, **rng_tensors},
+                {"sampler": samp_info, "rng": rng_info, "progress": prog_state,
+                 "train_config": json.loads(self.cfg.to_json())},
+                self.meta, self.cfg.keep_checkpoints,
+                before_commit=lambda: self.hooks.before_commit(step),
+            )  # fmt: skip
+        d.barrier()
+        if d.is_main:
+            self.hooks.after_save(step, lambda: self.stop.set)
+
+    def write_samples(self, done: int) -> None:
+        (self.dir / "samples").mkdir(exist_ok=True)
+        self.task.write_samples(self.final_model, self.dir / "samples" / f"step_{done:07d}.png")

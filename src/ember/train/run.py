@@ -1,6 +1,6 @@
 """Entry points: `ember train vae|unet` (also `python -m ember.train vae|unet`, torchrun-ready).
 
-`run_train_vae(cfg)` / `run_train_unet(cfg)` return a process exit code:
+`run_train_vae(cfg, hooks)` / `run_train_unet(cfg, hooks)` return a process exit code:
 0 done (or stopped by a signal after saving), 2 bad input, 3 diverged (non-finite losses).
 """
 
@@ -22,6 +22,7 @@ from ember.train.data import TrainData, load_train_data
 from ember.train.loop import (
     EXIT_DIVERGED,
     Dist,
+    TrainHooks,
     TrainingDiverged,
     TrainTask,
     init_dist,
@@ -44,14 +45,16 @@ def with_text_layer(mcfg: ModelConfig, text_layer: str) -> ModelConfig:
     return dataclasses.replace(mcfg, text=text)
 
 
-def _run(cfg: TrainConfig, build: TaskBuilder, task_name: str) -> int:
+def _run(
+    cfg: TrainConfig, build: TaskBuilder, task_name: str, hooks: TrainHooks | None = None
+) -> int:
     d = init_dist()
     try:
         set_threads(cfg, d)
         mcfg = with_text_layer(get_preset(cfg.preset), cfg.text_layer)
         data = load_train_data(cfg.data, cfg.image_size or mcfg.size, cfg.allow_unlicensed)
         task = build(cfg, mcfg, data, d)
-        progress, final = run_training(task, cfg, d)
+        progress, final = run_training(task, cfg, d, hooks)
         if d.is_main:
             export = task.finish(final, Path(cfg.run_dir))
             card = build_card(
@@ -97,12 +100,12 @@ def _build_unet(cfg: TrainConfig, mcfg, data: TrainData, d: Dist) -> TrainTask:
     return UNetTask(cfg, mcfg, data, d)
 
 
-def run_train_vae(cfg: TrainConfig) -> int:
-    return _run(cfg, _build_vae, "vae")
+def run_train_vae(cfg: TrainConfig, hooks: TrainHooks | None = None) -> int:
+    return _run(cfg, _build_vae, "vae", hooks)
 
 
-def run_train_unet(cfg: TrainConfig) -> int:
-    return _run(cfg, _build_unet, "unet")
+def run_train_unet(cfg: TrainConfig, hooks: TrainHooks | None = None) -> int:
+    return _run(cfg, _build_unet, "unet", hooks)
 
 
 def _main(argv: list[str] | None, task: str, run: Callable[[TrainConfig], int]) -> int:
