@@ -1,6 +1,6 @@
 """Does a model's denoiser use relation and colour-binding words? A diffusion-classifier probe.
 
-    .venv/bin/python bench/caption_binding.py [MODEL.safetensors ...] [--seeds 4] [--draws 32]
+    .venv/bin/python experiments/caption_binding.py [MODEL.safetensors ...] [--seeds 4] [--draws 32]
 
 For each GenEval prompt of the position and colour-attribution categories, ground-truth renders of
 its scene are noised at random timesteps and denoised under the true caption and under a minimally
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ember.cli import DEFAULT_MODEL, load_for_cli  # noqa: E402
+from common import DEFAULT_MODEL, load  # noqa: E402 (experiments/common.py)
 from ember.data.shapes import CONVERSE, SceneSpec, describe  # noqa: E402
 from ember.diffusion.losses import DiffusionLoss  # noqa: E402
 from ember.eval.geneval import PROMPT_SETS, render_spec  # noqa: E402
@@ -60,7 +60,7 @@ def by_timestep(per_t: list[tuple[int, float, float]], edges=(50, 250, 450, 650,
 
 @torch.no_grad()
 def probe(model: str, split: str, seeds: int, draws: int) -> dict:
-    loaded = load_for_cli(model, None, "fp32", quiet=True)
+    loaded = load(model)
     unet, vae = loaded.model.model.diffusion_model, loaded.model.first_stage_model
     encoder, cfg = loaded.model.cond_stage_model, loaded.config
     loss_fn = DiffusionLoss(cfg.schedule, prediction=cfg.schedule.prediction)

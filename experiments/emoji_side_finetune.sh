@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Does a view of an emoji at a lower resolution teach the 64x64 model? Paired fine-tunes of one
-# model on the emoji eval's own 100 emoji (bench/emoji_subset.py; the test set, so a diagnostic of
+# model on the emoji eval's own 100 emoji (experiments/emoji_subset.py; the test set, so a diagnostic of
 # learning speed only) at several training sizes, each scored by `ember eval emoji` at the model's
 # own 64x64. A 32x32 image is an 8x8 latent, which trains 2.5-3x as many images per second as a
 # 16x16 one (bench/train_batch.py --sides 16,8), so the question is what such a view is worth.
 #
-#   bash bench/emoji_side_finetune.sh MODEL EMOJI_DATA OUT [ARM ...]
+#   bash experiments/emoji_side_finetune.sh MODEL EMOJI_DATA OUT [ARM ...]
 #
 # An ARM is SIZE:STEPS, or SIZE:STEPS+SIZE:STEPS for a second phase that continues the first's
 # weights (default arms: 64:15 64:50 64:100 32:100 32:100+64:15). Every phase: batch 64,
 # lr 2e-4 and 10 warmup steps by default, min-SNR 5 with a floor of 0.25 (the bundled recipe's on
 # emoji), raw weights (no EMA), same seed. Prints each arm's training-loop seconds and its eval.
-# EXTRA=N trains on the eval's 100 plus N other emoji on white (bench/emoji_subset.py --extra; e.g.
+# EXTRA=N trains on the eval's 100 plus N other emoji on white (experiments/emoji_subset.py --extra; e.g.
 # `EXTRA=900 ... 64:500` gives each of the 1,000 the views of 64:50 on the 100). BATCH=B LR=X
 # WARMUP=W change every phase's batch, learning rate and warmup steps (e.g. `BATCH=128 LR=4e-4
 # WARMUP=5 ... 64:25`: the images of 64:50 in half the optimizer steps); an arm's folder name then
@@ -35,7 +35,7 @@ TRAIN_ONLY=${TRAIN_ONLY:-}
 [ -z "$TRAIN_ONLY" ] || TAG=$TAG-only$(tr -c 'A-Za-z0-9\n' _ <<<"$TRAIN_ONLY")
 mkdir -p "$OUT"
 [ -f "$OUT/$SET/manifest.jsonl" ] ||
-  $PY bench/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA" ${INCLUDE:+--include "$INCLUDE"}
+  $PY experiments/emoji_subset.py "$DATA" "$OUT/$SET" --extra "$EXTRA" ${INCLUDE:+--include "$INCLUDE"}
 
 phase() {  # phase INIT SIZE STEPS RUN
   [ -f "$4/model.safetensors" ] || $E train unet "$OUT/$SET" "$4" --preset ember-small-z8p \
@@ -63,5 +63,5 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print({k: r[k] for k in r if k in ("top1", "top5", "median_rank")})
 EOF
-  $PY bench/emoji_hits_by_tone.py "$R/eval/report.json" "$DATA"
+  $PY experiments/emoji_hits_by_tone.py "$R/eval/report.json" "$DATA"
 done

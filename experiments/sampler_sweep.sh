@@ -2,7 +2,7 @@
 # Which sampler and step count the default model's quality is best at: the same model, prompts and
 # seeds through `ember eval geneval` and `ember eval emoji` once per sampler setting, then one table.
 #
-#   bash bench/sampler_sweep.sh MODEL EMOJI_DATA OUT [SETTING ...]
+#   bash experiments/sampler_sweep.sh MODEL EMOJI_DATA OUT [SETTING ...]
 #
 # A SETTING is SAMPLER:STEPS with any name `ember generate --sampler` takes ("dpmpp_2m:20",
 # "euler_a:20", "DPM++ 2M Karras:20"). Default: the shipped dpmpp_2m:20 against the other one-call-

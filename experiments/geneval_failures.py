@@ -1,6 +1,6 @@
 """Why a model's GenEval images fail: each failing image's detections against its prompt, tallied.
 
-    .venv/bin/python bench/geneval_failures.py [MODEL.safetensors] [--split in-distribution]
+    .venv/bin/python experiments/geneval_failures.py [MODEL.safetensors] [--split in-distribution]
         [--images-per-prompt 4] [--cfg 5] [--vae-round-trip]
 
 Generates exactly as `ember eval geneval` does (same prompts, seeds, sampler) and, for every image
@@ -19,8 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ember.cli import DEFAULT_MODEL  # noqa: E402
-from ember.eval.commands import _generate, _load  # noqa: E402
+from common import DEFAULT_MODEL, generate_images, load  # noqa: E402 (experiments/common.py)
 from ember.eval.geneval import PROMPT_SETS, detect, render_spec, score  # noqa: E402
 
 
@@ -55,10 +54,7 @@ def main() -> None:
     ap.add_argument("--layout-guidance", type=float, help="default: the model's")
     ap.add_argument("--vae-round-trip", action="store_true")
     args = ap.parse_args()
-    ns = argparse.Namespace(model=args.model, sampler="dpmpp_2m", steps=20, cfg=args.cfg, seed=0,
-                            layout_guidance=args.layout_guidance,
-                            batch=16, images_per_prompt=args.images_per_prompt)  # fmt: skip
-    loaded = _load(ns)
+    loaded = load(args.model)
     prompts = PROMPT_SETS[args.split]
     k = args.images_per_prompt
     if args.vae_round_trip:
@@ -70,7 +66,8 @@ def main() -> None:
         images = list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     else:
         texts = [p.prompt for p in prompts for _ in range(k)]
-        images = _generate(loaded, texts, [i for _ in prompts for i in range(k)], ns)
+        seeds = [i for _ in prompts for i in range(k)]
+        images = generate_images(loaded, texts, seeds, cfg=args.cfg, layout_guidance=args.layout_guidance)
     tally = collections.Counter()
     failed = collections.Counter()
     for i, image in enumerate(images):

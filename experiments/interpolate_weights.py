@@ -1,6 +1,6 @@
 """Interpolate a fine-tuned ember model's U-Net back towards the model it started from.
 
-    .venv/bin/python bench/interpolate_weights.py BASE.safetensors TUNED.safetensors ALPHA OUT.safetensors
+    .venv/bin/python experiments/interpolate_weights.py BASE.safetensors TUNED.safetensors ALPHA OUT.safetensors
 
 Writes OUT = BASE + ALPHA * (TUNED - BASE) on the U-Net's floating-point weights (the `model.*`
 tensors of a single-file checkpoint); every other tensor (VAE, anything else) and the file's

@@ -1,6 +1,6 @@
 """Split an emoji eval's hits by whether the prompted emoji has skin-tone variants in the data.
 
-    .venv/bin/python bench/emoji_hits_by_tone.py EVAL_DIR/report.json EMOJI_DATA
+    .venv/bin/python experiments/emoji_hits_by_tone.py EVAL_DIR/report.json EMOJI_DATA
 
 `ember eval emoji` prompts for plain emoji only, but the U-Net's training data also holds each
 person emoji in five skin tones: the same drawing (outline, hair, clothes) in six colourings, so

@@ -1,6 +1,6 @@
 """Which cross-attention layers know where a named object is being drawn?
 
-    .venv/bin/python bench/layout_attention.py [MODEL.safetensors] [--split in-distribution]
+    .venv/bin/python experiments/layout_attention.py [MODEL.safetensors] [--split in-distribution]
         [--images-per-prompt 4]
 
 Generates the eval's position prompts as `ember eval geneval` does and records every cross-attention
@@ -18,9 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ember.cli import DEFAULT_MODEL, load_for_cli  # noqa: E402
+from common import DEFAULT_MODEL, load  # noqa: E402 (experiments/common.py)
 from ember.settings import GenerationParams  # noqa: E402
-from ember.diffusion.layout import layout_from_prompt, record_attention  # noqa: E402
+from ember.diffusion.layout import record_attention  # noqa: E402
+from ember.prompts import layout_from_prompt  # noqa: E402
 from ember.eval.geneval import PROMPT_SETS, detect  # noqa: E402
 from ember.images import tensor_to_uint8  # noqa: E402
 from ember.pipeline import generate  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--split", default="in-distribution", choices=list(PROMPT_SETS))
     ap.add_argument("--images-per-prompt", type=int, default=4)
     args = ap.parse_args()
-    loaded = load_for_cli(args.model, None, "fp32", quiet=True)
+    loaded = load(args.model)
     unet = loaded.model.model.diffusion_model
     names = [n for n, _ in unet.named_modules() if n.endswith("attn2")]
     layers = [unet.get_submodule(n) for n in names]

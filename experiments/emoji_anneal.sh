@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Does a short low-learning-rate phase on shapes + emoji give the shapes back after a late emoji
-# phase, and keep the emoji? Continues a model from bench/emoji_side_finetune.sh (e.g. its
+# phase, and keep the emoji? Continues a model from experiments/emoji_side_finetune.sh (e.g. its
 # `EXTRA=900 LR=4e-4 ... 64:250` arm) on 8k shapes scenes (the bundled U-Net's generator settings)
 # merged with 4 copies of that arm's emoji set (emoji a third of the items), min-SNR 5 with the
 # 0.25 floor on the emoji only, raw weights; then scores it with both evals.
 #
-#   bash bench/emoji_anneal.sh BUNDLED_MODEL PHASE_MODEL EMOJI_SET EMOJI_DATA OUT [STEPS] [LR]
+#   bash experiments/emoji_anneal.sh BUNDLED_MODEL PHASE_MODEL EMOJI_SET EMOJI_DATA OUT [STEPS] [LR]
 #
 # BUNDLED_MODEL gives the VAE, PHASE_MODEL the U-Net to continue, EMOJI_SET the arm's emoji folder
 # (OUT_OF_SIDE/emoji-100+900), EMOJI_DATA the emoji eval's candidates (`ember data emoji DIR`).
@@ -39,4 +39,4 @@ print("emoji", {k: emoji[k] for k in ("top1", "top5", "median_rank")})
 print("in-distribution", round(shapes["overall"], 3),
       {k: round(v, 2) for k, v in shapes["per_category"].items()})
 EOF
-$PY bench/emoji_hits_by_tone.py "$R/eval-emoji/report.json" "$DATA"
+$PY experiments/emoji_hits_by_tone.py "$R/eval-emoji/report.json" "$DATA"

@@ -1,6 +1,6 @@
 """Where a VAE loses a shape on a given background: in its encoder or in its decoder.
 
-    .venv/bin/python bench/vae_background_probe.py [MODEL_OR_VAE.safetensors]
+    .venv/bin/python experiments/vae_background_probe.py [MODEL_OR_VAE.safetensors]
 
 For each background, pairs of one-object scenes that differ only in the shape (a triangle, star,
 square, heart or cross against a circle of the same colour, box and background; colours too close
@@ -13,16 +13,16 @@ to the background left out, as the shapes world does). Per background it prints 
   this falls, the decoder is what rounds the shapes.
 - |z| and the round trip's mean L1 error.
 
-`bench/vae_ceiling.py --by-background` shows the score this costs.
+`experiments/vae_ceiling.py --by-background` shows the score this costs.
 """
 
 import argparse
 
 import numpy as np
 import torch
-from vae_ceiling import load_file_vae  # a sibling script (bench/ is on sys.path)
+from vae_ceiling import load_file_vae  # a sibling script (experiments/ is on sys.path)
 
-from ember.cli import DEFAULT_MODEL
+from ember.catalog import DEFAULT_MODEL
 from ember.data.shapes import BACKGROUNDS, COLOURS, MIN_CONTRAST, PlacedObject, render_objects
 from ember.train.data import to_pixels
 

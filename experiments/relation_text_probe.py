@@ -1,6 +1,6 @@
 """Is the relation in the text encoder's token states? A linear probe, layer by layer.
 
-    .venv/bin/python bench/relation_text_probe.py [--colours 40] [--seed 0]
+    .venv/bin/python experiments/relation_text_probe.py [--colours 40] [--seed 0]
 
 For position captions of the shapes world ("a red circle left of a blue square on a white
 background"), the state of each shape word is labelled with where that object is (left, right, top,

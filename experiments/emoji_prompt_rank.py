@@ -1,6 +1,6 @@
 """Where one emoji's own drawing ranks among the emoji eval's references, for a few seeds.
 
-    .venv/bin/python bench/emoji_prompt_rank.py DATA CODE [--model M] [--seeds 1 2 3 4]
+    .venv/bin/python experiments/emoji_prompt_rank.py DATA CODE [--model M] [--seeds 1 2 3 4]
 
 For each style, generates the emoji's first caption (e.g. CODE 1f355: "a slice of pizza, twemoji
 style") with the eval's settings (`ember eval emoji`: dpmpp_2m, 20 steps, the model's cfg) and
@@ -30,26 +30,24 @@ def main() -> None:
     import numpy as np
 
     from ember.data.folder import load_dataset
-    from ember.eval.commands import EmojiSample, _generate, _load, features
+    from common import generate_images, load  # experiments/common.py
+
+    from ember.eval.commands import EmojiSample, features
 
     sample = EmojiSample(a.data)
     refs = [j for j, (code, _) in enumerate(sample.keys) if code.lower() == a.code.lower()]
     if not refs:
         raise SystemExit(f"no emoji on white with code {a.code} in {a.data}")
     captions = {it.file: it.captions[0] for it in load_dataset(a.data).items}
-    args = argparse.Namespace(
-        model=a.model, sampler="dpmpp_2m", steps=20, cfg=a.cfg, layout_guidance=None,
-        batch=len(a.seeds),
-    )  # fmt: skip
-    loaded = _load(args)
+    loaded = load(a.model)
     for j in refs:
         prompt = captions[sample.ref_files[j]]
-        images = np.stack(_generate(loaded, [prompt] * len(a.seeds), a.seeds, args))
+        images = np.stack(generate_images(loaded, [prompt] * len(a.seeds), a.seeds, cfg=a.cfg))
         dist = ((features(images)[:, None, :] - sample.ref_feats[None]) ** 2).sum(-1)
         order = np.argsort(dist, axis=1)
         ranks = [int(np.flatnonzero(row == j)[0]) for row in order]
         nearest = [sample.ref_files[row[0]] for row in order]
-        print(f"{prompt!r} (cfg {args.cfg}), seeds {a.seeds}: ranks {ranks}; nearest {nearest}")
+        print(f"{prompt!r} (cfg {a.cfg or 'the model default'}), seeds {a.seeds}: ranks {ranks}; nearest {nearest}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Write the emoji eval's own 100 emoji as a training set: a diagnostic, never a shipped model's data.
 
-    .venv/bin/python bench/emoji_subset.py runs/dm/emoji runs/emoji-100
+    .venv/bin/python experiments/emoji_subset.py runs/dm/emoji runs/emoji-100
 
 Fine-tuning a model on exactly the emoji that `ember eval emoji` prompts for measures how many views
 of an emoji the U-Net needs before the eval recognises it (capacity and learning speed, with data

@@ -1,6 +1,6 @@
 """How much of the shapes-world GenEval score a VAE allows: score its reconstructions of ground truth.
 
-    .venv/bin/python bench/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2] [--emoji DATA]
+    .venv/bin/python experiments/vae_ceiling.py [MODEL_OR_VAE.safetensors] [--seeds 2] [--emoji DATA]
         [--by-background]
 
 A diffusion model decodes through its VAE, so the VAE's round trip of perfect renders is a ceiling
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ember.checkpoints import CONFIG_KEY, check_safetensors
-from ember.cli import DEFAULT_MODEL
+from ember.catalog import DEFAULT_MODEL
 from ember.config import ModelConfig, get_preset
 from ember.eval.commands import EmojiSample
 from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
