@@ -95,6 +95,8 @@ def check_safetensors(path: str | Path) -> dict:
         raise EmberError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise EmberError(f"{path}: not a safetensors file (header is not a JSON object)")
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise EmberError(f"{path}: malformed safetensors metadata (not a JSON object)")
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -320,10 +322,13 @@ def load_model(
         except (EmberError, ValueError) as exc:  # openclip_to_hf names stray text-model keys
             raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
+    from ember.models.text import build_tokenizer
+
     note("building model")
     try:
+        tokenizer = build_tokenizer(cfg.text)  # refuses ids outside its vocabulary
         model = build_model(cfg, sd, dtype=dtype)
-    except EmberError as exc:
+    except ValueError as exc:  # EmberError is a ValueError
         raise EmberError(f"{path.name}: {exc}") from None
     if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
         if cfg.unet.context_dim == 1024 and cfg.schedule.prediction == "eps":
@@ -333,12 +338,10 @@ def load_model(
                     schedule=dataclasses.replace(cfg.schedule, prediction="v"),
                 )  # fmt: skip
                 model.config = cfg
-    from ember.models.text import build_tokenizer
-
     sha, short = file_hashes(path)
     name = path.stem if not path.is_dir() else path.name
     note("ready")
-    return LoadedModel(model, build_tokenizer(cfg.text), cfg, str(path), name, sha, short, extra)
+    return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra)
 
 
 def _metadata_of(path: Path) -> dict:
@@ -488,10 +491,12 @@ def read_diffusers(
     for part, stem in _PARTS.items():
         file = folder / part / f"{stem}.safetensors"
         if not file.exists():
-            pickled = [p.name for p in (folder / part).glob(f"{stem}*.bin")]
-            hint = (
-                " (only a pickled .bin is present; ember reads safetensors only)" if pickled else ""
-            )
+            others = sorted(p.name for p in (folder / part).glob(f"{stem}*"))
+            hint = ""
+            if any(name.endswith(".bin") for name in others):
+                hint = " (only a pickled .bin is present; ember reads safetensors only)"
+            elif others:  # diffusion_pytorch_model.fp16.safetensors, -00001-of-00002, ...
+                hint = f" (found {', '.join(others[:3])}: ember reads one unsharded, plain file)"
             raise EmberError(f"{folder}: missing {part}/{stem}.safetensors{hint}")
         weights[part], _ = read_safetensors(file)
     sd = {}
@@ -547,10 +552,11 @@ def inspect_diffusers(folder: Path) -> tuple[C.ModelConfig, dict]:
         size = int(configs["unet"].get("sample_size", 64)) * vae_cfg.downsample
     except (ValueError, KeyError, TypeError) as exc:  # EmberError is a ValueError
         raise EmberError(f"{folder.name} ({pipeline}): {exc}; {SUPPORTED}") from None
-    if unet_cfg.in_channels not in (4, 9):
+    z, n = vae_cfg.z_channels, unet_cfg.in_channels
+    if n != z and (n, z) != (9, 4):  # latents, or SD inpainting's latents + mask + masked image
         raise EmberError(
-            f"{folder.name} ({pipeline}): its U-Net takes {unet_cfg.in_channels} input channels "
-            f"(4: text-to-image, 9: inpainting); {SUPPORTED}"
+            f"{folder.name} ({pipeline}): its U-Net takes {n} input channels for {z}-channel "
+            f"latents ({z}: text-to-image, 9 with 4: inpainting); {SUPPORTED}"
         )
     if text_cfg.hidden_size != unet_cfg.context_dim:
         raise EmberError(
