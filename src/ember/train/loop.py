@@ -414,6 +414,7 @@ class _Run:
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
         )
         self.sampler = EpochSampler(task.num_items, cfg.seed)
+        self.micro = cfg.batch_size // cfg.grad_accum  # samples per accumulation micro-step
         self.prog = Progress()
         self.bf16 = False
         self.stop = _StopFlag()
@@ -472,7 +473,6 @@ class _Run:
         resumed_bf16 = prog.extra.get("bf16") if start > 0 and cfg.bf16 == "auto" else None
         self.bf16 = bool(resumed_bf16) if resumed_bf16 is not None else use_bf16(cfg, d)
         prog.extra["bf16"] = self.bf16
-        self.micro = cfg.batch_size // cfg.grad_accum
         if self.micro % d.world:
             raise EmberError(
                 f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {self.micro} "
