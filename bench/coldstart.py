@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import generate_command, machine, threads_env, write_report
+
 PROMPT = "a red circle left of a blue square"
 
 
@@ -27,10 +29,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    env = threads_env(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cli = ["-m", "ember.cli", "generate", PROMPT, "--model", a.model, "--dtype", a.dtype,
-               "-q", "-o", f"{tmp}/a.png"]  # fmt: skip
+        cli = generate_command(PROMPT, a.model, f"{tmp}/a.png", dtype=a.dtype)[1:]  # after python
         t = time.perf_counter()
         subprocess.run([sys.executable, *cli], env=env, check=True, capture_output=True)
         wall = time.perf_counter() - t
@@ -59,7 +60,7 @@ def main() -> None:
         "# Profile: `ember generate` cold start",
         "",
         f"Command: `.venv/bin/python bench/coldstart.py MODEL --dtype {a.dtype} --threads "
-        f"{a.threads}`; load average at start {os.getloadavg()[0]:.1f}.",
+        f"{a.threads}`. Machine: {machine()}.",
         "",
         f"Process start to PNG written: **{wall:.2f} s**; top-level imports: {total_import:.2f} s.",
         "",
@@ -72,12 +73,7 @@ def main() -> None:
         *[f"| {name} | {cum:.2f} |" for cum, name in funcs[:12]],
         "",
     ]
-    text = "\n".join(lines)
-    if a.out:
-        a.out.write_text(text)
-        print(a.out)
-    else:
-        print(text)
+    write_report("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def main() -> None:
 
     import ember.models.layers as layers
     from ember.checkpoints import load_model
-    from ember.settings import GenerationParams
     from ember.pipeline import generate
+    from ember.settings import GenerationParams
 
     torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]

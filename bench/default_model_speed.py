@@ -16,10 +16,10 @@ import time
 
 import torch
 
+from ember.catalog import DEFAULT_MODEL
 from ember.checkpoints import load_model
-from ember.cli import DEFAULT_MODEL
-from ember.settings import GenerationParams
 from ember.pipeline import generate
+from ember.settings import GenerationParams
 
 
 def main() -> None:

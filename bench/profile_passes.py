@@ -13,8 +13,7 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from common import count_flops, machine, unet_inputs, write_report
 
 
 def main() -> None:
@@ -28,30 +27,25 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
-    from speed import count_flops
     from torch.profiler import profile
 
     from ember.checkpoints import load_model
-    from ember.pipeline import DTYPES
+    from ember.device import DTYPES
 
     torch.set_num_threads(a.threads)
     dtype = DTYPES[a.dtype]
     loaded = load_model(a.model, dtype=dtype)
     cfg = loaded.config
     unet, vae = loaded.model.model.diffusion_model, loaded.model.first_stage_model
-    h = a.size // cfg.vae.downsample
-    x = torch.randn(2, cfg.unet.in_channels, h, h, dtype=dtype)
-    length = 77 if cfg.text.kind == "clip" else cfg.text.max_length
-    ctx = torch.randn(2, length, cfg.unet.context_dim, dtype=dtype)
-    t = torch.full((2,), 500.0, dtype=dtype)
+    x, t, ctx = unet_inputs(cfg, a.size, dtype)
     z = x[:1, : cfg.vae.embed_dim]
     parts = {"U-Net pass (batch 2)": lambda: unet(x, t, ctx), "VAE decode": lambda: vae.decode(z)}
     lines = [
         f"# Profile: {cfg.name} at {a.size}x{a.size}, {a.dtype}, {a.threads} thread(s)",
         "",
         f"Command: `.venv/bin/python bench/profile_passes.py MODEL --size {a.size} --dtype {a.dtype} "
-        f"--threads {a.threads}`; torch {torch.__version__}; load average at start "
-        f"{os.getloadavg()[0]:.1f} (CPU self times are less disturbed by other load than wall).",
+        f"--threads {a.threads}`. Machine: {machine()} (CPU self times are less disturbed by "
+        "other load than wall).",
         "",
     ]
     counted = count_flops(cfg, a.size)
@@ -74,12 +68,7 @@ def main() -> None:
                 "```",
                 "",
             ]
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        a.out.write_text(text)
-        print(a.out)
-    else:
-        print(text)
+    write_report("\n".join(lines) + "\n", a.out)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import time
 import torch
 
 from ember.config import get_preset
+from ember.device import native_bf16
 from ember.models.unet import UNetModel
-from ember.pipeline import native_bf16
 
 
 def main() -> None:

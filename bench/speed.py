@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,12 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from common import ROOT, count_flops, generate_command, machine, threads_env, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -100,10 +95,11 @@ def worker_ember(a: argparse.Namespace) -> dict:
     import torch
 
     from ember.checkpoints import load_model
-    from ember.settings import GenerationParams
+    from ember.device import DTYPES
     from ember.pipeline import generate
+    from ember.settings import GenerationParams
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     loaded = load_model(a.model, dtype=dtype)
     unet_times: list[float] = []
     _timed_hook(loaded.model.model.diffusion_model, unet_times)
@@ -127,7 +123,9 @@ def worker_diffusers(a: argparse.Namespace) -> dict:
     import diffusers
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    from ember.device import DTYPES
+
+    dtype = DTYPES[a.dtype]
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=dtype)
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
@@ -188,38 +186,13 @@ def worker_flops(a: argparse.Namespace) -> dict:
     return out
 
 
-def count_flops(cfg, size: int) -> dict[str, int]:
-    """FLOPs of one U-Net pass on a cond+uncond batch and one VAE decode, counted on the meta
-    device (shapes only: no weights, no arithmetic, and the plain conv path the counter knows)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ember.models.unet import UNetModel
-    from ember.models.vae import AutoencoderKL
-
-    with torch.device("meta"), torch.no_grad():
-        unet, vae = UNetModel(cfg.unet), AutoencoderKL(cfg.vae)
-        h = size // cfg.vae.downsample
-        x = torch.randn(2, cfg.unet.in_channels, h, h)
-        length = 77 if cfg.text.kind == "clip" else cfg.text.max_length
-        ctx = torch.randn(2, length, cfg.unet.context_dim)
-        with FlopCounterMode(display=False) as fc:
-            unet(x, torch.full((2,), 500.0), ctx)
-        unet_flops = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            vae.decode(x[:1, : cfg.vae.embed_dim])
-        return {"unet": unet_flops, "vae": fc.get_total_flops()}
-
-
 def worker_cold(a: argparse.Namespace) -> dict:
     """Process start to PNG written, through the `ember generate` CLI."""
     png = Path(a.save)
     png.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "ember.cli", "generate", PROMPT, "--model", a.model, "-q",
-           "--steps", str(a.steps), "--dtype", a.dtype, "-o", str(png)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    cmd = generate_command(PROMPT, a.model, png, dtype=a.dtype, steps=a.steps)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=threads_env(a.threads), stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - t
     assert png.exists()
     return {"cold": [elapsed]}
@@ -284,28 +257,6 @@ def psnr(a, b) -> float:
 
     mse = torch.mean((a.float() - b.float()) ** 2).item()
     return float("inf") if mse == 0 else 10 * __import__("math").log10(1.0 / mse)
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    import torch
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({' '.join(isa)}), {mem:.0f} GiB RAM; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"load average at start {os.getloadavg()[0]:.1f}"
-    )
 
 
 def main() -> None:
@@ -488,12 +439,7 @@ def main() -> None:
         sections.append("")
 
     sections.append(f"Total benchmark time: {(time.time() - started) / 60:.1f} min.")
-    text = "\n".join(sections) + "\n"
-    if a.out:
-        a.out.write_text(text)
-        print(a.out)
-    else:
-        print(text)
+    write_report("\n".join(sections) + "\n", a.out)
 
 
 if __name__ == "__main__":
