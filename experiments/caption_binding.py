@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import DEFAULT_MODEL, load  # noqa: E402 (experiments/common.py)
+
 from ember.data.shapes import CONVERSE, SceneSpec, describe  # noqa: E402
 from ember.diffusion.losses import DiffusionLoss  # noqa: E402
 from ember.eval.geneval import PROMPT_SETS, render_spec  # noqa: E402

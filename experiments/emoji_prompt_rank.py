@@ -28,10 +28,9 @@ def main() -> None:
     a = ap.parse_args()
 
     import numpy as np
-
-    from ember.data.folder import load_dataset
     from common import generate_images, load  # experiments/common.py
 
+    from ember.data.folder import load_dataset
     from ember.eval.commands import EmojiSample, features
 
     sample = EmojiSample(a.data)

@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import DEFAULT_MODEL, generate_images, load  # noqa: E402 (experiments/common.py)
+
 from ember.eval.geneval import PROMPT_SETS, detect, render_spec, score  # noqa: E402
 
 

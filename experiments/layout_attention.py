@@ -17,14 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import DEFAULT_MODEL, load  # noqa: E402 (experiments/common.py)
-from ember.settings import GenerationParams  # noqa: E402
+
 from ember.diffusion.layout import record_attention  # noqa: E402
-from ember.prompts import layout_from_prompt  # noqa: E402
 from ember.eval.geneval import PROMPT_SETS, detect  # noqa: E402
 from ember.images import tensor_to_uint8  # noqa: E402
 from ember.pipeline import generate  # noqa: E402
+from ember.prompts import layout_from_prompt  # noqa: E402
+from ember.settings import GenerationParams  # noqa: E402
 
 AXIS = {"left of": 0, "right of": 0, "above": 1, "below": 1}
 

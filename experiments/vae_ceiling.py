@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ember.checkpoints import CONFIG_KEY, check_safetensors
 from ember.catalog import DEFAULT_MODEL
+from ember.checkpoints import CONFIG_KEY, check_safetensors
 from ember.config import ModelConfig, get_preset
 from ember.eval.commands import EmojiSample
 from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
