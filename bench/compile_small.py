@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     import torch._inductor.config as inductor_config
 
-    import ember.models.layers as layers
+    import ember.models.prepack as layers
     from ember.checkpoints import load_model
     from ember.pipeline import generate
     from ember.settings import GenerationParams

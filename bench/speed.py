@@ -160,7 +160,7 @@ def worker_flops(a: argparse.Namespace) -> dict:
     import torch
 
     from ember.config import get_preset
-    from ember.models.layers import Conv2d
+    from ember.models.prepack import Conv2d
 
     out: dict = {"peak": {}}
     n = 2048

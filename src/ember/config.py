@@ -34,10 +34,6 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv
     norm_groups: int = 32
-    # Two extra input channels holding each latent pixel's x and y (-1..1), CoordConv-style: the
-    # absolute position that "left of" / "above" need, which convolutions see only near borders.
-    # Not an ldm option: SD checkpoints never set it.
-    coord_channels: bool = False
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer with `channels` channels."""
@@ -177,7 +173,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         name=data["name"],
-        unet=_build(UNetConfig, data["unet"]),
+        unet=_build(UNetConfig, _without_coord_channels(data["unet"])),
         vae=_build(VAEConfig, data["vae"]),
         text=_build(TextConfig, data["text"]),
         schedule=_build(ScheduleConfig, data.get("schedule", {})),
@@ -190,6 +186,14 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
         if "layout_guidance" in data
         else _preset_value(data["name"], "layout_guidance"),
     )
+
+
+def _without_coord_channels(unet: dict[str, Any]) -> dict[str, Any]:
+    """Files written while UNetConfig had `coord_channels` (a dropped experiment) record it false."""
+    unet = dict(unet)
+    if unet.pop("coord_channels", False):
+        raise ValueError("U-Nets with coordinate input channels (coord_channels) are not supported")
+    return unet
 
 
 def _preset_value(name: str, field_name: str) -> float | None:
@@ -301,17 +305,6 @@ PRESETS: dict[str, ModelConfig] = {
     "ember-small-z8p": ModelConfig(
         "ember-small-z8p",
         dataclasses.replace(EMBER_UNET, in_channels=8, out_channels=8),
-        dataclasses.replace(EMBER_VAE, z_channels=8, embed_dim=8),
-        dataclasses.replace(MINILM, layer="penultimate"),
-        ScheduleConfig(prediction="v"),
-        size=64,
-        guidance=EMBER_SMALL_CFG,
-        layout_guidance=EMBER_SMALL_LAYOUT,
-    ),
-    # ember-small-z8p with coordinate input channels (UNetConfig.coord_channels).
-    "ember-small-z8pc": ModelConfig(
-        "ember-small-z8pc",
-        dataclasses.replace(EMBER_UNET, in_channels=8, out_channels=8, coord_channels=True),
         dataclasses.replace(EMBER_VAE, z_channels=8, embed_dim=8),
         dataclasses.replace(MINILM, layer="penultimate"),
         ScheduleConfig(prediction="v"),

@@ -94,9 +94,3 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
         ]
         raise ValueError(f"state dict does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True, assign=True)
-
-
-def find_meta_tensors(module: nn.Module) -> list[str]:
-    """Names of parameters and buffers still on the meta device (e.g. non-persistent buffers)."""
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return [name for name, t in tensors if t.is_meta]

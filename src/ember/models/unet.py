@@ -12,7 +12,6 @@ from torch import nn
 
 from ember.config import UNetConfig
 from ember.models.layers import (
-    Conv2d,
     Downsample,
     ResBlock,
     SpatialTransformer,
@@ -21,6 +20,7 @@ from ember.models.layers import (
     timestep_embedding,
     zero_module,
 )
+from ember.models.prepack import Conv2d
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -37,15 +37,6 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
-
-
-def coordinates(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2, H, W) maps of each pixel's x (left -1 .. right 1) and y (top -1 .. bottom 1)."""
-    b, _, h, w = x.shape
-    ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
-    xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
-    grid = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)])
-    return grid.expand(b, 2, h, w)
 
 
 class UNetModel(nn.Module):
@@ -77,9 +68,8 @@ class UNetModel(nn.Module):
                 cfg.use_linear_in_transformer,
             )
 
-        in_ch = cfg.in_channels + 2 * cfg.coord_channels  # the x/y maps join the input
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(Conv2d(in_ch, mc, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))]
         )
         skip_chans = [mc]  # channels of every input block's output, consumed by the decoder
         ch, ds = mc, 1
@@ -135,7 +125,7 @@ class UNetModel(nn.Module):
             timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
         )  # (B, 4mc)
         skips = []
-        h = torch.cat([x, coordinates(x)], dim=1) if self.cfg.coord_channels else x
+        h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)

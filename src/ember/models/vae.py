@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import VAEConfig
-from ember.models.layers import Conv2d, GroupNorm32, sdpa
+from ember.models.layers import GroupNorm32, sdpa
+from ember.models.prepack import Conv2d
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -1,0 +1,79 @@
+"""Convolutions that keep their weight prepacked in oneDNN's blocked layout, on CPU at inference.
+
+A plain `F.conv2d` call on CPU reorders the weight into oneDNN's layout on every call; for the deep,
+small-spatial layers of a U-Net (1280 channels at 8x8 or 4x4) the reorder costs more than the
+convolution itself (measured 2-4x per layer, bench/profile-sd15-256.md). `Conv2d` here is a drop-in
+`nn.Conv2d` that makes the packed copy once, through private torch ops (`torch.ops.mkldnn`), so
+the model definitions (`layers.py`, `unet.py`, `vae.py`) read like the ldm code they mirror.
+
+EMBER_PREPACK=0, read at import, turns the prepacked convolutions off: each conv weight then exists
+once instead of twice (SD 1.5 in fp32: 2.3 GB less peak memory, ~20% slower;
+bench/prepack_memory.py). Setting `PREPACK` at run time takes effect on the next call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+PREPACK = os.environ.get("EMBER_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def onednn_usable(dtype: torch.dtype) -> bool:
+    """oneDNN convolutions with prepacked weights: on CPU builds with mkldnn, fp32 always, bf16
+    only where the CPU has native bf16 instructions (elsewhere oneDNN would emulate it slowly)."""
+    if not PREPACK or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that, at inference on CPU, keeps its weight prepacked in oneDNN's blocked layout.
+
+    The packed copy is made on first use and rebuilt whenever the weight's storage, version or
+    dtype changes; with gradients, autocast, other devices or dtypes this is exactly `nn.Conv2d`.
+    Parameter names and the state dict are unchanged.
+    """
+
+    _packed: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.device.type != "cpu"
+            or x.dtype != w.dtype
+            or x.ndim != 4
+            or w.is_meta
+            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            or torch.is_autocast_enabled("cpu")
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or not onednn_usable(x.dtype)
+        ):
+            return super().forward(x)
+        key = (w.data_ptr(), w._version, w.dtype, x.shape[1])
+        if self._packed is None or self._packed[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(x.shape),
+            )
+            self._packed = (key, packed)
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed[1], bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "",
+        )  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        # The packed copy is a cache (and an opaque oneDNN tensor): never copy or pickle it.
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
