@@ -8,7 +8,6 @@ import torch
 
 from ember.checkpoints import load_model
 from ember.config import TextConfig
-from ember.settings import GenerationParams
 from ember.diffusion.layout import (
     Count,
     Region,
@@ -16,12 +15,13 @@ from ember.diffusion.layout import (
     count_energy,
     guided_layers,
     layout_energy,
-    layout_from_prompt,
     record_attention,
 )
 from ember.errors import EmberError
 from ember.models.text import build_clip_tokenizer
 from ember.pipeline import generate
+from ember.prompts import layout_from_prompt
+from ember.settings import GenerationParams
 
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 TOP, BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)

@@ -283,6 +283,36 @@ def test_attention_path_choice() -> None:
         assert fused.call_count == 2
 
 
+def test_attention_weights_hook_sees_the_weights_and_changes_nothing() -> None:
+    """A registered hook gets each forward's (B, heads, N, L) float32 weights, rows summing to 1,
+    and the output stays the fused kernel's; once removed, the layer runs the fused kernel again."""
+    from unittest import mock
+
+    from ember.models import layers
+
+    torch.manual_seed(0)
+    attn = layers.CrossAttention(16, 8, heads=2, dim_head=4).eval()
+    x, ctx = torch.randn(2, 6, 16), torch.randn(2, 5, 8)
+    seen: list[torch.Tensor] = []
+    sdpa = layers.F.scaled_dot_product_attention
+    with (
+        torch.no_grad(),
+        mock.patch.object(layers.F, "scaled_dot_product_attention", wraps=sdpa) as fused,
+    ):
+        plain = attn(x, ctx)
+        handle = attn.register_weights_hook(seen.append)
+        hooked = attn(x, ctx)
+        assert fused.call_count == 1  # the hooked call formed its weights explicitly
+        handle.remove()
+        again = attn(x, ctx)
+        assert fused.call_count == 2
+    (weights,) = seen
+    assert weights.shape == (2, 2, 6, 5) and weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 6))
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, plain)
+
+
 def test_configs_written_with_coordinate_channels_off_still_load() -> None:
     """`coord_channels` (a dropped experiment) is in the files written while it existed, the
     bundled model's among them: false loads as before, true is refused by name."""

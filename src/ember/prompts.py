@@ -9,6 +9,9 @@ Syntax: `(text)` x1.1, `[text]` /1.1, `(text:1.3)` x1.3, nesting multiplies, `\\
 `\\\\` are literals, unbalanced openers apply to the end of the prompt, unmatched closers are text,
 `BREAK` (upper case, a word of its own) ends the current chunk.
 
+`layout_from_prompt` reads a plain prompt's spatial relation or count ("a cat left of a dog",
+"three red squares") as the regions layout guidance steers towards.
+
 One chunk is `max_length` tokens: `[bos] + (max_length - 2) + [eos]`, padded with eos and,
 where the pad id differs (SD 2.x), everything after the first eos is set to pad, as A1111 does.
 """
@@ -20,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from ember.diffusion.layout import Box, Count, Region
 from ember.models.text import TextEncoder, Tokenizer
 
 BREAK = "BREAK"
@@ -246,3 +250,99 @@ def encode_prompts(
 
         cond, uncond = pad(cond), pad(uncond)
     return cond, uncond
+
+
+# Layout prompts: where the objects a prompt names should go, for layout guidance
+# (`ember.diffusion.layout`), read from its plain English ("left of", "three").
+
+# Relation phrases -> (box of the subject, box of the object). Longest phrases first.
+_LEFT, _RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+_TOP, _BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
+RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
+    ("to", "the", "left", "of"): (_LEFT, _RIGHT),
+    ("to", "the", "right", "of"): (_RIGHT, _LEFT),
+    ("on", "the", "left", "of"): (_LEFT, _RIGHT),
+    ("on", "the", "right", "of"): (_RIGHT, _LEFT),
+    ("left", "of"): (_LEFT, _RIGHT),
+    ("right", "of"): (_RIGHT, _LEFT),
+    ("above",): (_TOP, _BOTTOM),
+    ("over",): (_TOP, _BOTTOM),
+    ("below",): (_BOTTOM, _TOP),
+    ("under",): (_BOTTOM, _TOP),
+    ("beneath",): (_BOTTOM, _TOP),
+}
+# Counts that get a quadrant each. ember's shapes world puts three or four objects in distinct
+# quadrants (`ember.data.shapes.layout_scene`) and two anywhere. Only three leaves a quadrant
+# empty, which a model that has learnt the four-quadrant grid tends to fill (the bundled model drew
+# four for "three ..." in 11 of 20 images): four fill every quadrant and need no layout.
+COUNTS = {"three": 3, "3": 3}
+# Words that end the object's phrase after a relation ("... a blue square on a white background").
+_PHRASE_END = {"and", "on", "in", "with", "against", "at", "near", "next"}
+_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+
+
+def layout_from_prompt(prompt: str, tokenizer) -> list[Region] | list[Count]:
+    """The layout a plain prompt's first spatial relation, or else its count, implies; or [].
+
+    "a red circle left of a blue square on a white background": the subject is the word just before
+    the relation ("circle", left half), the object is the last word of the phrase after it, up to
+    the next comma or "on"/"in"/"with"/... ("square", right half). "three red squares on a white
+    background": a prompt that starts with a number in `COUNTS` has the last word of the phrase
+    after the number counted ("squares", a `Count` of 3; `_count`). Token positions count the
+    tokenizer's start token. Prompts the analysis cannot map onto tokens exactly (emphasis syntax,
+    BREAK, longer than one window) get no layout rather than a wrong one.
+    """
+    chunks = tokenize_weighted(prompt, tokenizer)
+    if len(chunks) != 1 or any(w != 1.0 for w in chunks[0].weights):
+        return []  # emphasis, BREAK or more than one window
+    words = _WORD.findall(prompt.lower())
+    positions: list[tuple[int, ...]] = []
+    ids: list[int] = []
+    for w in words:
+        word_ids = tokenizer.encode(w)
+        positions.append(tuple(range(1 + len(ids), 1 + len(ids) + len(word_ids))))  # after bos
+        ids += word_ids
+    if chunks[0].ids[1 : len(ids) + 2] != [*ids, tokenizer.eos_token_id]:
+        return []  # the words do not tokenise as the whole prompt does
+    return _relation(words, positions) or _count(words, positions)
+
+
+def _phrase_end(words: list[str], start: int) -> int:
+    """Index just past the phrase from `start`: up to a comma, "on", "and", ... or the end."""
+    end = start
+    while end < len(words) and words[end].isalnum() and words[end] not in _PHRASE_END:
+        end += 1
+    return end
+
+
+def _count(words: list[str], positions: list[tuple[int, ...]]) -> list[Count]:
+    """A count prompt's counted word: "three red squares on a white background" -> "squares", 3.
+
+    Only a prompt that starts with its number is a count of things to lay out: in "a smiling face
+    with three hearts" or "a speaker with three sound waves" the number describes part of one
+    drawing, and in "three o'clock" it counts nothing (the counted word must be a plural in -s).
+    """
+    if not words or words[0] not in COUNTS:
+        return []
+    end = _phrase_end(words, 1)
+    if end == 1 or not words[end - 1].endswith("s"):
+        return []
+    return [Count(positions[end - 1], COUNTS[words[0]])]
+
+
+def _relation(words: list[str], positions: list[tuple[int, ...]]) -> list[Region]:
+    """The subject's and the object's regions of the first relation in `words`, or []."""
+    for i in range(1, len(words)):
+        for phrase, (subject_box, object_box) in RELATIONS.items():
+            if tuple(words[i : i + len(phrase)]) != phrase:
+                continue
+            subject = i - 1
+            if not words[subject].isalnum():
+                return []
+            j = i + len(phrase)
+            end = _phrase_end(words, j)
+            if end == j:
+                return []
+            obj = end - 1
+            return [Region(positions[subject], subject_box), Region(positions[obj], object_box)]
+    return []

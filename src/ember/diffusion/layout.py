@@ -10,7 +10,7 @@ A small U-Net can draw two named objects yet ignore the relation word between th
 bundled model the denoising loss is the same under the converse relation, docs/training.md), while
 its last cross-attention maps already say where each object is being drawn. So "a red circle left
 of a blue square" gets the boxes "left half" and "right half" from the prompt
-(`layout_from_prompt`) and the guidance enforces them. Counts are laid out too: a model that has
+(`ember.prompts.layout_from_prompt`) and the guidance enforces them. Counts are laid out too: a model that has
 learnt to put three or four objects in distinct quadrants tends to fill all four when asked for
 three, so "three red squares" gets a `Count` whose energy empties the quadrant the squares' attention
 fills least.
@@ -18,7 +18,6 @@ fills least.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from torch import nn
 
 from ember.diffusion.denoisers import Conditioning, Denoiser, per_image_sigma
 from ember.models.layers import CrossAttention
-from ember.prompts import tokenize_weighted
 
 # (x0, y0, x1, y1) as fractions of the image's width and height, x1 and y1 exclusive
 Box = tuple[float, float, float, float]
@@ -62,98 +60,8 @@ class Count:
         return count_energy(a, self.n, h, w)
 
 
-# Relation phrases -> (box of the subject, box of the object). Longest phrases first.
-_LEFT, _RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
-_TOP, _BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
-RELATIONS: dict[tuple[str, ...], tuple[Box, Box]] = {
-    ("to", "the", "left", "of"): (_LEFT, _RIGHT),
-    ("to", "the", "right", "of"): (_RIGHT, _LEFT),
-    ("on", "the", "left", "of"): (_LEFT, _RIGHT),
-    ("on", "the", "right", "of"): (_RIGHT, _LEFT),
-    ("left", "of"): (_LEFT, _RIGHT),
-    ("right", "of"): (_RIGHT, _LEFT),
-    ("above",): (_TOP, _BOTTOM),
-    ("over",): (_TOP, _BOTTOM),
-    ("below",): (_BOTTOM, _TOP),
-    ("under",): (_BOTTOM, _TOP),
-    ("beneath",): (_BOTTOM, _TOP),
-}
-# Counts that get a quadrant each. ember's shapes world puts three or four objects in distinct
-# quadrants (`ember.data.shapes.layout_scene`) and two anywhere. Only three leaves a quadrant
-# empty, which a model that has learnt the four-quadrant grid tends to fill (the bundled model drew
-# four for "three ..." in 11 of 20 images): four fill every quadrant and need no layout.
-COUNTS = {"three": 3, "3": 3}
+# The quadrants a `Count`'s objects go to, one each.
 _QUADRANTS = [(x, y, x + 0.5, y + 0.5) for y in (0.0, 0.5) for x in (0.0, 0.5)]
-# Words that end the object's phrase after a relation ("... a blue square on a white background").
-_PHRASE_END = {"and", "on", "in", "with", "against", "at", "near", "next"}
-_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
-
-
-def layout_from_prompt(prompt: str, tokenizer) -> list[Region] | list[Count]:
-    """The layout a plain prompt's first spatial relation, or else its count, implies; or [].
-
-    "a red circle left of a blue square on a white background": the subject is the word just before
-    the relation ("circle", left half), the object is the last word of the phrase after it, up to
-    the next comma or "on"/"in"/"with"/... ("square", right half). "three red squares on a white
-    background": a prompt that starts with a number in `COUNTS` has the last word of the phrase
-    after the number counted ("squares", a `Count` of 3; `_count`). Token positions count the
-    tokenizer's start token. Prompts the analysis cannot map onto tokens exactly (emphasis syntax,
-    BREAK, longer than one window) get no layout rather than a wrong one.
-    """
-    chunks = tokenize_weighted(prompt, tokenizer)
-    if len(chunks) != 1 or any(w != 1.0 for w in chunks[0].weights):
-        return []  # emphasis, BREAK or more than one window
-    words = _WORD.findall(prompt.lower())
-    positions: list[tuple[int, ...]] = []
-    ids: list[int] = []
-    for w in words:
-        word_ids = tokenizer.encode(w)
-        positions.append(tuple(range(1 + len(ids), 1 + len(ids) + len(word_ids))))  # after bos
-        ids += word_ids
-    if chunks[0].ids[1 : len(ids) + 2] != [*ids, tokenizer.eos_token_id]:
-        return []  # the words do not tokenise as the whole prompt does
-    return _relation(words, positions) or _count(words, positions)
-
-
-def _phrase_end(words: list[str], start: int) -> int:
-    """Index just past the phrase from `start`: up to a comma, "on", "and", ... or the end."""
-    end = start
-    while end < len(words) and words[end].isalnum() and words[end] not in _PHRASE_END:
-        end += 1
-    return end
-
-
-def _count(words: list[str], positions: list[tuple[int, ...]]) -> list[Count]:
-    """A count prompt's counted word: "three red squares on a white background" -> "squares", 3.
-
-    Only a prompt that starts with its number is a count of things to lay out: in "a smiling face
-    with three hearts" or "a speaker with three sound waves" the number describes part of one
-    drawing, and in "three o'clock" it counts nothing (the counted word must be a plural in -s).
-    """
-    if not words or words[0] not in COUNTS:
-        return []
-    end = _phrase_end(words, 1)
-    if end == 1 or not words[end - 1].endswith("s"):
-        return []
-    return [Count(positions[end - 1], COUNTS[words[0]])]
-
-
-def _relation(words: list[str], positions: list[tuple[int, ...]]) -> list[Region]:
-    """The subject's and the object's regions of the first relation in `words`, or []."""
-    for i in range(1, len(words)):
-        for phrase, (subject_box, object_box) in RELATIONS.items():
-            if tuple(words[i : i + len(phrase)]) != phrase:
-                continue
-            subject = i - 1
-            if not words[subject].isalnum():
-                return []
-            j = i + len(phrase)
-            end = _phrase_end(words, j)
-            if end == j:
-                return []
-            obj = end - 1
-            return [Region(positions[subject], subject_box), Region(positions[obj], object_box)]
-    return []
 
 
 def box_mask(box: Box, h: int, w: int) -> torch.Tensor:
@@ -228,21 +136,23 @@ def record_attention(
     """
     maps: list[torch.Tensor] = []
 
-    def probe_last(probs: torch.Tensor) -> None:
-        maps.append(probs)
+    def record(probs: torch.Tensor) -> None:  # (B, heads, N, L)
+        maps.append(probs.mean(1))
+
+    def record_last(probs: torch.Tensor) -> None:
+        record(probs)
         if stop:
             raise ForwardDone
 
-    for layer in layers:
-        layer.probe = maps.append
-    layers[-1].probe = probe_last
+    hooks = [layer.register_weights_hook(record) for layer in layers[:-1]]
+    hooks.append(layers[-1].register_weights_hook(record_last))
     try:
         yield maps
     except ForwardDone:
         pass
     finally:
-        for layer in layers:
-            layer.probe = None
+        for hook in hooks:
+            hook.remove()
 
 
 class LayoutGuidedDenoiser:

@@ -7,11 +7,13 @@ module built here has the keys of an original Stable Diffusion single-file check
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ember.models.prepack import PREPACK, Conv2d  # noqa: F401 (PREPACK: see below)
 from ember.models.prepack import onednn_usable as _onednn_usable  # noqa: F401
@@ -153,21 +155,23 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
-    probe: Callable[[torch.Tensor], None] | None = None,
+    weights_hooks: Sequence[Callable[[torch.Tensor], None]] = (),
 ) -> torch.Tensor:
     """Multi-head softmax(q k^T / sqrt(d)) v on (B, N, heads*d) tensors -> (B, N, heads*d).
 
-    With a `probe`, the attention weights are formed explicitly and handed to it, averaged over
-    heads as (B, N, L) float32 (what layout guidance reads; gradients flow through them).
+    With `weights_hooks`, the attention weights are formed explicitly, as (B, heads, N, L) float32
+    through which gradients flow, and handed to each hook before they weigh `v`; without, the
+    fused kernel runs and the weights never exist.
     """
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, h, N, d)
-    if probe is None:
+    if not weights_hooks:
         out = sdpa(q, k, v)
     else:
         probs = attention_weights(q, k)  # (B, h, N, L)
-        probe(probs.mean(1))
+        for hook in weights_hooks:
+            hook(probs)
         out = probs.to(v.dtype) @ v
     return out.transpose(1, 2).reshape(b, n, inner)
 
@@ -180,18 +184,32 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        # Set by `ember.diffusion.layout.record_attention` while it reads the attention maps.
-        self.probe: Callable[[torch.Tensor], None] | None = None
+        self._weights_hooks: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
+    def register_weights_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Have `hook(weights)` called with each forward's (B, heads, N, L) attention weights.
+
+        As torch's `register_forward_hook`, but for a tensor no forward hook sees: while any hook
+        is registered this layer forms its weights explicitly instead of in the fused kernel.
+        `handle.remove()` detaches the hook again. A hook may raise to end the forward pass.
+        """
+        handle = RemovableHandle(self._weights_hooks)
+        self._weights_hooks[handle.id] = hook
+        return handle
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, N, query_dim), context (B, L, context_dim)
         context = x if context is None else context
         out = attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.probe
+            self.to_q(x),
+            self.to_k(context),
+            self.to_v(context),
+            self.heads,
+            tuple(self._weights_hooks.values()),
         )
         return self.to_out(out)
 
