@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.settings import GenerationParams
+from ember.config import PRESETS, ModelConfig
 from ember.errors import EmberError
-from ember.images import A1111_SAMPLER_NAMES, ImageRecord
+from ember.images import ImageRecord
 from ember.server.engine import ModelInfo, WorkItem
-
-SAMPLER_BY_A1111 = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
+from ember.service import GeneratedImage
+from ember.settings import GenerationParams
 
 
 class FakeEngine:
@@ -61,37 +61,13 @@ class FakeEngine:
                 return m
         raise EmberError(f"unknown model {title!r}")
 
-    def native_size(self) -> int:
-        return self.size
+    def config(self) -> ModelConfig:
+        """A stand-in model config: what the server reads for its defaults."""
+        return dataclasses.replace(
+            PRESETS["tiny"], size=self.size, guidance=self.guidance, layout_guidance=self.layout
+        )
 
-    def default_cfg(self) -> float:
-        return self.guidance
-
-    def default_layout_guidance(self) -> float:
-        return self.layout
-
-    def validate(self, params: GenerationParams) -> GenerationParams:
-        sampler = params.sampler.lower()
-        schedule = params.schedule.lower()
-        if sampler.endswith(" karras"):
-            sampler, schedule = sampler[: -len(" karras")], "karras"
-        sampler = SAMPLER_BY_A1111.get(sampler, sampler)
-        if sampler not in A1111_SAMPLER_NAMES:
-            raise EmberError(f"unknown sampler {params.sampler!r}")
-        schedule = {"automatic": "default", "": "default"}.get(schedule, schedule)
-        if schedule not in ("default", "karras", "exponential"):
-            raise EmberError(f"unknown schedule {params.schedule!r}")
-        if params.width % 8 or params.height % 8:
-            raise EmberError("size must be a multiple of 8")
-        if not 0 <= params.cfg <= 100:
-            raise EmberError(f"cfg {params.cfg} is not allowed")
-        if not 0 <= params.seed < 2**32:
-            raise EmberError(f"seed {params.seed} is not allowed")
-        if not 0 <= params.strength <= 1:
-            raise EmberError(f"strength {params.strength} is not allowed")
-        return dataclasses.replace(params, sampler=sampler, schedule=schedule)
-
-    def run(self, items: list[WorkItem], on_step) -> list[np.ndarray]:
+    def run(self, items: list[WorkItem], on_step) -> list[list[GeneratedImage]]:
         self.batches.append([i.job_id for i in items])
         p = items[0].params
         for step in range(p.steps):
@@ -100,7 +76,13 @@ class FakeEngine:
             n = sum(i.params.batch for i in items)
             previews = [np.zeros((p.height, p.width, 3), np.uint8)] * n if step % 2 else None
             on_step(step + 1, p.steps, previews)
-        return [self.pixels(i.params) for i in items]
+        return [
+            [
+                GeneratedImage(pixels, self.record(i, k))
+                for k, pixels in enumerate(self.pixels(i.params))
+            ]
+            for i in items
+        ]
 
     @staticmethod
     def pixels(params: GenerationParams) -> np.ndarray:

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ember import pipeline
+from ember import device, pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
-from ember.settings import GenerationParams
+from ember.errors import EmberError
 from ember.models.layers import Conv2d, _onednn_usable
+from ember.settings import GenerationParams
 
 NO_BF16 = {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}  # an AVX-512 CPU without AVX512-BF16
 
@@ -50,26 +51,26 @@ def test_bf16_image_within_30db_of_fp32(tiny_model_file):
     ],
 )
 def test_auto_dtype_follows_cpu_support(monkeypatch, flags, expected):
-    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(flags))
-    assert pipeline.resolve_dtype("auto") == expected
-    assert pipeline.resolve_dtype("fp32") == torch.float32  # explicit choices are kept
-    assert pipeline.resolve_dtype("bf16") == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_flags", lambda: set(flags))
+    assert device.resolve_dtype("auto") == expected
+    assert device.resolve_dtype("fp32") == torch.float32  # explicit choices are kept
+    assert device.resolve_dtype("bf16") == torch.bfloat16
 
 
 def test_cli_default_is_fp32_without_cpu_bf16(monkeypatch, tmp_path, tiny_model_file):
-    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(NO_BF16))
+    monkeypatch.setattr(device, "cpu_flags", lambda: set(NO_BF16))
     out = tmp_path / "a.png"
     argv = ["generate", "a red circle", "--model", str(tiny_model_file), "--steps", "2", "-q"]
     assert main([*argv, "-o", str(out)]) == 0
     assert json.loads(Image.open(out).text["ember"])["dtype"] == "fp32"
-    monkeypatch.setattr(pipeline, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
+    monkeypatch.setattr(device, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
     assert main([*argv, "-o", str(tmp_path / "b.png")]) == 0
     assert json.loads(Image.open(tmp_path / "b.png").text["ember"])["dtype"] == "bf16"
 
 
 def test_unknown_dtype_is_a_clear_error():
-    with pytest.raises(pipeline.EmberError, match="fp16"):
-        pipeline.resolve_dtype("fp16")
+    with pytest.raises(EmberError, match="fp16"):
+        device.resolve_dtype("fp16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,11 +120,11 @@ def test_prepack_can_be_switched_off():
 
 
 def test_from_reuses_the_recorded_dtype(monkeypatch, tmp_path, tiny_model_file):
-    monkeypatch.setattr(pipeline, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
+    monkeypatch.setattr(device, "cpu_flags", lambda: NO_BF16 | {"avx512_bf16"})
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     argv = ["generate", "a red circle", "--model", str(tiny_model_file), "--steps", "2", "-q"]
     assert main([*argv, "-o", str(a)]) == 0
-    monkeypatch.setattr(pipeline, "cpu_flags", lambda: set(NO_BF16))  # "another machine"
+    monkeypatch.setattr(device, "cpu_flags", lambda: set(NO_BF16))  # "another machine"
     assert main(["generate", "--from", str(a), "-q", "-o", str(b)]) == 0
     assert json.loads(Image.open(b).text["ember"])["dtype"] == "bf16"
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ember.catalog import DEFAULT_MODEL
 from ember.checkpoints import file_hashes
-from ember.cli import DEFAULT_MODEL, main
+from ember.cli import main
 
 CARD = DEFAULT_MODEL.parent / "model_card.json"
 

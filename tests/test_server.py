@@ -16,6 +16,7 @@ from PIL import Image
 from ember.server.app import create_app
 from ember.server.auth import AuthConfig, create_key
 from ember.server.jobs import Store
+from ember.settings import GenerationParams
 from server_support import FakeEngine, make_settings, wait_for
 
 
@@ -63,9 +64,7 @@ def test_txt2img_a1111_shapes(client):
     assert "Seed: 8" in info["infotexts"][1] and "Negative prompt: blur" in info["infotexts"][0]
     # each image carries its infotext and is the one its seed gives
     assert decode(body["images"][1]).text["parameters"] == info["infotexts"][1]
-    expected = FakeEngine.pixels(client.app.state.server.engine.validate(
-        __import__("ember.settings", fromlist=["GenerationParams"]).GenerationParams(
-            "a", seed=9, width=64, height=64)))[0]  # fmt: skip
+    expected = FakeEngine.pixels(GenerationParams("a", seed=9, width=64, height=64))[0]
     assert np.array_equal(np.asarray(decode(body["images"][2]).convert("RGB")), expected)
 
 
@@ -342,7 +341,7 @@ def test_non_finite_and_malformed_json_is_422(client, payload):
 
 
 def test_body_size_limit(tmp_path):
-    from ember.server.limits import Limits
+    from ember.settings import Limits
 
     settings = make_settings(tmp_path, limits=Limits(max_body_bytes=1000))
     with TestClient(create_app(settings, FakeEngine())) as c:

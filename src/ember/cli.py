@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, e
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model" / "ember-small.safetensors"
-
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
@@ -30,46 +27,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def models_dir() -> Path:
-    return Path(
-        os.environ.get("EMBER_MODELS", Path.home() / ".local" / "share" / "ember" / "models")
-    )
-
-
-def resolve_model_path(name: str | None) -> Path:
-    """A path, a name in the models folder, or (none given) the bundled default model."""
-    if name is None:
-        if not DEFAULT_MODEL.exists():
-            raise EmberError(
-                f"the bundled default model is missing ({DEFAULT_MODEL}); pass --model"
-            )
-        return DEFAULT_MODEL
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    for candidate in (models_dir() / name, models_dir() / f"{name}.safetensors"):
-        if candidate.exists():
-            return candidate
-    raise EmberError(
-        f"model not found: {name} (a file, a diffusers folder, or a name in {models_dir()})"
-    )
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size {text!r} must look like WIDTHxHEIGHT, e.g. 512x512"
-        ) from None
-    return w, h
-
-
 # ---------------------------------------------------------------------------------------------
 # generate
 
 
 def add_generate(sub) -> None:
+    from ember.settings import add_generation_args
+
     p = sub.add_parser(
         "generate",
         help="make images from a text prompt",
@@ -78,45 +42,13 @@ def add_generate(sub) -> None:
         "`ember generate --from IMAGE.png` makes the same image again.",
         epilog='example: ember generate "a red circle left of a blue square" --seed 7 -o shapes.png',
     )
-    p.add_argument("prompt", nargs="?", help="what to draw; A1111 syntax (word:1.3), [word], BREAK")
+    add_generation_args(p)
     p.add_argument(
         "--model", help="a .safetensors file or diffusers folder (default: bundled model)"
     )
     p.add_argument("--config", help="architecture of a single file ember cannot detect (e.g. sd21)")
-    p.add_argument("--negative", help="what to steer away from")
-    p.add_argument("--sampler", help="euler, euler_a, heun, dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, "
-                   "ddim, lcm, unipc, or an A1111 name like 'DPM++ 2M Karras' (default dpmpp_2m)")  # fmt: skip
-    p.add_argument("--schedule", help="sigma schedule: default, karras, exponential")
-    p.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default 20)")
-    p.add_argument(
-        "--cfg",
-        type=float,
-        help="classifier-free guidance scale (default: the model's; 5 for ember's own models, "
-        "7 for Stable Diffusion)",
-    )
-    p.add_argument(
-        "--layout-guidance",
-        type=float,
-        metavar="S",
-        help="steer 'A left of / right of / above / below B' prompts to that layout, and "
-        "'three Xs ...' prompts to one X a quadrant, 0..10; 0 = off (default: the model's; 2 for "
-        "ember's own models, off for Stable Diffusion)",
-    )
-    p.add_argument(
-        "--seed", type=int, help="seed of image 0; image i uses seed+i (default 0; -1 = random)"
-    )
-    p.add_argument(
-        "--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 8 (default: model's)"
-    )
-    p.add_argument("--batch", type=int, help="images to make (default 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
-    p.add_argument(
-        "--strength", type=float, help="img2img: how much to change, 0..1 (default 0.75)"
-    )
     p.add_argument("--mask", help="inpaint: white = repaint, black = keep (needs --init-image)")
-    p.add_argument(
-        "--clip-skip", type=int, help="use the text encoder's N-th last layer (default 1)"
-    )
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
@@ -130,21 +62,22 @@ def add_generate(sub) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Parse the inputs, hand one request to the generation service, write the PNGs."""
     import dataclasses
 
-    import torch
-
     from ember import images as I
-    from ember.settings import GenerationParams
+    from ember.service import GenerationService, Request
+    from ember.settings import GenerationParams, params_from_args
 
-    init_path, mask_path, model_name = args.init_image, args.mask, args.model
-    base = GenerationParams(prompt="", sampler="dpmpp_2m")
+    base, model_name, dtype = GenerationParams(), args.model, args.dtype or "auto"
     if args.from_image:
         source = I.read_record(args.from_image)
         base = source.params
         model_name = model_name or source.model_path
-        if source.mode != "txt2img" and not init_path:
+        if source.mode != "txt2img" and not args.init_image:
             raise EmberError(f"{args.from_image} was made by {source.mode}; pass its --init-image")
+        if args.dtype is None and source.dtype in ("fp32", "bf16"):
+            dtype = source.dtype  # the same image again, byte for byte, also on another CPU
     elif args.prompt is None:
         raise EmberError('give a prompt, e.g. ember generate "a red circle" (or --from IMAGE.png)')
     if args.mask and not args.init_image:
@@ -152,63 +85,31 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.strength is not None and not args.init_image:
         raise EmberError("--strength applies to img2img; pass --init-image too")
 
-    overrides = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative,
-        "sampler": args.sampler,
-        "schedule": args.schedule,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "seed": args.seed,
-        "batch": args.batch,
-        "strength": args.strength,
-        "clip_skip": args.clip_skip,
-        "layout_guidance": args.layout_guidance,
-    }
-    if args.size:
-        overrides["width"], overrides["height"] = args.size
-    params = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    if params.seed == -1:
-        params = dataclasses.replace(params, seed=random.randrange(2**32))
-
-    dtype = args.dtype or "auto"
-    if args.from_image and args.dtype is None and source.dtype in ("fp32", "bf16"):
-        dtype = source.dtype  # the same image again, byte for byte, also on another CPU
-    loaded = load_for_cli(model_name, args.config, dtype, quiet=args.quiet)
+    service = GenerationService(dtype)
+    loaded = load_with_progress(service, model_name, args.config, quiet=args.quiet)
     if args.from_image and source.model_sha256 != loaded.sha256:
         print(
             f"ember: warning: model differs from the one recorded in {args.from_image}",
             file=sys.stderr,
         )
-    if args.size is None and not args.from_image:
-        params = dataclasses.replace(params, width=loaded.config.size, height=loaded.config.size)
-    if args.cfg is None and not args.from_image:
-        params = dataclasses.replace(params, cfg=loaded.config.default_cfg)
-    if args.layout_guidance is None and not args.from_image:
-        params = dataclasses.replace(params, layout_guidance=loaded.config.default_layout_guidance)
-
-    from ember.pipeline import Inputs, dtype_name, generate, validate
-
-    params = validate(params)
-    inputs = Inputs()
-    if init_path:
+    params = service.prepare(params_from_args(args, base))
+    init = mask = None
+    if args.init_image:
         size = (params.width, params.height)
-        init = _image_tensor(I.load_image(init_path, size=size if not mask_path else None))
-        mask = None
-        if mask_path:
-            mask = _image_tensor(I.load_image(mask_path, mode="L"))
-            if mask.shape[-2:] != init.shape[-2:]:
+        init = I.load_image(args.init_image, size=size if not args.mask else None)
+        if args.mask:
+            mask = I.load_image(args.mask, mode="L")
+            if mask.shape[:2] != init.shape[:2]:
                 raise EmberError(
-                    f"mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
-                    f"{init.shape[-1]}x{init.shape[-2]}; they must be the same size"
+                    f"mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                    f"{init.shape[1]}x{init.shape[0]}; they must be the same size"
                 )
-            if init.shape[-2:] != (params.height, params.width):
+            if init.shape[:2] != (params.height, params.width):
                 if args.size is not None:
                     raise EmberError("with --mask, --size must equal the init image's size")
-                params = validate(
-                    dataclasses.replace(params, width=init.shape[-1], height=init.shape[-2])
+                params = service.prepare(
+                    dataclasses.replace(params, width=init.shape[1], height=init.shape[0])
                 )
-        inputs = Inputs(init_image=init, mask=mask)
 
     outputs = output_paths(args.output, params)
     bar = None
@@ -217,31 +118,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=params.steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
 
-    def callback(i, total, x, denoised):
+    def on_step(step: int, total: int, previews) -> None:
         if bar is not None:
             bar.total = total
             bar.update(1)
 
     started = time.perf_counter()
-    pixels = I.tensor_to_uint8(generate(loaded, params, inputs, callback=callback))
+    images = service.generate([Request(params, init, mask)], on_step)[0]
     if bar is not None:
         bar.close()
-    for i, path in enumerate(outputs):
-        record = I.ImageRecord(
-            params=dataclasses.replace(params, seed=params.seed + i, batch=1),
-            model_name=loaded.name,
-            model_path=str(loaded.path),
-            model_sha256=loaded.sha256,
-            model_hash=loaded.short_hash,
-            ember_version=_version(),
-            torch_version=torch.__version__,
-            dtype=dtype_name(loaded.dtype),
-            device="cpu",
-            mode=inputs.mode,
-            init_image_sha256=_sha(init_path),
-            mask_sha256=_sha(mask_path),
-        )
-        I.write_png(path, pixels[i], record)
+    for image, path in zip(images, outputs, strict=True):
+        I.write_png(path, image.pixels, image.record)
         print(path)
     if not args.quiet:
         print(
@@ -249,24 +136,6 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _image_tensor(img):
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
-
-
-def _sha(path: str | None) -> str | None:
-    if not path:
-        return None
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _version() -> str:
@@ -300,25 +169,23 @@ def _batch_paths(path: Path, batch: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(batch)]
 
 
-def load_for_cli(name: str | None, config: str | None, dtype: str, *, quiet: bool):
-    from ember.checkpoints import load_model
-    from ember.pipeline import resolve_dtype
+def load_with_progress(service, name: str | None, config: str | None, *, quiet: bool):
+    """`service.load` of the model `name` (see `ember.catalog`), with a progress bar on stderr."""
+    from ember.catalog import resolve_model_path
 
     path = resolve_model_path(name)
-    torch_dtype = resolve_dtype(dtype)
-    stages = ["reading checkpoint", "building model", "ready"]
     bar = None
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(stages), desc=f"loading {path.name}", file=sys.stderr, leave=False)
+        bar = tqdm(total=3, desc=f"loading {path.name}", file=sys.stderr, leave=False)
 
     def progress(msg: str) -> None:
         if bar is not None:
             bar.set_postfix_str(msg)
             bar.update(1)
 
-    loaded = load_model(path, config, dtype=torch_dtype, progress=progress)
+    loaded = service.load(path, config, progress=progress)
     if bar is not None:
         bar.close()
     return loaded
@@ -358,12 +225,15 @@ def run_info(args: argparse.Namespace) -> int:
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list models with their sha256 and A1111 short hash")
     p.add_argument(
-        "paths", nargs="*", help=f"files or folders (default: bundled and {models_dir()})"
+        "paths",
+        nargs="*",
+        help="files or folders (default: the bundled model and the models folder)",
     )
     p.set_defaults(run=run_models)
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from ember.catalog import DEFAULT_MODEL, models_dir
     from ember.checkpoints import file_hashes
 
     paths = [Path(p) for p in args.paths]

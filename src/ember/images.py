@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ember.settings import GenerationParams
 from ember.errors import EmberError
+from ember.files import write_atomic
+from ember.settings import GenerationParams, params_from_dict
 
 RECORD_KEY = "ember"
 INFOTEXT_KEY = "parameters"
@@ -62,8 +63,7 @@ class ImageRecord:
     @staticmethod
     def from_json(text: str) -> ImageRecord:
         data = json.loads(text)
-        known = {f.name for f in fields(GenerationParams)}
-        params = GenerationParams(**{k: v for k, v in data.pop("params").items() if k in known})
+        params = params_from_dict(data.pop("params"))
         names = {f.name for f in fields(ImageRecord)}
         return ImageRecord(params=params, **{k: v for k, v in data.items() if k in names})
 
@@ -110,6 +110,14 @@ def tensor_to_uint8(images) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
+def uint8_to_tensor(pixels: np.ndarray):
+    """(H, W, C) uint8 -> (1, C, H, W) float32 in [0, 1]: an input image or mask for the pipeline."""
+    import torch
+
+    arr = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
 def png_bytes(pixels: np.ndarray, record: ImageRecord | None = None) -> bytes:
     """Encode one (H, W, 3) uint8 image as PNG with the record's text chunks."""
     info = PngImagePlugin.PngInfo()
@@ -123,12 +131,7 @@ def png_bytes(pixels: np.ndarray, record: ImageRecord | None = None) -> bytes:
 
 def write_png(path: str | Path, pixels: np.ndarray, record: ImageRecord | None = None) -> Path:
     """Write atomically: a half-written PNG never takes the place of a good one."""
-    path = Path(path)
-    data = png_bytes(pixels, record)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, png_bytes(pixels, record))
 
 
 def read_png_text(source: str | Path | bytes) -> dict[str, str]:
@@ -157,8 +160,11 @@ def _name(source: str | Path | bytes) -> str:
     return "image" if isinstance(source, bytes) else str(source)
 
 
-def load_image(path: str | Path, *, mode: str = "RGB", size: tuple[int, int] | None = None):
-    """Read an input image as a PIL image; a clear error for anything unreadable."""
+def load_image(
+    path: str | Path, *, mode: str = "RGB", size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Read an input image file as (H, W, C) uint8 (see `image_array`); one clear error for
+    anything unreadable."""
     try:
         img = Image.open(path)
         img.load()
@@ -166,7 +172,14 @@ def load_image(path: str | Path, *, mode: str = "RGB", size: tuple[int, int] | N
         raise EmberError(f"image not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise EmberError(f"cannot read image {path}: {exc}") from None
+    return image_array(img, mode, size)
+
+
+def image_array(img: Image.Image, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, C) uint8 in `mode` ("RGB", or "L" for a mask: C = 1), resized to `size` (width,
+    height) with Lanczos when given."""
     img = img.convert(mode)
     if size is not None and img.size != size:
         img = img.resize(size, Image.Resampling.LANCZOS)
-    return img
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr

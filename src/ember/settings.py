@@ -1,27 +1,287 @@
-"""The generation settings: one dataclass, with the limits, validation and model defaults."""
+"""The generation settings: the one definition every front-end reads.
+
+`GenerationParams` is the request: each field carries its help text, its allowed range and whether
+requests must agree on it to share one U-Net batch. From those fields come the CLI flags
+(`add_generation_args`), the job API's request model (`ember.server.app`), the batch key
+(`batch_key`) and the checks (`validate`, against one set of ceilings, `Limits`). `resolve` fills in
+what a request leaves to the model (size, guidance scale, layout guidance) and draws a random seed
+for -1, once, before anything is generated or recorded.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+import math
+import random
+import typing
+from dataclasses import dataclass, field
+from typing import Any
 
-from ember.config import SD_DEFAULT_CFG
+from ember.config import ModelConfig
+from ember.errors import EmberError
+
+MAX_SEED = 2**32 - 1
+# Sizes are multiples of this many pixels: the latent grid of every SD VAE (and ember's) is 1/8.
+SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request ceilings. The defaults are what the engine accepts at all; a server lowers them
+    (`ember serve --max-steps/--max-pixels/--max-batch`)."""
+
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 1000
+    max_batch: int = 64
+    max_prompt_chars: int = 100_000
+    # the server's uploads
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # decoded uploads; PIL refuses bigger before decoding
+
+
+# What the engine accepts at all.
+ENGINE_LIMITS = Limits()
+# A public server's defaults: a 1-megapixel image, 150 steps, 8 images per request.
+SERVER_LIMITS = Limits(max_pixels=1024 * 1024, max_steps=150, max_batch=8, max_prompt_chars=4000)
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    limit: str | None = None,
+    shared: bool = False,
+    flag: str | None = "",
+    max_length: int | None = None,
+) -> Any:
+    """A field with its metadata: `lo`..`hi` the allowed range, or `limit` the `Limits` field that
+    gives the upper bound; `shared`: requests in one U-Net batch must agree on it; `flag`: the CLI
+    flag ("" = derived from the name, None = no flag of its own)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "limit": limit, "shared": shared, "flag": flag,
+            "max_length": max_length}  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+SAMPLER_HELP = (
+    "euler, euler_a, heun, dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, ddim, lcm, unipc, or an A1111 "
+    "name like 'DPM++ 2M Karras'"
+)
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Everything that determines an image. Stored in each PNG's `ember` record."""
+    """Everything that determines an image. Stored in each PNG's `ember` record.
 
-    prompt: str
-    negative_prompt: str = ""
-    sampler: str = "dpmpp_2m"
-    schedule: str = "default"
-    steps: int = 20
-    cfg: float = SD_DEFAULT_CFG
-    seed: int = 0
-    width: int = 512
-    height: int = 512
-    batch: int = 1
-    strength: float = 0.75  # img2img / inpaint only
-    clip_skip: int = 1
-    layout_guidance: float = 0.0  # strength of ember.diffusion.layout's guidance; 0: off
-    eta: float | None = None  # noise of ancestral/SDE samplers; None: 1, or 0 for ddim
+    None in `width`, `height`, `cfg` and `layout_guidance` means "the model's" (`resolve`).
+    """
+
+    prompt: str = _setting(
+        "", "what to draw; A1111 syntax (word:1.3), [word], BREAK", limit="max_prompt_chars",
+        flag=None, max_length=100_000,
+    )  # fmt: skip
+    negative_prompt: str = _setting(
+        "", "what to steer away from", limit="max_prompt_chars", flag="--negative",
+        max_length=100_000,
+    )  # fmt: skip
+    sampler: str = _setting("dpmpp_2m", SAMPLER_HELP, shared=True, max_length=64)
+    schedule: str = _setting(
+        "default", "sigma schedule: default, karras, exponential", shared=True, max_length=64
+    )
+    steps: int = _setting(20, "sampling steps", lo=1, limit="max_steps", shared=True)
+    cfg: float | None = _setting(
+        None,
+        "classifier-free guidance scale; default: the model's (5 for ember's own models, 7 for "
+        "Stable Diffusion)",
+        lo=0, hi=100, shared=True,
+    )  # fmt: skip
+    seed: int = _setting(0, "seed of image 0; image i uses seed+i; -1 = random", lo=-1, hi=MAX_SEED)
+    width: int | None = _setting(
+        None, "image width in pixels; default: the model's", lo=SIZE_MULTIPLE, limit="max_side",
+        shared=True, flag=None,
+    )  # fmt: skip
+    height: int | None = _setting(
+        None, "image height in pixels; default: the model's", lo=SIZE_MULTIPLE, limit="max_side",
+        shared=True, flag=None,
+    )  # fmt: skip
+    batch: int = _setting(1, "images to make", lo=1, limit="max_batch")
+    strength: float = _setting(0.75, "img2img/inpaint: how much to change", lo=0, hi=1, shared=True)
+    clip_skip: int = _setting(1, "use the text encoder's N-th last layer", lo=1, hi=12)
+    layout_guidance: float | None = _setting(
+        None,
+        "steer 'A left of / right of / above / below B' prompts to that layout, and 'three Xs ...' "
+        "prompts to one X a quadrant; 0 = off; default: the model's (2 for ember's own models, "
+        "off for Stable Diffusion)",
+        lo=0, hi=10, shared=True,
+    )  # fmt: skip
+    eta: float | None = _setting(
+        None, "noise of ancestral and SDE samplers; default 1 (0 for ddim)", lo=0, hi=10,
+        shared=True,
+    )  # fmt: skip
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
+FIELD_TYPES = typing.get_type_hints(GenerationParams)
+MODEL_DEFAULTS = ("width", "height", "cfg", "layout_guidance")
+
+
+def params_from_dict(data: dict[str, Any]) -> GenerationParams:
+    """GenerationParams from stored JSON (a PNG record, a queued job); unknown keys are dropped,
+    so records written by other versions still load."""
+    return GenerationParams(**{k: v for k, v in data.items() if k in FIELDS})
+
+
+def resolve(params: GenerationParams, model: ModelConfig) -> GenerationParams:
+    """Fill in what the request leaves to the model, and draw the seed of `seed=-1`."""
+    values: dict[str, Any] = {}
+    if params.width is None:
+        values["width"] = model.size
+    if params.height is None:
+        values["height"] = model.size
+    if params.cfg is None:
+        values["cfg"] = model.default_cfg
+    if params.layout_guidance is None:
+        values["layout_guidance"] = model.default_layout_guidance
+    if params.seed == -1:
+        values["seed"] = random.randrange(MAX_SEED + 1)
+    return dataclasses.replace(params, **values) if values else params
+
+
+def validate(params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> GenerationParams:
+    """Check every field against its range and `limits`; return params with the sampler and
+    schedule resolved to ember's names. Raises `EmberError` naming the value and what is allowed."""
+    from ember.diffusion.samplers import resolve_sampler
+
+    for name, f in FIELDS.items():
+        value = getattr(params, name)
+        if name in MODEL_DEFAULTS and value is None:
+            raise EmberError(f"{name} is not set (resolve the request against its model first)")
+        if isinstance(value, str):
+            limit = getattr(limits, f.metadata["limit"]) if f.metadata["limit"] else None
+            if limit is not None and len(value) > limit:
+                raise EmberError(
+                    f"{_label(name)} of {len(value)} characters is over the limit of {limit}"
+                )
+            continue
+        if value is None:
+            continue
+        _check_number(name, value, f.metadata, limits)
+    _check_size(params, limits)
+    try:
+        sampler, implied_schedule = resolve_sampler(str(params.sampler))
+    except ValueError as exc:
+        raise EmberError(str(exc)) from None
+    schedule = params.schedule
+    if schedule in ("default", "automatic", "Automatic", "") and implied_schedule:
+        schedule = implied_schedule
+    schedule = schedule.lower()
+    if schedule == "automatic":
+        schedule = "default"
+    if schedule not in ("default", "karras", "exponential"):
+        raise EmberError(
+            f"unknown schedule {params.schedule!r}; choose default, karras or exponential"
+        )
+    return dataclasses.replace(params, sampler=sampler, schedule=schedule)
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _check_number(name: str, value: Any, meta: dict, limits: Limits) -> None:
+    is_int = FIELD_TYPES[name] in (int, int | None)
+    lo = meta["lo"]
+    hi = getattr(limits, meta["limit"]) if meta["limit"] else meta["hi"]
+    if name == "seed":
+        lo = 0  # -1 ("random") is drawn by `resolve` before validation
+    if is_int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and name in ("width", "height"):
+        ok = value % SIZE_MULTIPLE == 0
+    if not ok or not lo <= value <= hi:
+        if name in ("width", "height"):
+            allowed = f"a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {hi}"
+        elif is_int:
+            allowed = f"{lo:g} to {hi:g}" if hi < 1e6 else f"{lo:g} to {hi}"
+        else:
+            allowed = f"a number from {lo:g} to {hi:g}"
+        raise EmberError(f"{_label(name)} {value} is not allowed: use {allowed}")
+
+
+def _check_size(params: GenerationParams, limits: Limits) -> None:
+    if params.width * params.height > limits.max_pixels:
+        raise EmberError(
+            f"size {params.width}x{params.height} is over the limit of {limits.max_pixels} pixels"
+        )
+
+
+def batch_key(params: GenerationParams) -> tuple:
+    """Requests with equal keys (and the same model and mode) may share one U-Net batch without
+    changing any image: the values of every field marked `shared`."""
+    return tuple(getattr(params, name) for name, f in FIELDS.items() if f.metadata["shared"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} must look like WIDTHxHEIGHT, e.g. 512x512"
+        ) from None
+    return w, h
+
+
+def add_generation_args(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None
+) -> argparse.ArgumentParser:
+    """One flag per field (all, or those in `names`), typed and documented from the field.
+
+    Every flag defaults to None ("not given"), so `params_from_args` changes only what the user
+    set: a record read by `--from` keeps its values. `prompt` is the positional PROMPT and
+    `width`/`height` are `--size WIDTHxHEIGHT`.
+    """
+    for name, f in FIELDS.items():
+        if names is not None and name not in names:
+            continue
+        meta = f.metadata
+        if name == "prompt":
+            parser.add_argument("prompt", nargs="?", help=meta["help"])
+            continue
+        if name == "width":
+            parser.add_argument(
+                "--size",
+                type=parse_size,
+                help=f"WIDTHxHEIGHT, multiples of {SIZE_MULTIPLE} (default: the model's)",
+            )
+            continue
+        if meta["flag"] is None:
+            continue
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        kind = int if FIELD_TYPES[name] in (int, int | None) else None
+        kind = kind or (float if FIELD_TYPES[name] in (float, float | None) else str)
+        help_text = meta["help"]
+        if f.default is not None and "default" not in help_text:
+            help_text += f" (default {f.default})"
+        parser.add_argument(flag, dest=name, type=kind, help=help_text)
+    return parser
+
+
+def params_from_args(
+    args: argparse.Namespace, base: GenerationParams | None = None
+) -> GenerationParams:
+    """`base` (default: the field defaults) with every flag the user gave."""
+    values = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    size = getattr(args, "size", None)
+    if size is not None:
+        values["width"], values["height"] = size
+    return dataclasses.replace(base or GenerationParams(), **values)

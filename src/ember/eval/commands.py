@@ -54,68 +54,52 @@ def add_eval(sub) -> None:
 
 
 def _common(p) -> None:
+    from ember.settings import add_generation_args
+
     p.add_argument("--model", help="model to score (default: the bundled model)")
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 5 for ember's)")
-    p.add_argument(
-        "--layout-guidance",
-        type=float,
-        metavar="S",
-        help="layout guidance strength, 0 = off (default: the model's; 2 for ember's)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_args(p, ("sampler", "steps", "cfg", "layout_guidance", "seed"))
     p.add_argument("--batch", type=int, default=16, help="images per U-Net batch")
     p.add_argument("-o", "--out", default="eval-out", help="folder for report.json and sheet.png")
 
 
-def _generate(loaded, prompts: list[str], seeds: list[int], args) -> list[np.ndarray]:
-    """One image per (prompt, seed), batched through the pipeline."""
-    from ember.settings import GenerationParams
-    from ember.images import tensor_to_uint8
-    from ember.pipeline import generate_batch
+def _generate(service, base, prompts: list[str], seeds: list[int], args) -> list[np.ndarray]:
+    """One image per (prompt, seed), `args.batch` requests per U-Net batch."""
+    import dataclasses
 
-    size = loaded.config.size
+    from ember.service import Request
+
     out: list[np.ndarray] = []
     started = time.perf_counter()
     for start in range(0, len(prompts), args.batch):
-        reqs = [
-            GenerationParams(
-                prompt=p,
-                sampler=args.sampler,
-                steps=args.steps,
-                cfg=args.cfg,
-                layout_guidance=args.layout_guidance,
-                seed=s,
-                width=size,
-                height=size,
-            )  # fmt: skip
-            for p, s in zip(
-                prompts[start : start + args.batch], seeds[start : start + args.batch], strict=True
-            )
-        ]
-        for images in generate_batch(loaded, reqs):
-            out.extend(tensor_to_uint8(images))
-        done = len(out)
-        rate = done / (time.perf_counter() - started)
-        print(f"\rember eval: {done}/{len(prompts)} images ({rate:.1f}/s)", end="", file=sys.stderr)
+        chunk = zip(
+            prompts[start : start + args.batch], seeds[start : start + args.batch], strict=True
+        )
+        reqs = [Request(dataclasses.replace(base, prompt=p, seed=s)) for p, s in chunk]
+        for images in service.generate(reqs):
+            out.extend(image.pixels for image in images)
+        rate = len(out) / (time.perf_counter() - started)
+        print(
+            f"\rember eval: {len(out)}/{len(prompts)} images ({rate:.1f}/s)",
+            end="",
+            file=sys.stderr,
+        )
     print(file=sys.stderr)
     return out
 
 
 def _load(args):
-    from ember.cli import load_for_cli
+    """The scoring service with the model loaded, and the settings every image shares."""
+    from ember.catalog import resolve_model_path
+    from ember.service import GenerationService
+    from ember.settings import params_from_args
 
     if getattr(args, "images_per_prompt", 1) < 1:
         raise EmberError("--images-per-prompt must be at least 1")
     if not 1 <= args.batch <= 64:
         raise EmberError(f"--batch {args.batch} is not allowed: use 1 to 64")
-    loaded = load_for_cli(args.model, None, "fp32", quiet=True)
-    if args.cfg is None:
-        args.cfg = loaded.config.default_cfg
-    if args.layout_guidance is None:
-        args.layout_guidance = loaded.config.default_layout_guidance
-    return loaded
+    service = GenerationService("fp32")
+    service.load(resolve_model_path(args.model))
+    return service, service.prepare(params_from_args(args))
 
 
 def _write(out: Path, report: dict, sheet) -> None:
@@ -128,30 +112,30 @@ def _write(out: Path, report: dict, sheet) -> None:
 def run_geneval(args: argparse.Namespace) -> int:
     from ember.eval.geneval import PROMPT_SETS, contact_sheet, evaluate
 
-    loaded = _load(args)
+    service, base = _load(args)
     prompts = PROMPT_SETS[args.split]
     k = args.images_per_prompt
     texts = [p.prompt for p in prompts for _ in range(k)]
-    seeds = [args.seed + i for _ in prompts for i in range(k)]
-    images = _generate(loaded, texts, seeds, args)
+    seeds = [base.seed + i for _ in prompts for i in range(k)]
+    images = _generate(service, base, texts, seeds, args)
     by_prompt = {p.prompt: images[i * k : (i + 1) * k] for i, p in enumerate(prompts)}
     report = evaluate(by_prompt)
-    report.update(_settings(loaded, args, split=args.split, images_per_prompt=k))
+    report.update(_settings(service.model, base, split=args.split, images_per_prompt=k))
     print(json.dumps({"overall": report["overall"], **report["per_category"]}, indent=2))
     first = [by_prompt[p.prompt][0] for p in prompts]
     _write(Path(args.out), report, contact_sheet(first, [p.prompt for p in prompts]))
     return 0
 
 
-def _settings(loaded, args, **extra) -> dict:
+def _settings(loaded, base, **extra) -> dict:
     return {
         "model": loaded.name,
         "model_sha256": loaded.sha256,
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "layout_guidance": args.layout_guidance,
-        "seed": args.seed,
+        "sampler": base.sampler,
+        "steps": base.steps,
+        "cfg": base.cfg,
+        "layout_guidance": base.layout_guidance,
+        "seed": base.seed,
         **extra,
     }
 
@@ -228,11 +212,10 @@ def run_emoji(args: argparse.Namespace) -> int:
 
     sample = EmojiSample(Path(args.data), args.split)
     prompts = sample.prompts
-    loaded = _load(args)
-    images = np.stack(
-        _generate(loaded, prompts, [args.seed + n for n in range(len(prompts))], args)
-    )
-    report = sample.score(images) | _settings(loaded, args)
+    service, base = _load(args)
+    seeds = [base.seed + n for n in range(len(prompts))]
+    images = np.stack(_generate(service, base, prompts, seeds, args))
+    report = sample.score(images) | _settings(service.model, base)
     keys = ("top1", "top5", "median_rank", "n", "candidates")
     print(json.dumps({k: report[k] for k in keys}, indent=2))
     labels = [("OK " if report["per_prompt"][p] else "-- ") + p for p in prompts]

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.errors import EmberError
 from ember.images import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, read_png_text
-from ember.server.limits import decode_base64, decode_image
+from ember.server.uploads import decode_base64, decode_image
+from ember.settings import GenerationParams
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
 
@@ -207,7 +208,7 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
     if req.eta is not None:
         fields["eta"] = req.eta
     job = await server.submit(
-        request, kind=kind, fields=fields, init=init, mask=mask, model=model, body_hash=None,
+        request, kind=kind, params=GenerationParams(**fields), init=init, mask=mask, model=model, body_hash=None,
         idem_key=None,
     )  # fmt: skip
     job = await server.wait(job.id)

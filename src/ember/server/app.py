@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,16 +19,27 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ember.settings import GenerationParams
+from ember.catalog import lookup
 from ember.errors import EmberError
+from ember.images import image_array
 from ember.server import a1111
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed
 from ember.server.engine import Engine
 from ember.server.jobs import FINAL, IdempotencyConflict, Job, QueueFull, Store
-from ember.server.limits import Limits, decode_base64, decode_image, image_array
+from ember.server.uploads import decode_base64, decode_image
 from ember.server.worker import Broker, Worker
+from ember.settings import (
+    FIELD_TYPES,
+    FIELDS,
+    SERVER_LIMITS,
+    GenerationParams,
+    Limits,
+    params_from_dict,
+    resolve,
+    validate,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -38,7 +49,7 @@ class Settings:
     data_dir: Path
     auth: AuthConfig = AuthConfig()
     cors_origins: tuple[str, ...] = ()
-    limits: Limits = Limits()
+    limits: Limits = SERVER_LIMITS
     max_queue: int = 64
     rate_per_minute: float = 0.0  # 0 = unlimited
     rate_burst: int | None = None
@@ -76,29 +87,17 @@ class Server:
         self.options: dict[str, Any] = dict(settings.options)
         self.lifespans = 0
 
-    def params(self, fields: dict[str, Any]) -> GenerationParams:
-        """Request fields -> validated GenerationParams (EmberError for anything out of range)."""
-        size = self.engine.native_size()
-        fields = {k: v for k, v in fields.items() if v is not None}
-        fields.setdefault("width", size)
-        fields.setdefault("height", size)
-        fields.setdefault("cfg", self.engine.default_cfg())
-        fields.setdefault("layout_guidance", self.engine.default_layout_guidance())
-        if fields.get("seed", -1) == -1:
-            fields["seed"] = random.randrange(2**32)
-        self.limits.check_request(
-            width=fields["width"], height=fields["height"], steps=fields.get("steps", 20),
-            batch=fields.get("batch", 1),
-            prompts=(fields.get("prompt", ""), fields.get("negative_prompt", "")),
-        )  # fmt: skip
-        return self.engine.validate(GenerationParams(**fields))
+    def params(self, params: GenerationParams) -> GenerationParams:
+        """A request's settings with the current model's defaults, checked against this server's
+        limits (EmberError, answered 422, for anything out of range)."""
+        return validate(resolve(params, self.engine.config()), self.limits)
 
     async def submit(
         self,
         request: Request,
         *,
         kind: str,
-        fields: dict[str, Any],
+        params: GenerationParams,
         init: Image.Image | None,
         mask: Image.Image | None,
         model: str | None,
@@ -109,7 +108,7 @@ class Server:
         wait = self.rate.take(who)
         if wait > 0:
             raise TooManyRequests(f"rate limit exceeded for {who}", int(wait) + 1)
-        params = self.params(fields)
+        params = self.params(params)
         size = (params.width, params.height)
         init_png = mask_png = None
         if kind in ("img2img", "inpaint"):
@@ -122,8 +121,8 @@ class Server:
                 mask_png = _png(image_array(mask, "L", size))
         title = self.engine.current().title
         if model:
-            title = _lookup(self.engine, model)
-        record = {k: v for k, v in params.__dict__.items() if k != "extra"}
+            title = lookup(self.engine.models(), model).title
+        record = dataclasses.asdict(params)
         try:
             job, created = self.store.submit(
                 owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
@@ -169,13 +168,6 @@ class Server:
         if latest and job.status == "running":
             view["step"], view["total"] = latest["step"], latest["total"]
         return view
-
-
-def _lookup(engine: Engine, name: str) -> str:
-    for m in engine.models():
-        if name in (m.title, m.name, Path(m.path).name, m.short_hash, m.sha256):
-            return m.title
-    raise EmberError(f"unknown model {name!r}; see GET /sdapi/v1/sd-models")
 
 
 def _png(arr) -> bytes:
@@ -267,30 +259,40 @@ async def _reject(send, status: int, detail: str | None, headers: list | None = 
 # native API models
 
 
-class JobRequest(BaseModel):
-    """A generation job. Unknown fields are refused (422 naming them)."""
+# Where the job API's default differs from the CLI's: a job without a seed gets a random one.
+HTTP_DEFAULTS = {"seed": -1}
 
-    model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
-    prompt: str = Field("", max_length=100_000)
-    negative_prompt: str = Field("", max_length=100_000)
-    sampler: str = Field("dpmpp_2m", max_length=64)
-    schedule: str = Field("default", max_length=64)
-    steps: int = 20
-    cfg: float | None = Field(None, allow_inf_nan=False, description="default: the model's")
-    seed: int = -1
-    width: int | None = None
-    height: int | None = None
-    batch: int = 1
-    strength: float = Field(0.75, allow_inf_nan=False)
-    clip_skip: int = 1
-    layout_guidance: float | None = Field(
-        None, ge=0, le=10, allow_inf_nan=False, description="0..10, 0 = off; default: the model's"
+def _job_request_model() -> type[BaseModel]:
+    """The job API's request body: every `GenerationParams` field, typed, ranged and documented from
+    its metadata (`ember.settings`), beside the mode, the input images and the model."""
+    fields: dict[str, Any] = {
+        "mode": (Literal["txt2img", "img2img", "inpaint"], "txt2img"),
+    }
+    for name, f in FIELDS.items():
+        meta, hint = f.metadata, FIELD_TYPES[name]
+        kw: dict[str, Any] = {"description": meta["help"]}
+        if meta["lo"] is not None:
+            kw["ge"] = meta["lo"]
+        if meta["hi"] is not None:
+            kw["le"] = meta["hi"]
+        if meta["max_length"] is not None:
+            kw["max_length"] = meta["max_length"]
+        if hint in (float, float | None):
+            kw["allow_inf_nan"] = False
+        fields[name] = (hint, Field(HTTP_DEFAULTS.get(name, f.default), **kw))
+    fields["init_image"] = (str | None, Field(None, description="base64 PNG, JPEG or WebP"))
+    fields["mask"] = (str | None, Field(None, description="base64 image; white = repaint"))
+    fields["model"] = (str | None, Field(None, max_length=1000))
+    return create_model(
+        "JobRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="A generation job. Unknown fields are refused (422 naming them).",
+        **fields,
     )
-    init_image: str | None = Field(None, description="base64 PNG, JPEG or WebP")
-    mask: str | None = Field(None, description="base64 image; white = repaint")
-    model: str | None = Field(None, max_length=1000)
+
+
+JobRequest = _job_request_model()
 
 
 class JobView(BaseModel):
@@ -390,10 +392,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             if req.mask is None:
                 raise EmberError("mode inpaint needs mask")
             mask = decode_image(decode_base64(req.mask, "mask"), server.limits, "mask")
-        fields = req.model_dump(exclude={"mode", "init_image", "mask", "model"})
+        params = params_from_dict(req.model_dump(exclude={"mode", "init_image", "mask", "model"}))
         try:
             job = await server.submit(
-                request, kind=req.mode, fields=fields, init=init, mask=mask, model=req.model,
+                request, kind=req.mode, params=params, init=init, mask=mask, model=req.model,
                 idem_key=idempotency_key, body_hash=body_hash,
             )  # fmt: skip
         except IdempotencyConflict:

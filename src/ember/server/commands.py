@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.settings import SERVER_LIMITS
 
 
 def default_data_dir() -> Path:
@@ -43,10 +45,13 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="queued jobs before 503 (default 64)")
     p.add_argument("--rate-limit", type=float, default=0.0,
                    help="generation requests per minute per key (default 0: unlimited)")  # fmt: skip
-    p.add_argument("--max-batch", type=int, default=8, help="images per U-Net batch (default 8)")
+    p.add_argument("--max-batch", type=int, default=SERVER_LIMITS.max_batch,
+                   help="images per request and per U-Net batch (default %(default)s)")  # fmt: skip
     p.add_argument("--no-batching", action="store_true", help="one request per U-Net batch")
-    p.add_argument("--max-steps", type=int, default=150, help="per-request steps limit")
-    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="per-image pixel limit")
+    p.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps,
+                   help="per-request steps limit (default %(default)s)")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=SERVER_LIMITS.max_pixels,
+                   help="per-image pixel limit (default %(default)s)")  # fmt: skip
     p.set_defaults(run=run_serve)
 
 
@@ -54,7 +59,6 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
     """The server Settings of parsed `serve` arguments (separate so tests can use it)."""
     from ember.server.app import Settings
     from ember.server.auth import AuthConfig, is_loopback, parse_basic
-    from ember.server.limits import Limits
 
     if not 1 <= args.port <= 65535:
         raise EmberError(f"port {args.port} is not allowed: use 1 to 65535")
@@ -80,8 +84,11 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
         data_dir=data_dir,
         auth=AuthConfig(basic=basic, required=not loopback),
         cors_origins=tuple(args.cors_origin),
-        limits=Limits(
-            max_steps=args.max_steps, max_pixels=args.max_pixels, max_batch=args.max_batch
+        limits=dataclasses.replace(
+            SERVER_LIMITS,
+            max_steps=args.max_steps,
+            max_pixels=args.max_pixels,
+            max_batch=args.max_batch,
         ),  # fmt: skip
         max_queue=args.max_queue,
         rate_per_minute=args.rate_limit,
@@ -93,7 +100,7 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ember.cli import models_dir, resolve_model_path
+    from ember.catalog import models_dir, resolve_model_path
     from ember.server.app import create_app
     from ember.server.engine import ModelEngine
 

@@ -11,7 +11,6 @@ Ids are random hex strings; image files are named by id, never by anything a use
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -19,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ember.files import write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -281,14 +282,7 @@ class Store:
         """
         paths = []
         for row, data in images:
-            path = self.image_path(row.id)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            paths.append(path)
+            paths.append(write_atomic(self.image_path(row.id), data))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute(

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ember.settings import GenerationParams
 from ember.errors import EmberError
-from ember.images import format_infotext, png_bytes
+from ember.images import format_infotext, image_array, png_bytes
 from ember.server.engine import Engine, WorkItem
 from ember.server.jobs import ImageRow, Job, Store, new_id
+from ember.service import GeneratedImage
+from ember.settings import params_from_dict
 
 log = logging.getLogger("ember.server")
 
@@ -95,13 +96,10 @@ def preview_data_url(pixels: np.ndarray, max_side: int = 256) -> str:
 
 def work_item(job: Job) -> WorkItem:
     """Rebuild a WorkItem from its stored job (params as JSON, inputs as PNG bytes)."""
-    params = GenerationParams(**job.params)
+    params = params_from_dict(job.params)
 
     def pixels(data: bytes | None, mode: str) -> np.ndarray | None:
-        if data is None:
-            return None
-        arr = np.asarray(Image.open(io.BytesIO(data)).convert(mode), dtype=np.uint8)
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        return None if data is None else image_array(Image.open(io.BytesIO(data)), mode)
 
     mode = job.kind
     return WorkItem(job.id, params, mode, pixels(job.init, "RGB"), pixels(job.mask, "L"), job.model)
@@ -274,25 +272,25 @@ class Worker:
         finally:
             self.progress.job_ids = []
         self.batches_run += 1
-        for item, pixels in zip(group, outputs, strict=True):
-            self._save(item, pixels)
+        for item, images in zip(group, outputs, strict=True):
+            self._save(item, images)
 
     def _fail(self, ids: list[str], message: str) -> None:
         for job_id in ids:
             self.store.finish(job_id, "failed", message)
             self.broker.publish(job_id, {"type": "failed", "error": message})
 
-    def _save(self, item: WorkItem, pixels: np.ndarray) -> None:
+    def _save(self, item: WorkItem, images: list[GeneratedImage]) -> None:
         rows = []
         now = time.time()
-        for index in range(pixels.shape[0]):
-            record = self.engine.record(item, index)
+        for index, image in enumerate(images):
+            record = image.record
             row = ImageRow(
-                id=new_id(), job_id=item.job_id, idx=index, width=int(pixels.shape[2]),
-                height=int(pixels.shape[1]), seed=record.params.seed,
+                id=new_id(), job_id=item.job_id, idx=index, width=int(image.pixels.shape[1]),
+                height=int(image.pixels.shape[0]), seed=record.params.seed,
                 infotext=format_infotext(record), record=_record_dict(record), created=now,
             )  # fmt: skip
-            rows.append((row, png_bytes(pixels[index], record)))
+            rows.append((row, image.png()))
         if self.store.complete(item.job_id, rows):
             self.images_made += len(rows)
             self.broker.publish(item.job_id, {"type": "done", "images": [r.id for r, _ in rows]})
