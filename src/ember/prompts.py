@@ -281,7 +281,7 @@ _PHRASE_END = {"and", "on", "in", "with", "against", "at", "near", "next"}
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
 
-def layout_from_prompt(prompt: str, tokenizer) -> list[Region] | list[Count]:
+def layout_from_prompt(prompt: str, tokenizer: Tokenizer) -> list[Region] | list[Count]:
     """The layout a plain prompt's first spatial relation, or else its count, implies; or [].
 
     "a red circle left of a blue square on a white background": the subject is the word just before

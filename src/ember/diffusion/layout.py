@@ -10,10 +10,10 @@ A small U-Net can draw two named objects yet ignore the relation word between th
 bundled model the denoising loss is the same under the converse relation, docs/training.md), while
 its last cross-attention maps already say where each object is being drawn. So "a red circle left
 of a blue square" gets the boxes "left half" and "right half" from the prompt
-(`ember.prompts.layout_from_prompt`) and the guidance enforces them. Counts are laid out too: a model that has
-learnt to put three or four objects in distinct quadrants tends to fill all four when asked for
-three, so "three red squares" gets a `Count` whose energy empties the quadrant the squares' attention
-fills least.
+(`ember.prompts.layout_from_prompt`) and the guidance enforces them. Counts are laid out too: a
+model that has learnt to put three or four objects in distinct quadrants tends to fill all four
+when asked for three, so "three red squares" gets a `Count` whose energy empties the quadrant the
+squares' attention fills least. The maps are read through `CrossAttention.register_weights_hook`.
 """
 
 from __future__ import annotations
