@@ -17,7 +17,7 @@ from ember import device, pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
 from ember.errors import EmberError
-from ember.models.layers import Conv2d, _onednn_usable
+from ember.models.prepack import Conv2d, onednn_usable
 from ember.settings import GenerationParams
 
 NO_BF16 = {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}  # an AVX-512 CPU without AVX512-BF16
@@ -85,7 +85,7 @@ def test_prepacked_conv_equals_nn_conv(dtype, stride, padding, k):
             x = torch.randn(shape, dtype=dtype)
             ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
             torch.testing.assert_close(conv(x).float(), ref.float(), atol=tol, rtol=tol)
-            assert (conv._packed is not None) == _onednn_usable(dtype)
+            assert (conv._packed is not None) == onednn_usable(dtype)
         conv.weight.mul_(-2.0)  # an in-place update must not leave a stale packed copy
         ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
         torch.testing.assert_close(conv(x).float(), ref.float(), atol=2 * tol, rtol=tol)
@@ -107,9 +107,9 @@ def test_prepack_can_be_switched_off():
 
     code = (
         "import torch, torch.nn.functional as F\n"
-        "from ember.models import layers\n"
-        "assert layers.PREPACK is False\n"
-        "conv = layers.Conv2d(8, 16, 3, padding=1).requires_grad_(False)\n"
+        "from ember.models import prepack\n"
+        "assert prepack.PREPACK is False\n"
+        "conv = prepack.Conv2d(8, 16, 3, padding=1).requires_grad_(False)\n"
         "x = torch.randn(1, 8, 10, 10)\n"
         "with torch.no_grad():\n"
         "    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))\n"

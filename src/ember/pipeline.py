@@ -260,7 +260,8 @@ def _with_layout_guidance(loaded, denoiser, cond_denoiser, requests, counts, sha
     Guidance covers the leading `LAYOUT_STEPS` of the full schedule (before img2img truncates
     it), so img2img guides the same noise levels.
     """
-    from ember.diffusion.layout import LayoutGuidedDenoiser, guided_layers, layout_from_prompt
+    from ember.diffusion.layout import LayoutGuidedDenoiser, guided_layers
+    from ember.prompts import layout_from_prompt
 
     regions = [layout_from_prompt(p.prompt, loaded.tokenizer) for p in requests]
     per_image = [r for r, n in zip(regions, counts, strict=True) for _ in range(n)]
