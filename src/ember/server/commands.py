@@ -31,9 +31,9 @@ def add_serve(sub) -> None:
         "--dtype",
         choices=["auto", "fp32", "bf16"],
         default="fp32",
-        help="weights' precision (default fp32: the server batches requests, and only in fp32 "
-        "is an image byte-identical whatever it was batched with; bf16/auto is up to 2x faster "
-        "on large models)",
+        help="weights' precision (default fp32: the server batches requests, and in fp32 an "
+        "image is its solo run's to within 1/255 whatever it was batched with; bf16/auto is up to "
+        "2x faster on large models)",
     )
     p.add_argument("--api-auth", help="USER:PASSWORD accepted as HTTP Basic (A1111's flag)")
     p.add_argument(
