@@ -34,8 +34,8 @@ def main() -> None:
     import torch
     import torch._inductor.config as inductor_config
 
-    import ember.models.prepack as layers
     from ember.checkpoints import load_model
+    from ember.models import prepack
     from ember.pipeline import generate
     from ember.settings import GenerationParams
 
@@ -57,7 +57,7 @@ def main() -> None:
     before = image_time()
     eager_unet = loaded.model.model.diffusion_model
     inductor_config.freezing = True
-    layers.PREPACK = False
+    prepack.PREPACK = False
     loaded.model.model.diffusion_model = torch.compile(eager_unet, dynamic=False)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -65,7 +65,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         compiled = image_time()
     loaded.model.model.diffusion_model = eager_unet
-    layers.PREPACK = True
+    prepack.PREPACK = True
     after = image_time()
     print(f"ember-small 64x64, {a.dtype}, {a.threads} threads, torch {torch.__version__}")
     print("| path | 20-step image (s) |")

@@ -15,11 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ember.models.prepack import PREPACK, Conv2d  # noqa: F401 (PREPACK: see below)
-from ember.models.prepack import onednn_usable as _onednn_usable  # noqa: F401
-
-# PREPACK and _onednn_usable are re-exported only until tests/test_bf16.py imports them from
-# `ember.models.prepack`, where they now live.
+from ember.models.prepack import Conv2d
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
