@@ -263,3 +263,14 @@ def test_bad_shapes_weights(tmp_path, capsys, weights, needle):
     out = tmp_path / "shapes"
     _expect_error(capsys, ["data", "shapes", str(out), "--n", "5", "--weights", weights], needle)
     assert not out.exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path, tiny_model_file, capsys):
+    """A write the OS refuses (here: -o under a path that is a file) is one line, exit 2."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    _expect_error(
+        capsys,
+        ["generate", "p", "--model", str(tiny_model_file), "-q", "-o", str(blocker / "x.png")],
+        "not a directory",
+    )

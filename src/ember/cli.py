@@ -364,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     except EmberError as exc:
         print(f"ember: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named cannot be read or written (permissions, disk)
+        print(
+            f"ember: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
