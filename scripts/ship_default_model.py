@@ -189,14 +189,22 @@ def rescore(out: Path, folders: list[Path]) -> None:
     write_card(out, card)
 
 
+# In MODEL_CARD.md, what follows this line is written by hand (limits, history) and kept.
+HAND_WRITTEN = "<!-- Written by hand from here on; scripts/ship_default_model.py keeps it. -->"
+
+
 def write_card(out: Path, card: dict) -> None:
-    """`model_card.json` and its `MODEL_CARD.md`, each written atomically (no half-written card)."""
-    from ember.train.state import write_atomic
+    """`model_card.json` and its `MODEL_CARD.md`, each written atomically (no half-written card).
+    The card's hand-written part (from `HAND_WRITTEN` on) survives the rewrite."""
+    from ember.files import write_atomic
 
     write_atomic(
         out / "model_card.json", (json.dumps(card, indent=1, sort_keys=True) + "\n").encode()
     )
-    write_atomic(out / "MODEL_CARD.md", render(card).encode())
+    md = out / "MODEL_CARD.md"
+    old = md.read_text() if md.exists() else ""
+    notes = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else ""
+    write_atomic(md, (render(card).rstrip("\n") + ("\n\n" + notes if notes else "\n")).encode())
 
 
 def main() -> None:

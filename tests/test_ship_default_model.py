@@ -200,3 +200,18 @@ def test_raw_unet_weights_come_from_the_last_checkpoint_and_the_card_says_so(tmp
     shipped = load_file(str(out / "ember-small.safetensors"))
     assert torch.equal(shipped["model.diffusion_model.out.weight"], torch.ones(3))
     assert "raw weights" not in (out / "MODEL_CARD.md").read_text()
+
+
+def test_rewriting_the_card_keeps_its_hand_written_part(tmp_path):
+    ship = _ship()
+    card = json.loads(
+        (SCRIPT.parents[1] / "src/ember/assets/default-model/model_card.json").read_text()
+    )
+    ship.write_card(tmp_path, card)
+    generated = (tmp_path / "MODEL_CARD.md").read_text()
+    assert ship.HAND_WRITTEN not in generated
+    notes = f"{ship.HAND_WRITTEN}\n\n## History\n\nwritten by a person\n"
+    (tmp_path / "MODEL_CARD.md").write_text(generated + "\n" + notes)
+    ship.write_card(tmp_path, card | {"evaluation": {}})
+    text = (tmp_path / "MODEL_CARD.md").read_text()
+    assert text.endswith(notes) and text.count(ship.HAND_WRITTEN) == 1
