@@ -51,15 +51,17 @@ def small_file(cache: Path) -> Path:
 
         from ember import checkpoints as K
         from ember.config import get_preset
+        from ember.keymaps import TEXT
         from ember.models.ldm import LatentDiffusion
         from ember.models.text import build_text_encoder
+        from ember.safetensors_io import save_safetensors
 
         cfg = get_preset("ember-small")
         torch.manual_seed(0)
         model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
         sd = K.internal_to_ldm(model.state_dict(), cfg, {})
-        sd = {k: v for k, v in sd.items() if not k.startswith(K.TEXT)}
-        K.save_safetensors(sd, path, {K.CONFIG_KEY: cfg.to_json(), "format": "pt"})
+        sd = {k: v for k, v in sd.items() if not k.startswith(TEXT)}
+        save_safetensors(sd, path, {K.CONFIG_KEY: cfg.to_json(), "format": "pt"})
     return path
 
 

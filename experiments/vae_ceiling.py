@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ember.catalog import DEFAULT_MODEL
-from ember.checkpoints import CONFIG_KEY, check_safetensors
+from ember.checkpoints import CONFIG_KEY
 from ember.config import ModelConfig, get_preset
 from ember.eval.commands import EmojiSample
 from ember.eval.geneval import PROMPT_SETS, evaluate, render_spec
+from ember.safetensors_io import check_safetensors
 from ember.train.vae import load_vae
 
 

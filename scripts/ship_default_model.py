@@ -93,7 +93,7 @@ def previous_stages(card: dict) -> list[dict]:
 
 def _rewrite(model: Path, edit) -> None:
     """Let `edit` change `model`'s tensors (a dict, in place); write them back, metadata kept."""
-    from ember.checkpoints import read_safetensors, save_safetensors
+    from ember.safetensors_io import read_safetensors, save_safetensors
 
     tensors, meta = read_safetensors(model)
     edit(tensors)

@@ -78,11 +78,12 @@ def tiny_model_file(tmp_path_factory):
     from ember.config import get_preset
     from ember.models.ldm import LatentDiffusion
     from ember.models.text import build_text_encoder
+    from ember.safetensors_io import save_safetensors
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)
     model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
-    checkpoints.save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json(), "format": "pt"})
+    save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json(), "format": "pt"})
     return path

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ember import checkpoints
 from ember.cli import main
+from ember.safetensors_io import read_safetensors, save_safetensors
 
 
 def gen(model, out, *extra):
@@ -173,7 +174,7 @@ def test_pickled_checkpoint_converts_with_weights_only(tmp_path, capsys):
     torch.save({"state_dict": {"a.weight": torch.ones(2, 3)}}, good)
     out = tmp_path / "ok.safetensors"
     assert main(["convert", str(good), str(out)]) == 0
-    assert torch.equal(checkpoints.read_safetensors(out)[0]["a.weight"], torch.ones(2, 3))
+    assert torch.equal(read_safetensors(out)[0]["a.weight"], torch.ones(2, 3))
 
     class Evil:
         def __reduce__(self):
@@ -186,11 +187,11 @@ def test_pickled_checkpoint_converts_with_weights_only(tmp_path, capsys):
 
 
 def test_nan_model_writes_no_image(tmp_path, tiny_model_file, capsys):
-    tensors, meta = checkpoints.read_safetensors(tiny_model_file)
+    tensors, meta = read_safetensors(tiny_model_file)
     key = next(k for k in tensors if k.startswith("model.diffusion_model.out."))
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     bad = tmp_path / "nan.safetensors"
-    checkpoints.save_safetensors(tensors, bad, meta)
+    save_safetensors(tensors, bad, meta)
     out = tmp_path / "o.png"
     _expect_error(
         capsys, ["generate", "p", "--model", str(bad), "--steps", "2", "-q", "-o", str(out)], "NaN"
@@ -248,7 +249,7 @@ def test_inpaint_with_nine_channel_unet(tmp_path):
     model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
     path = tmp_path / "inpaint.safetensors"
     sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
-    checkpoints.save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json()})
+    save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json()})
     init, mask = _inpaint_inputs(tmp_path)
     out = tmp_path / "o.png"
     assert gen(path, out, "--init-image", str(init), "--mask", str(mask)) == 0

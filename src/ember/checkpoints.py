@@ -1,9 +1,10 @@
-"""Checkpoint I/O: original single-file SD checkpoints, diffusers folders, hashes, strict loading.
+"""Single-file checkpoints: detecting what a file is, strict loading, saving, converting `.ckpt`.
 
 In memory every model is a `LatentDiffusion` whose state-dict names are CompVis ldm's, so an
 original SD 1.x single file loads without renaming. SD 2.x files keep their text model in
 OpenCLIP naming (`cond_stage_model.model.*`); it is converted to and from the transformers layout at the edge.
 Only safetensors are read; pickled `.ckpt`/`.bin` files are refused (unpickling runs code).
+`load_model` also takes a diffusers folder, read by `ember.diffusers_folder`.
 """
 
 from __future__ import annotations
@@ -11,38 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ember import config as C
-from ember.errors import EmberError
-from ember.files import atomic_path, sha256_files, write_atomic
+from ember.config import SUPPORTED
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+# save_diffusers is only handed on: cli.py's `convert` still calls K.save_diffusers.
+from ember.diffusers_folder import read_diffusers, save_diffusers  # noqa: F401
+from ember.errors import EmberError
+from ember.files import sha256_files, write_atomic
+from ember.keymaps import IGNORED_PREFIXES, IGNORED_SUFFIXES, TEXT, UNET, VAE
+from ember.safetensors_io import check_safetensors, read_safetensors, save_safetensors
+
 CONFIG_KEY = "ember_config"
-UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 OPENCLIP = TEXT + "model."
-# Keys that SD files carry but ember's modules do not hold: schedule buffers (ember computes the
-# schedule from the config), EMA copies, CLIP's position-id buffer, OpenCLIP's unused heads.
-IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev",
-                    "sqrt_", "log_one_minus", "posterior_", "logvar")  # fmt: skip
-IGNORED_SUFFIXES = ("position_ids",)
 PASSTHROUGH_TEXT_KEYS = ("text_projection", "logit_scale")
-# Ends every refusal of a model, so a user learns what to look for instead.
-SUPPORTED = (
-    "ember loads SD 1.x, SD 2.x (512 and 768-v), SD inpainting and ember's own models, "
-    "as one .safetensors file or a diffusers folder"
-)
 
 
 @dataclass
@@ -64,78 +52,7 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors files: validation and hashes
-
-
-def check_safetensors(path: str | Path) -> dict:
-    """Validate a safetensors file's header against its size; return the parsed header.
-
-    safetensors' own errors are terse; this names the problem so a user knows the file is at fault.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise EmberError(f"model file not found: {path}")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise EmberError(
-            f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded; ember "
-            f"reads only .safetensors. Convert it safely with: ember convert {path} OUT.safetensors"
-        )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise EmberError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise EmberError(f"{path}: not a safetensors file or truncated (header length {n})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise EmberError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise EmberError(f"{path}: not a safetensors file (header is not a JSON object)")
-    if not isinstance(header.get("__metadata__") or {}, dict):
-        raise EmberError(f"{path}: malformed safetensors metadata (not a JSON object)")
-    data_len = size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = SAFETENSORS_DTYPES[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise EmberError(f"{path}: malformed safetensors entry for tensor {name!r}") from None
-        if not 0 <= begin <= end <= data_len:
-            raise EmberError(
-                f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of "
-                f"{data_len}); the file is truncated or corrupt"
-            )
-        if end - begin != count * width:
-            raise EmberError(f"{path}: tensor {name!r} size does not match its shape and dtype")
-        spans.append((begin, end))
-    spans.sort()
-    for (_, e0), (b1, _) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            raise EmberError(f"{path}: overlapping tensors in safetensors header")
-    return header
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Validated read of all tensors and the string metadata."""
-    header = check_safetensors(path)
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    except SafetensorError as exc:  # what check_safetensors does not cover, e.g. unreadable bytes
-        raise EmberError(f"{path}: unreadable safetensors file ({exc})") from None
-    return tensors, dict(header.get("__metadata__") or {})
+# hashes
 
 
 def file_hashes(path: str | Path) -> tuple[str, str]:
@@ -164,12 +81,6 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
     except OSError:
         pass  # a read-only home only costs the next run a re-hash
     return digest, digest[:10]
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
-    """Write atomically (`ember.files.atomic_path`): a kill mid-write leaves the old file intact."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +340,7 @@ def internal_to_ldm(
 
 
 # ---------------------------------------------------------------------------------------------
-# saving and the diffusers layout
+# saving
 
 
 def convert_pickled(src: Path, out: Path) -> None:
@@ -460,252 +371,3 @@ def convert_pickled(src: Path, out: Path) -> None:
 def save_single_file(loaded: LoadedModel, path: str | Path) -> None:
     sd = internal_to_ldm(loaded.model.state_dict(), loaded.config, loaded.extra)
     save_safetensors(sd, path, {CONFIG_KEY: loaded.config.to_json(), "format": "pt"})
-
-
-# Pipelines of architectures ember does not implement, as model_index.json names them.
-_OTHER_PIPELINES = {
-    "StableDiffusionXL": "an SDXL model", "StableDiffusion3": "an SD3 model", "Flux": "a Flux model"
-}  # fmt: skip
-_PARTS = {
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-}
-_TOKENIZERS = {"clip": ("CLIPTokenizer", 49408), "minilm": ("BertTokenizer", C.MINILM.vocab_size)}
-
-
-def read_diffusers(
-    folder: Path,
-) -> tuple[dict[str, torch.Tensor], C.ModelConfig, dict[str, torch.Tensor]]:
-    """A diffusers pipeline folder -> ldm-named state dict and its ModelConfig."""
-    from ember import keymaps
-
-    cfg, index = inspect_diffusers(folder)
-    unet_cfg, vae_cfg = cfg.unet, cfg.vae
-    if "_ember_config" in index:  # written by ember: the exact config, name and all
-        try:
-            cfg = C.model_config_from_dict(index["_ember_config"])
-        except (ValueError, TypeError, KeyError) as exc:
-            raise EmberError(f"{folder.name}: unreadable _ember_config ({exc!r})") from None
-    weights = {}
-    for part, stem in _PARTS.items():
-        file = folder / part / f"{stem}.safetensors"
-        if not file.exists():
-            others = sorted(p.name for p in (folder / part).glob(f"{stem}*"))
-            hint = ""
-            if any(name.endswith(".bin") for name in others):
-                hint = " (only a pickled .bin is present; ember reads safetensors only)"
-            elif others:  # diffusion_pytorch_model.fp16.safetensors, -00001-of-00002, ...
-                hint = f" (found {', '.join(others[:3])}: ember reads one unsharded, plain file)"
-            raise EmberError(f"{folder}: missing {part}/{stem}.safetensors{hint}")
-        weights[part], _ = read_safetensors(file)
-    sd = {}
-    try:
-        unet = keymaps.unet_diffusers_to_ldm(weights["unet"], unet_cfg)
-        vae = keymaps.vae_diffusers_to_ldm(weights["vae"], vae_cfg)
-    except EmberError as exc:
-        raise EmberError(f"{folder.name}: {exc}") from None
-    sd.update({UNET + k: v for k, v in unet.items()})
-    sd.update({VAE + k: v for k, v in vae.items()})
-    extra = {}
-    for k, v in weights["text_encoder"].items():
-        if k.endswith(IGNORED_SUFFIXES):
-            continue
-        # transformers 5 writes CLIP keys without the `text_model.` level that 4.x and SD files use.
-        if cfg.text.kind == "clip" and not k.startswith("text_model."):
-            k = "text_model." + k
-        sd[TEXT + "transformer." + k] = v
-    return sd, cfg, extra
-
-
-def inspect_diffusers(folder: Path) -> tuple[C.ModelConfig, dict]:
-    """The ModelConfig a diffusers folder describes (and its model_index.json), from its configs
-    alone: what ember cannot load is refused here, before any weights are read."""
-    from ember import keymaps
-    from ember.models.text import text_config_from_hf
-
-    if not (folder / "model_index.json").exists():
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        hint = f"; to load a file inside, pass it: {folder / files[0]}" if files else ""
-        raise EmberError(f"{folder} is not a diffusers folder (no model_index.json){hint}")
-    index = _read_json(folder / "model_index.json")
-    pipeline = str(index.get("_class_name"))
-    family = next((f for p, f in _OTHER_PIPELINES.items() if pipeline.startswith(p)), None)
-    if family is None and "text_encoder_2" in index:
-        family = "a model with two text encoders (as SDXL)"
-    if family is None and "unet" not in index:
-        family = (
-            "a transformer (DiT) model" if "transformer" in index else "a model without a U-Net"
-        )
-    if family:
-        raise EmberError(
-            f"{folder.name} is a diffusers folder of {family} ({pipeline}); {SUPPORTED}"
-        )
-    configs = {part: _read_json(folder / part / "config.json") for part in _PARTS}
-    try:
-        if configs["unet"].get("addition_embed_type") == "text_time":
-            raise EmberError("its U-Net takes SDXL's size conditioning (addition_embed_type)")
-        unet_cfg = keymaps.unet_config_from_diffusers(configs["unet"])
-        vae_cfg = keymaps.vae_config_from_diffusers(configs["vae"])
-        text_cfg = text_config_from_hf(configs["text_encoder"])
-        sched_cfg = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
-        size = int(configs["unet"].get("sample_size", 64)) * vae_cfg.downsample
-    except (ValueError, KeyError, TypeError) as exc:  # EmberError is a ValueError
-        raise EmberError(f"{folder.name} ({pipeline}): {exc}; {SUPPORTED}") from None
-    z, n = vae_cfg.z_channels, unet_cfg.in_channels
-    if n != z and (n, z) != (9, 4):  # latents, or SD inpainting's latents + mask + masked image
-        raise EmberError(
-            f"{folder.name} ({pipeline}): its U-Net takes {n} input channels for {z}-channel "
-            f"latents ({z}: text-to-image, 9 with 4: inpainting); {SUPPORTED}"
-        )
-    if text_cfg.hidden_size != unet_cfg.context_dim:
-        raise EmberError(
-            f"{folder.name}: its text encoder is {text_cfg.hidden_size} wide but its U-Net attends "
-            f"to {unet_cfg.context_dim}-wide context; {SUPPORTED}"
-        )
-    _check_tokenizer(folder, index, text_cfg)
-    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
-    return C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size), index
-
-
-def _check_tokenizer(folder: Path, index: dict, text_cfg: C.TextConfig) -> None:
-    """ember tokenises with its own copy of CLIP's (or MiniLM's) tokenizer, not the folder's: a
-    folder whose tokenizer or vocabulary differs would index its embedding table out of range."""
-    want, vocab_size = _TOKENIZERS[text_cfg.kind]
-    declared = _read_json(folder / "tokenizer" / "tokenizer_config.json", {}).get("tokenizer_class")
-    if declared is None and "_ember_config" not in index:  # ember once wrote CLIP for MiniLM here
-        entry = index.get("tokenizer")
-        declared = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-    if declared is not None and not str(declared).startswith(want):
-        raise EmberError(
-            f"{folder.name}: its tokenizer is {declared}, not {want}; ember tokenises this text "
-            f"encoder with {want}'s own vocabulary; {SUPPORTED}"
-        )
-    if text_cfg.vocab_size != vocab_size:
-        raise EmberError(
-            f"{folder.name}: its text encoder has a {text_cfg.vocab_size}-token vocabulary, "
-            f"{want}'s has {vocab_size}; {SUPPORTED}"
-        )
-    if text_cfg.kind == "clip" and (folder / "tokenizer" / "vocab.json").exists():
-        from ember.models.text import load_clip_bpe
-
-        if _read_json(folder / "tokenizer" / "vocab.json") != load_clip_bpe()[0]:
-            raise EmberError(
-                f"{folder.name}: tokenizer/vocab.json is not CLIP's vocabulary, which ember "
-                f"tokenises with; {SUPPORTED}"
-            )
-
-
-def _read_json(file: Path, default: dict | None = None) -> dict:
-    """A JSON object from a model folder; a missing file is `default` or an error."""
-    if not file.exists() and default is not None:
-        return default
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EmberError(f"{file.parent.parent}: missing {file.parent.name}/{file.name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EmberError(f"{file}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise EmberError(f"{file}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _pad_id(folder: Path, text_cfg: C.TextConfig) -> int:
-    """SD 1.x tokenizers pad with <|endoftext|>, SD 2.x with "!" (id 0)."""
-    special = folder / "tokenizer" / "special_tokens_map.json"
-    if special.exists():
-        pad = _read_json(special).get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        if pad == "!":
-            return 0
-        if pad == "<|endoftext|>":
-            return 49407
-    return text_cfg.pad_token_id
-
-
-def _schedule_from_diffusers(file: Path) -> C.ScheduleConfig:
-    if not file.exists():
-        return C.ScheduleConfig()
-    d = _read_json(file)
-    return C.ScheduleConfig(
-        num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
-        beta_start=float(d.get("beta_start", 0.00085)),
-        beta_end=float(d.get("beta_end", 0.012)),
-        beta_schedule={"squaredcos_cap_v2": "cosine"}.get(
-            d.get("beta_schedule", "scaled_linear"), d.get("beta_schedule", "scaled_linear")
-        ),
-        prediction="v" if d.get("prediction_type") == "v_prediction" else "eps",
-        steps_offset=int(d.get("steps_offset", 1)),
-        set_alpha_to_one=bool(d.get("set_alpha_to_one", False)),
-    )
-
-
-def save_diffusers(loaded: LoadedModel, folder: str | Path) -> None:
-    """Write a diffusers pipeline folder (safetensors weights, configs, tokenizer, scheduler)."""
-    from ember import keymaps
-    from ember.models.text import text_config_to_hf
-
-    folder = Path(folder)
-    cfg = loaded.config
-    sd = loaded.model.state_dict()
-    if cfg.text.depth < cfg.text.num_layers:
-        # diffusers stores SD 2.x text models without the final (never used) block and reads the
-        # last layer: drop the unused blocks here, as diffusers' own conversion does (BERT likewise).
-        block = "encoder.layer" if cfg.text.kind == "minilm" else "text_model.encoder.layers"
-        unused = tuple(
-            f"{TEXT}transformer.{block}.{i}." for i in range(cfg.text.depth, cfg.text.num_layers)
-        )
-        sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
-        text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.depth, layer="last")
-        cfg = dataclasses.replace(cfg, text=text_cfg)
-    comp = {
-        p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in (UNET, VAE, TEXT)
-    }
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (folder / part).mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt"}
-    save_safetensors(
-        keymaps.unet_ldm_to_diffusers(comp[UNET], cfg.unet),
-        folder / "unet" / "diffusion_pytorch_model.safetensors", meta,
-    )  # fmt: skip
-    save_safetensors(
-        keymaps.vae_ldm_to_diffusers(comp[VAE], cfg.vae),
-        folder / "vae" / "diffusion_pytorch_model.safetensors", meta,
-    )  # fmt: skip
-    # Written the way transformers 5 writes CLIPTextModel (no `text_model.` level).
-    text = {
-        k.removeprefix("transformer.").removeprefix("text_model."): v for k, v in comp[TEXT].items()
-    }
-    text.update({k.removeprefix(TEXT + "transformer.").removeprefix("text_model."): v
-                 for k, v in loaded.extra.items() if k.startswith(TEXT + "transformer.")})  # fmt: skip
-    save_safetensors(text, folder / "text_encoder" / "model.safetensors", meta)
-    unet_json = keymaps.unet_config_to_diffusers(cfg.unet)
-    unet_json["sample_size"] = cfg.size // cfg.vae.downsample
-    _write_json(folder / "unet" / "config.json", unet_json)
-    _write_json(folder / "vae" / "config.json", keymaps.vae_config_to_diffusers(cfg.vae))
-    _write_json(folder / "text_encoder" / "config.json", text_config_to_hf(cfg.text))
-    s = cfg.schedule
-    _write_json(folder / "scheduler" / "scheduler_config.json", {
-        "_class_name": "DDIMScheduler", "num_train_timesteps": s.num_train_timesteps,
-        "beta_start": s.beta_start, "beta_end": s.beta_end,
-        "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
-        "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
-        "steps_offset": s.steps_offset, "set_alpha_to_one": s.set_alpha_to_one,
-        "clip_sample": False,
-    })  # fmt: skip
-    loaded.tokenizer.to_transformers().save_pretrained(folder / "tokenizer")
-    minilm = cfg.text.kind == "minilm"
-    _write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_ember_config": json.loads(cfg.to_json()),
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "BertModel" if minilm else "CLIPTextModel"],
-        "tokenizer": ["transformers", _TOKENIZERS[cfg.text.kind][0]],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    })  # fmt: skip
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -314,6 +314,12 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 
+# Ends every refusal of a model, so a user learns what to look for instead.
+SUPPORTED = (
+    "ember loads SD 1.x, SD 2.x (512 and 768-v), SD inpainting and ember's own models, "
+    "as one .safetensors file or a diffusers folder"
+)
+
 
 def get_preset(name: str) -> ModelConfig:
     try:

@@ -17,6 +17,14 @@ import torch
 from ember.config import UNetConfig, VAEConfig
 from ember.errors import EmberError
 
+# ldm's prefixes of the three parts; the maps below work on state dicts with them stripped.
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+# Keys that SD files carry but ember's modules do not hold: schedule buffers (ember computes the
+# schedule from the config), EMA copies, CLIP's position-id buffer, OpenCLIP's unused heads.
+IGNORED_PREFIXES = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev",
+                    "sqrt_", "log_one_minus", "posterior_", "logvar")  # fmt: skip
+IGNORED_SUFFIXES = ("position_ids",)
+
 # Suffix maps of one module kind: ldm sub-path -> diffusers sub-path. "same" means unchanged names.
 _SUFFIXES: dict[str, dict[str, str]] = {
     "same": {},

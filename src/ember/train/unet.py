@@ -116,8 +116,8 @@ class UNetTask:
 
     def _init_from(self, path: Path) -> None:
         """Warm-start from an exported model (the same U-Net architecture), e.g. to fine-tune."""
-        from ember.checkpoints import read_safetensors
         from ember.models.ldm import load_state_dict_strict
+        from ember.safetensors_io import read_safetensors
         from ember.train.config import EmberError
 
         tensors, meta = read_safetensors(path)

@@ -1,0 +1,271 @@
+"""Diffusers pipeline folders: what one describes, reading it into ldm names, writing one.
+
+A folder holds `unet/`, `vae/` and `text_encoder/` weights in diffusers' names with a config.json
+each, plus `tokenizer/`, `scheduler/` and `model_index.json`. `inspect_diffusers` refuses what ember
+cannot load from the configs alone, before any weights are read; `read_diffusers` renames the
+weights to ldm's (`ember.keymaps`), the names every model has in memory; `save_diffusers` is its
+inverse. Single `.safetensors` files, and `load_model` for both kinds, are in `ember.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ember import config as C
+from ember import keymaps
+from ember.config import SUPPORTED
+from ember.errors import EmberError
+from ember.files import write_atomic
+from ember.keymaps import IGNORED_SUFFIXES, TEXT, UNET, VAE
+from ember.safetensors_io import read_safetensors, save_safetensors
+
+# Pipelines of architectures ember does not implement, as model_index.json names them.
+_OTHER_PIPELINES = {
+    "StableDiffusionXL": "an SDXL model", "StableDiffusion3": "an SD3 model", "Flux": "a Flux model"
+}  # fmt: skip
+_PARTS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+_TOKENIZERS = {"clip": ("CLIPTokenizer", 49408), "minilm": ("BertTokenizer", C.MINILM.vocab_size)}
+
+
+def read_diffusers(
+    folder: Path,
+) -> tuple[dict[str, torch.Tensor], C.ModelConfig, dict[str, torch.Tensor]]:
+    """A diffusers pipeline folder -> ldm-named state dict and its ModelConfig."""
+    cfg, index = inspect_diffusers(folder)
+    unet_cfg, vae_cfg = cfg.unet, cfg.vae
+    if "_ember_config" in index:  # written by ember: the exact config, name and all
+        try:
+            cfg = C.model_config_from_dict(index["_ember_config"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EmberError(f"{folder.name}: unreadable _ember_config ({exc!r})") from None
+    weights = {}
+    for part, stem in _PARTS.items():
+        file = folder / part / f"{stem}.safetensors"
+        if not file.exists():
+            others = sorted(p.name for p in (folder / part).glob(f"{stem}*"))
+            hint = ""
+            if any(name.endswith(".bin") for name in others):
+                hint = " (only a pickled .bin is present; ember reads safetensors only)"
+            elif others:  # diffusion_pytorch_model.fp16.safetensors, -00001-of-00002, ...
+                hint = f" (found {', '.join(others[:3])}: ember reads one unsharded, plain file)"
+            raise EmberError(f"{folder}: missing {part}/{stem}.safetensors{hint}")
+        weights[part], _ = read_safetensors(file)
+    sd = {}
+    try:
+        unet = keymaps.unet_diffusers_to_ldm(weights["unet"], unet_cfg)
+        vae = keymaps.vae_diffusers_to_ldm(weights["vae"], vae_cfg)
+    except EmberError as exc:
+        raise EmberError(f"{folder.name}: {exc}") from None
+    sd.update({UNET + k: v for k, v in unet.items()})
+    sd.update({VAE + k: v for k, v in vae.items()})
+    extra = {}
+    for k, v in weights["text_encoder"].items():
+        if k.endswith(IGNORED_SUFFIXES):
+            continue
+        # transformers 5 writes CLIP keys without the `text_model.` level that 4.x and SD files use.
+        if cfg.text.kind == "clip" and not k.startswith("text_model."):
+            k = "text_model." + k
+        sd[TEXT + "transformer." + k] = v
+    return sd, cfg, extra
+
+
+def inspect_diffusers(folder: Path) -> tuple[C.ModelConfig, dict]:
+    """The ModelConfig a diffusers folder describes (and its model_index.json), from its configs
+    alone: what ember cannot load is refused here, before any weights are read."""
+    from ember.models.text import text_config_from_hf
+
+    if not (folder / "model_index.json").exists():
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f"; to load a file inside, pass it: {folder / files[0]}" if files else ""
+        raise EmberError(f"{folder} is not a diffusers folder (no model_index.json){hint}")
+    index = _read_json(folder / "model_index.json")
+    pipeline = str(index.get("_class_name"))
+    family = next((f for p, f in _OTHER_PIPELINES.items() if pipeline.startswith(p)), None)
+    if family is None and "text_encoder_2" in index:
+        family = "a model with two text encoders (as SDXL)"
+    if family is None and "unet" not in index:
+        family = (
+            "a transformer (DiT) model" if "transformer" in index else "a model without a U-Net"
+        )
+    if family:
+        raise EmberError(
+            f"{folder.name} is a diffusers folder of {family} ({pipeline}); {SUPPORTED}"
+        )
+    configs = {part: _read_json(folder / part / "config.json") for part in _PARTS}
+    try:
+        if configs["unet"].get("addition_embed_type") == "text_time":
+            raise EmberError("its U-Net takes SDXL's size conditioning (addition_embed_type)")
+        unet_cfg = keymaps.unet_config_from_diffusers(configs["unet"])
+        vae_cfg = keymaps.vae_config_from_diffusers(configs["vae"])
+        text_cfg = text_config_from_hf(configs["text_encoder"])
+        sched_cfg = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
+        size = int(configs["unet"].get("sample_size", 64)) * vae_cfg.downsample
+    except (ValueError, KeyError, TypeError) as exc:  # EmberError is a ValueError
+        raise EmberError(f"{folder.name} ({pipeline}): {exc}; {SUPPORTED}") from None
+    z, n = vae_cfg.z_channels, unet_cfg.in_channels
+    if n != z and (n, z) != (9, 4):  # latents, or SD inpainting's latents + mask + masked image
+        raise EmberError(
+            f"{folder.name} ({pipeline}): its U-Net takes {n} input channels for {z}-channel "
+            f"latents ({z}: text-to-image, 9 with 4: inpainting); {SUPPORTED}"
+        )
+    if text_cfg.hidden_size != unet_cfg.context_dim:
+        raise EmberError(
+            f"{folder.name}: its text encoder is {text_cfg.hidden_size} wide but its U-Net attends "
+            f"to {unet_cfg.context_dim}-wide context; {SUPPORTED}"
+        )
+    _check_tokenizer(folder, index, text_cfg)
+    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
+    return C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size), index
+
+
+def _check_tokenizer(folder: Path, index: dict, text_cfg: C.TextConfig) -> None:
+    """ember tokenises with its own copy of CLIP's (or MiniLM's) tokenizer, not the folder's: a
+    folder whose tokenizer or vocabulary differs would index its embedding table out of range."""
+    want, vocab_size = _TOKENIZERS[text_cfg.kind]
+    declared = _read_json(folder / "tokenizer" / "tokenizer_config.json", {}).get("tokenizer_class")
+    if declared is None and "_ember_config" not in index:  # ember once wrote CLIP for MiniLM here
+        entry = index.get("tokenizer")
+        declared = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if declared is not None and not str(declared).startswith(want):
+        raise EmberError(
+            f"{folder.name}: its tokenizer is {declared}, not {want}; ember tokenises this text "
+            f"encoder with {want}'s own vocabulary; {SUPPORTED}"
+        )
+    if text_cfg.vocab_size != vocab_size:
+        raise EmberError(
+            f"{folder.name}: its text encoder has a {text_cfg.vocab_size}-token vocabulary, "
+            f"{want}'s has {vocab_size}; {SUPPORTED}"
+        )
+    if text_cfg.kind == "clip" and (folder / "tokenizer" / "vocab.json").exists():
+        from ember.models.text import load_clip_bpe
+
+        if _read_json(folder / "tokenizer" / "vocab.json") != load_clip_bpe()[0]:
+            raise EmberError(
+                f"{folder.name}: tokenizer/vocab.json is not CLIP's vocabulary, which ember "
+                f"tokenises with; {SUPPORTED}"
+            )
+
+
+def _read_json(file: Path, default: dict | None = None) -> dict:
+    """A JSON object from a model folder; a missing file is `default` or an error."""
+    if not file.exists() and default is not None:
+        return default
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmberError(f"{file.parent.parent}: missing {file.parent.name}/{file.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EmberError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise EmberError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _pad_id(folder: Path, text_cfg: C.TextConfig) -> int:
+    """SD 1.x tokenizers pad with <|endoftext|>, SD 2.x with "!" (id 0)."""
+    special = folder / "tokenizer" / "special_tokens_map.json"
+    if special.exists():
+        pad = _read_json(special).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad == "!":
+            return 0
+        if pad == "<|endoftext|>":
+            return 49407
+    return text_cfg.pad_token_id
+
+
+def _schedule_from_diffusers(file: Path) -> C.ScheduleConfig:
+    if not file.exists():
+        return C.ScheduleConfig()
+    d = _read_json(file)
+    return C.ScheduleConfig(
+        num_train_timesteps=int(d.get("num_train_timesteps", 1000)),
+        beta_start=float(d.get("beta_start", 0.00085)),
+        beta_end=float(d.get("beta_end", 0.012)),
+        beta_schedule={"squaredcos_cap_v2": "cosine"}.get(
+            d.get("beta_schedule", "scaled_linear"), d.get("beta_schedule", "scaled_linear")
+        ),
+        prediction="v" if d.get("prediction_type") == "v_prediction" else "eps",
+        steps_offset=int(d.get("steps_offset", 1)),
+        set_alpha_to_one=bool(d.get("set_alpha_to_one", False)),
+    )
+
+
+def save_diffusers(loaded, folder: str | Path) -> None:
+    """Write a diffusers pipeline folder (safetensors weights, configs, tokenizer, scheduler).
+
+    `loaded` is a `checkpoints.LoadedModel`, taken by its fields as `ember.pipeline` takes it.
+    """
+    from ember.models.text import text_config_to_hf
+
+    folder = Path(folder)
+    cfg = loaded.config
+    sd = loaded.model.state_dict()
+    if cfg.text.depth < cfg.text.num_layers:
+        # diffusers stores SD 2.x text models without the final (never used) block and reads the
+        # last layer: drop the unused blocks here, as diffusers' own conversion does (BERT likewise).
+        block = "encoder.layer" if cfg.text.kind == "minilm" else "text_model.encoder.layers"
+        unused = tuple(
+            f"{TEXT}transformer.{block}.{i}." for i in range(cfg.text.depth, cfg.text.num_layers)
+        )
+        sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
+        text_cfg = dataclasses.replace(cfg.text, num_layers=cfg.text.depth, layer="last")
+        cfg = dataclasses.replace(cfg, text=text_cfg)
+    comp = {
+        p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in (UNET, VAE, TEXT)
+    }
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    save_safetensors(
+        keymaps.unet_ldm_to_diffusers(comp[UNET], cfg.unet),
+        folder / "unet" / "diffusion_pytorch_model.safetensors", meta,
+    )  # fmt: skip
+    save_safetensors(
+        keymaps.vae_ldm_to_diffusers(comp[VAE], cfg.vae),
+        folder / "vae" / "diffusion_pytorch_model.safetensors", meta,
+    )  # fmt: skip
+    # Written the way transformers 5 writes CLIPTextModel (no `text_model.` level).
+    text = {
+        k.removeprefix("transformer.").removeprefix("text_model."): v for k, v in comp[TEXT].items()
+    }
+    text.update({k.removeprefix(TEXT + "transformer.").removeprefix("text_model."): v
+                 for k, v in loaded.extra.items() if k.startswith(TEXT + "transformer.")})  # fmt: skip
+    save_safetensors(text, folder / "text_encoder" / "model.safetensors", meta)
+    unet_json = keymaps.unet_config_to_diffusers(cfg.unet)
+    unet_json["sample_size"] = cfg.size // cfg.vae.downsample
+    _write_json(folder / "unet" / "config.json", unet_json)
+    _write_json(folder / "vae" / "config.json", keymaps.vae_config_to_diffusers(cfg.vae))
+    _write_json(folder / "text_encoder" / "config.json", text_config_to_hf(cfg.text))
+    s = cfg.schedule
+    _write_json(folder / "scheduler" / "scheduler_config.json", {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": s.num_train_timesteps,
+        "beta_start": s.beta_start, "beta_end": s.beta_end,
+        "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
+        "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
+        "steps_offset": s.steps_offset, "set_alpha_to_one": s.set_alpha_to_one,
+        "clip_sample": False,
+    })  # fmt: skip
+    loaded.tokenizer.to_transformers().save_pretrained(folder / "tokenizer")
+    minilm = cfg.text.kind == "minilm"
+    _write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_ember_config": json.loads(cfg.to_json()),
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "BertModel" if minilm else "CLIPTextModel"],
+        "tokenizer": ["transformers", _TOKENIZERS[cfg.text.kind][0]],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    })  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
