@@ -9,6 +9,9 @@ Syntax: `(text)` x1.1, `[text]` /1.1, `(text:1.3)` x1.3, nesting multiplies, `\\
 `\\\\` are literals, unbalanced openers apply to the end of the prompt, unmatched closers are text,
 `BREAK` (upper case, a word of its own) ends the current chunk.
 
+Extra-network tags, `<lora:NAME:WEIGHT>` and `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>` (A1111's
+`extra_networks` syntax), select LoRAs: `lora_tags` reads them and the text encoder never sees them.
+
 `layout_from_prompt` reads a plain prompt's spatial relation or count ("a cat left of a dog",
 "three red squares") as the regions layout guidance steers towards.
 
@@ -36,6 +39,44 @@ _WEIGHT_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _SPECIAL = "\\()[]:"
 _ESCAPABLE = "()[]\\"
 _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+class LoraTag(NamedTuple):
+    """`<lora:NAME:TE:UNET>`: a LoRA named in a prompt, with its text-encoder and U-Net weights."""
+
+    name: str
+    te_weight: float
+    unet_weight: float
+
+
+def strip_extra_networks(text: str) -> str:
+    """The prompt as the text encoder sees it: extra-network tags removed (A1111 does the same)."""
+    return _EXTRA_NETWORK.sub("", text)
+
+
+def lora_tags(text: str) -> list[LoraTag]:
+    """The `<lora:...>` tags of a prompt. `<lora:NAME>` is weight 1; `<lora:NAME:W>` applies W to
+    both models; `<lora:NAME:TE:UNET>` or `te=`/`unet=` set each. ValueError for a malformed tag or
+    another kind of extra network (ember has only LoRAs)."""
+    tags = []
+    for kind, args in _EXTRA_NETWORK.findall(text):
+        if kind != "lora":
+            raise ValueError(f"<{kind}:...> is not supported; ember loads <lora:NAME:WEIGHT> tags")
+        name, *rest = [a.strip() for a in args.split(":")]
+        positional = [a for a in rest if "=" not in a]
+        named = dict(a.split("=", 1) for a in rest if "=" in a)
+        if not name or len(positional) > 2 or set(named) - {"te", "unet"}:
+            raise ValueError(
+                f"malformed tag <lora:{args}>: use <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>"
+            )
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise ValueError(f"malformed weight in <lora:{args}>") from None
+        tags.append(LoraTag(name, te, unet))
+    return tags
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -238,8 +279,8 @@ def encode_prompts(
     The shorter is extended with encodings of the empty prompt, chunk by chunk, as A1111's
     `pad_cond_uncond` option does.
     """
-    cond = encode_prompt(prompt, tokenizer, encoder, clip_skip)
-    uncond = encode_prompt(negative_prompt, tokenizer, encoder, clip_skip)
+    cond = encode_prompt(strip_extra_networks(prompt), tokenizer, encoder, clip_skip)
+    uncond = encode_prompt(strip_extra_networks(negative_prompt), tokenizer, encoder, clip_skip)
     if cond.shape[1] != uncond.shape[1]:
         empty = encode_prompt("", tokenizer, encoder, clip_skip)  # (1, L, D)
         length = max(cond.shape[1], uncond.shape[1])
@@ -292,6 +333,7 @@ def layout_from_prompt(prompt: str, tokenizer: Tokenizer) -> list[Region] | list
     tokenizer's start token. Prompts the analysis cannot map onto tokens exactly (emphasis syntax,
     BREAK, longer than one window) get no layout rather than a wrong one.
     """
+    prompt = strip_extra_networks(prompt)
     chunks = tokenize_weighted(prompt, tokenizer)
     if len(chunks) != 1 or any(w != 1.0 for w in chunks[0].weights):
         return []  # emphasis, BREAK or more than one window
