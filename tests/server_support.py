@@ -19,7 +19,7 @@ from ember.errors import EmberError
 from ember.images import ImageRecord
 from ember.server.engine import ModelInfo, WorkItem
 from ember.service import GeneratedImage
-from ember.settings import GenerationParams
+from ember.settings import GenerationParams, lora_selection
 
 
 class FakeEngine:
@@ -66,6 +66,17 @@ class FakeEngine:
         return dataclasses.replace(
             PRESETS["tiny"], size=self.size, guidance=self.guidance, layout_guidance=self.layout
         )
+
+    def loras(self) -> dict[str, Path]:
+        return {"style": Path("/loras/style.safetensors")}
+
+    def refresh_loras(self) -> dict[str, Path]:
+        return self.loras()
+
+    def check_loras(self, params: GenerationParams) -> None:
+        for choice in lora_selection(params):
+            if choice.name not in self.loras():
+                raise EmberError(f"LoRA not found: {choice.name}")
 
     def run(self, items: list[WorkItem], on_step) -> list[list[GeneratedImage]]:
         self.batches.append([i.job_id for i in items])

@@ -471,3 +471,19 @@ def test_jobs_differing_only_in_layout_guidance_all_succeed(tmp_path, tiny_model
 def _final(c, job_id):
     view = c.get(f"/v1/jobs/{job_id}").json()
     return view if view["status"] in ("done", "failed", "interrupted", "cancelled") else None
+
+
+def test_loras_listed_and_unknown_ones_refused_with_a_4xx(client):
+    listed = client.get("/sdapi/v1/loras").json()
+    assert listed == [{"name": "style", "alias": "style", "path": "/loras/style.safetensors",
+                       "metadata": {}}]  # fmt: skip
+    assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+    r = client.post("/v1/jobs", json={"prompt": "x", "loras": [{"name": "nope", "weight": 0.5}]})
+    assert r.status_code == 422 and "LoRA not found: nope" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 1})
+    assert r.status_code == 422 and "nope" in r.json()["detail"]
+    r = client.post(
+        "/v1/jobs", json={"prompt": "x", "loras": [{"name": "style", "te_weight": 0.2}]}
+    )
+    assert r.status_code == 202
+    assert r.json()["params"]["loras"] == [{"name": "style", "te_weight": 0.2, "unet_weight": 1.0}]

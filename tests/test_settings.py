@@ -11,6 +11,7 @@ from ember.config import PRESETS
 from ember.errors import EmberError
 from ember.settings import (
     FIELDS,
+    LoraChoice,
     SERVER_LIMITS,
     GenerationParams,
     batch_key,
@@ -21,7 +22,8 @@ from ember.settings import (
 # A value inside each field's range that differs from its default.
 OTHER = {"prompt": "x", "negative_prompt": "y", "sampler": "euler", "schedule": "karras",
          "steps": 7, "cfg": 3.0, "seed": 5, "width": 256, "height": 128, "batch": 2,
-         "strength": 0.5, "clip_skip": 2, "layout_guidance": 1.5, "eta": 0.3}  # fmt: skip
+         "strength": 0.5, "clip_skip": 2, "layout_guidance": 1.5, "eta": 0.3,
+         "loras": (LoraChoice("style", 0.5, 0.8),)}  # fmt: skip
 # A value outside each numeric field's range.
 BAD = {"steps": 0, "cfg": 101.0, "seed": 2**32, "width": 100, "height": 4096, "batch": 65,
        "strength": 1.5, "clip_skip": 13, "layout_guidance": 11.0, "eta": -1.0}  # fmt: skip
@@ -38,6 +40,17 @@ def test_every_field_has_help_and_the_tables_above_cover_it():
 def test_batch_key_changes_exactly_with_the_shared_fields(name):
     other = dataclasses.replace(BASE, **{name: OTHER[name]})
     assert (batch_key(other) != batch_key(BASE)) == FIELDS[name].metadata["shared"]
+
+
+def test_lora_tags_in_the_prompt_are_part_of_the_batch_key():
+    tagged = dataclasses.replace(BASE, prompt="a red circle <lora:style:0.7>")
+    assert batch_key(tagged) != batch_key(BASE)
+    same = dataclasses.replace(BASE, prompt="a blue circle <lora:style:0.7>")
+    assert batch_key(same) == batch_key(tagged)
+    with pytest.raises(EmberError, match="hypernet"):
+        validate(dataclasses.replace(BASE, prompt="<hypernet:x:1>"))
+    with pytest.raises(EmberError, match="weight"):
+        validate(dataclasses.replace(BASE, prompt="<lora:x:nan>"))
 
 
 def test_layout_guidance_and_guidance_are_shared():
@@ -97,9 +110,25 @@ def test_cli_flags_are_generated_from_the_fields():
             continue
         flag = f.metadata["flag"] or "--" + name.replace("_", "-")
         assert flag in flags, name
-        assert f.metadata["help"] in flags[flag].help
+        assert f.metadata["help"] in flags[flag].help, name
     assert "--size" in flags
-    args = gen.parse_args(["p", "--cfg", "3", "--size", "96x32", "--negative", "n", "--eta", "0"])
+    args = gen.parse_args(
+        [
+            "p",
+            "--cfg",
+            "3",
+            "--size",
+            "96x32",
+            "--negative",
+            "n",
+            "--eta",
+            "0",
+            "--lora",
+            "a.safetensors",
+            "--lora",
+            "C:/x/b.safetensors:0.5:0.25",
+        ]
+    )
     from ember.settings import params_from_args
 
     p = params_from_args(args)
@@ -112,6 +141,7 @@ def test_cli_flags_are_generated_from_the_fields():
         0,
     )
     assert p.steps == FIELDS["steps"].default and p.layout_guidance is None  # left to the model
+    assert p.loras == (LoraChoice("a.safetensors"), LoraChoice("C:/x/b.safetensors", 0.5, 0.25))
 
 
 def test_job_request_model_is_generated_from_the_fields():

@@ -82,3 +82,29 @@ def lookup(models: list[ModelInfo], name: str) -> ModelInfo:
         if m.matches(name):
             return m
     raise EmberError(f"unknown model {name!r}; see GET /sdapi/v1/sd-models or `ember models`")
+
+
+def lora_dir() -> Path:
+    """The LoRA folder: a `Lora` folder in the models folder (A1111's name)."""
+    return models_dir() / "Lora"
+
+
+def find_loras(folder: Path) -> dict[str, Path]:
+    """name (file stem, as `<lora:NAME>` names it) -> `.safetensors` file, searched recursively."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def resolve_lora_path(name: str, folder: Path) -> Path:
+    """A LoRA path, or a name in `folder`; an unknown name lists the LoRAs found."""
+    path = Path(name).expanduser()
+    if path.suffix and path.is_file():
+        return path
+    found = find_loras(folder)
+    if name in found:
+        return found[name]
+    names = ", ".join(found) if found else "none"
+    raise EmberError(
+        f"LoRA not found: {name} (a .safetensors path, or a name in {folder}: {names})"
+    )

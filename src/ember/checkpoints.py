@@ -20,9 +20,7 @@ import torch
 
 from ember import config as C
 from ember.config import SUPPORTED
-
-# save_diffusers is only handed on: cli.py's `convert` still calls K.save_diffusers.
-from ember.diffusers_folder import read_diffusers, save_diffusers  # noqa: F401
+from ember.diffusers_folder import read_diffusers
 from ember.errors import EmberError
 from ember.files import sha256_files, write_atomic
 from ember.keymaps import IGNORED_PREFIXES, IGNORED_SUFFIXES, TEXT, UNET, VAE

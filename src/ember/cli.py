@@ -47,6 +47,10 @@ def add_generate(sub) -> None:
         "--model", help="a .safetensors file or diffusers folder (default: bundled model)"
     )
     p.add_argument("--config", help="architecture of a single file ember cannot detect (e.g. sd21)")
+    p.add_argument(
+        "--lora-dir", help="folder of LoRAs that --lora NAME and <lora:NAME:W> name "
+        "(default: the Lora folder in the models folder, $EMBER_MODELS/Lora)",
+    )  # fmt: skip
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--mask", help="inpaint: white = repaint, black = keep (needs --init-image)")
     p.add_argument(
@@ -85,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.strength is not None and not args.init_image:
         raise EmberError("--strength applies to img2img; pass --init-image too")
 
-    service = GenerationService(dtype)
+    service = GenerationService(dtype, lora_dir=Path(args.lora_dir) if args.lora_dir else None)
     loaded = load_with_progress(service, model_name, args.config, quiet=args.quiet)
     if args.from_image and source.model_sha256 != loaded.sha256:
         print(
@@ -127,6 +131,14 @@ def run_generate(args: argparse.Namespace) -> int:
     images = service.generate([Request(params, init, mask)], on_step)[0]
     if bar is not None:
         bar.close()
+    if args.from_image:
+        recorded = {x["name"]: x["sha256"] for x in source.loras}
+        used = {x["name"]: x["sha256"] for x in images[0].record.loras}
+        if recorded != used:
+            print(
+                f"ember: warning: LoRAs differ from those recorded in {args.from_image}",
+                file=sys.stderr,
+            )
     for image, path in zip(images, outputs, strict=True):
         I.write_png(path, image.pixels, image.record)
         print(path)
@@ -284,7 +296,9 @@ def run_convert(args: argparse.Namespace) -> int:
             raise EmberError(f"output {out} must end in .safetensors")
         K.save_single_file(loaded, out)
     else:
-        K.save_diffusers(loaded, out)
+        from ember.diffusers_folder import save_diffusers
+
+        save_diffusers(loaded, out)
     print(out)
     return 0
 

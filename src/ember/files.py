@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def sha256_file(*paths: str | Path) -> str:
-    """Hex sha256 of the bytes of `paths`, read in order (several files hash as one stream)."""
+def sha256_file(*paths: str | Path, skip: int = 0) -> str:
+    """Hex sha256 of the bytes of `paths`, read in order (several files hash as one stream),
+    each from byte `skip` on."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
+            f.seek(skip)
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
@@ -21,6 +23,14 @@ def sha256_file(*paths: str | Path) -> str:
 
 def sha256_files(paths: Iterable[str | Path]) -> str:
     return sha256_file(*paths)
+
+
+def safetensors_data_sha256(path: str | Path) -> str:
+    """sha256 of a `.safetensors` file's tensor data, after its JSON header: the hash A1111 shows
+    for LoRAs and embeddings ("addnet" hash), unchanged by edits to the metadata."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return sha256_file(path, skip=8 + header)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -56,6 +56,8 @@ class ImageRecord:
     mode: str = "txt2img"  # txt2img | img2img | inpaint
     init_image_sha256: str | None = None
     mask_sha256: str | None = None
+    # each LoRA merged: {"name", "path", "sha256", "a1111_hash", "te_weight", "unet_weight"}
+    loras: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -65,6 +67,7 @@ class ImageRecord:
         data = json.loads(text)
         params = params_from_dict(data.pop("params"))
         names = {f.name for f in fields(ImageRecord)}
+        data["loras"] = tuple(data.get("loras", ()))
         return ImageRecord(params=params, **{k: v for k, v in data.items() if k in names})
 
 
@@ -87,6 +90,8 @@ def format_infotext(record: ImageRecord) -> str:
         pairs["Clip skip"] = p.clip_skip
     if p.layout_guidance > 0:
         pairs["Layout guidance"] = _num(p.layout_guidance)
+    if record.loras:
+        pairs["Lora hashes"] = ", ".join(f"{x['name']}: {x['a1111_hash']}" for x in record.loras)
     pairs["Version"] = f"ember {record.ember_version}"
     lines = [p.prompt]
     if p.negative_prompt:

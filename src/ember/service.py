@@ -16,8 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.catalog import resolve_lora_path
 from ember.images import ImageRecord, png_bytes, tensor_to_uint8, uint8_to_tensor
-from ember.settings import ENGINE_LIMITS, GenerationParams, Limits, resolve, validate
+from ember.settings import (
+    ENGINE_LIMITS,
+    GenerationParams,
+    Limits,
+    LoraChoice,
+    lora_selection,
+    resolve,
+    validate,
+)
 
 # on_step(step, total, previews): previews are (H, W, 3) uint8 per image of the batch, or None.
 StepFn = Callable[[int, int, list[np.ndarray] | None], None]
@@ -48,14 +57,20 @@ class GeneratedImage:
 
 
 class GenerationService:
-    """One model loaded at a time (reused while the same file is asked for), in one dtype."""
+    """One model loaded at a time (reused while the same file is asked for), in one dtype, with
+    the LoRAs of the current batch merged into it (unmerged when the next batch wants others)."""
 
-    def __init__(self, dtype: str = "auto") -> None:
+    def __init__(self, dtype: str = "auto", *, lora_dir: Path | None = None) -> None:
+        from ember.catalog import lora_dir as default_lora_dir
         from ember.device import resolve_dtype
 
         self.dtype = resolve_dtype(dtype)  # "auto" resolved once: records say which
+        self.lora_dir = lora_dir if lora_dir is not None else default_lora_dir()
         self._loaded = None
         self._key: tuple[str, str | None] | None = None
+        self._merged = None  # the LoRAs merged into the loaded weights (ember.lora.MergedLoras)
+        self._lora_key: tuple = ()
+        self._lora_records: tuple[dict, ...] = ()
 
     @property
     def model(self):
@@ -72,10 +87,43 @@ class GenerationService:
         key = (str(Path(path).resolve()), config)
         if self._loaded is not None and key == self._key:
             return self._loaded
-        self._loaded = self._key = None  # free the old weights before reading the new ones
+        self._loaded = self._key = self._merged = None  # free the old weights first
+        self._lora_key, self._lora_records = (), ()
         self._loaded = load_model(path, config, dtype=self.dtype, progress=progress)
         self._key = key
         return self._loaded
+
+    def use_loras(self, choices: tuple[LoraChoice, ...]) -> tuple[dict, ...]:
+        """Merge exactly `choices` into the loaded model (unmerging any others first, which restores
+        the base weights bit for bit) -> their records. The same set again costs nothing."""
+        paths = [resolve_lora_path(c.name, self.lora_dir) for c in choices]
+        key = tuple(
+            (str(p.resolve()), p.stat().st_mtime_ns, c.te_weight, c.unet_weight)
+            for p, c in zip(paths, choices, strict=True)
+        )
+        if key == self._lora_key:
+            return self._lora_records
+        if self._merged is not None:
+            self._merged.remove()
+            self._merged, self._lora_key, self._lora_records = None, (), ()
+        if not choices:
+            return ()
+        from ember.files import safetensors_data_sha256
+        from ember.lora import merge_loras, read_lora
+
+        files = [read_lora(p) for p in paths]
+        self._merged = merge_loras(
+            self.model,
+            [(f, c.te_weight, c.unet_weight) for f, c in zip(files, choices, strict=True)],
+        )
+        self._lora_key = key
+        self._lora_records = tuple(
+            {"name": f.name, "path": str(p), "sha256": f.sha256,
+             "a1111_hash": safetensors_data_sha256(p)[:12], "te_weight": c.te_weight,
+             "unet_weight": c.unet_weight}
+            for f, p, c in zip(files, paths, choices, strict=True)
+        )  # fmt: skip
+        return self._lora_records
 
     def prepare(self, params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> GenerationParams:
         """The model's defaults filled in, the seed drawn, every field checked against `limits`."""
@@ -101,16 +149,19 @@ class GenerationService:
                 previews = list(tensor_to_uint8(decode_latents(loaded, denoised)))
             on_step(i + 1, total, previews)
 
+        loras = self.use_loras(lora_selection(params[0]))
         outputs = generate_batch(loaded, params, inputs, callback=callback)
         return [
-            [GeneratedImage(pixels, self.record(p, r, n))
+            [GeneratedImage(pixels, self.record(p, r, n, loras))
              for n, pixels in enumerate(tensor_to_uint8(images))]
             for p, r, images in zip(params, requests, outputs, strict=True)
         ]  # fmt: skip
 
-    def record(self, params: GenerationParams, request: Request, index: int) -> ImageRecord:
-        """The record of image `index` of a request: its own seed, batch 1, the model's hashes
-        and the sha256 of the input pixels the pipeline used."""
+    def record(
+        self, params: GenerationParams, request: Request, index: int, loras: tuple[dict, ...] = ()
+    ) -> ImageRecord:
+        """The record of image `index` of a request: its own seed, batch 1, the model's and the
+        LoRAs' hashes, and the sha256 of the input pixels the pipeline used."""
         import torch
 
         from ember import __version__
@@ -130,6 +181,7 @@ class GenerationService:
             mode=request.mode,
             init_image_sha256=_sha(request.init_image),
             mask_sha256=_sha(request.mask),
+            loras=loras,
         )
 
 

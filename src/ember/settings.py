@@ -66,6 +66,37 @@ def _setting(
     return field(default=default, metadata=meta)
 
 
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA to merge into the model: a `.safetensors` path or a name in the LoRA folder, with its
+    text-encoder and U-Net weights."""
+
+    name: str
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+
+
+MAX_LORA_WEIGHT = 100.0
+
+
+def parse_lora(text: str) -> LoraChoice:
+    """`PATH_OR_NAME[:WEIGHT]` or `PATH_OR_NAME:TE_WEIGHT:UNET_WEIGHT` (a Windows drive letter's
+    colon is part of the path)."""
+    parts = text.rsplit(":", 2)
+    weights: list[float] = []
+    while len(parts) > 1:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    name = ":".join(parts)
+    if not name or len(weights) > 2:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: use PATH[:WEIGHT] or PATH:TE:UNET")
+    te = weights[0] if weights else 1.0
+    return LoraChoice(name, te, weights[1] if len(weights) > 1 else te)
+
+
 SAMPLER_HELP = (
     "euler, euler_a, heun, dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, ddim, lcm, unipc, or an A1111 "
     "name like 'DPM++ 2M Karras'"
@@ -121,6 +152,12 @@ class GenerationParams:
         None, "noise of ancestral and SDE samplers; default 1 (0 for ddim)", lo=0, hi=10,
         shared=True,
     )  # fmt: skip
+    loras: tuple[LoraChoice, ...] = _setting(
+        (),
+        "merge a LoRA: PATH_OR_NAME[:WEIGHT] or PATH_OR_NAME:TE_WEIGHT:UNET_WEIGHT, NAME looked up "
+        "in the LoRA folder; repeatable; <lora:NAME:WEIGHT> in the prompt does the same",
+        shared=True, flag="--lora",
+    )  # fmt: skip
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
@@ -131,7 +168,19 @@ MODEL_DEFAULTS = ("width", "height", "cfg", "layout_guidance")
 def params_from_dict(data: dict[str, Any]) -> GenerationParams:
     """GenerationParams from stored JSON (a PNG record, a queued job); unknown keys are dropped,
     so records written by other versions still load."""
-    return GenerationParams(**{k: v for k, v in data.items() if k in FIELDS})
+    values = {k: v for k, v in data.items() if k in FIELDS}
+    values["loras"] = tuple(
+        c if isinstance(c, LoraChoice) else LoraChoice(**c) for c in values.get("loras", ())
+    )
+    return GenerationParams(**values)
+
+
+def lora_selection(params: GenerationParams) -> tuple[LoraChoice, ...]:
+    """Every LoRA a request merges: its `loras`, then the prompt's `<lora:...>` tags."""
+    from ember.prompts import lora_tags
+
+    tags = tuple(LoraChoice(*t) for t in lora_tags(params.prompt))
+    return tuple(params.loras) + tags
 
 
 def resolve(params: GenerationParams, model: ModelConfig) -> GenerationParams:
@@ -166,10 +215,11 @@ def validate(params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> Genera
                     f"{_label(name)} of {len(value)} characters is over the limit of {limit}"
                 )
             continue
-        if value is None:
+        if value is None or name == "loras":
             continue
         _check_number(name, value, f.metadata, limits)
     _check_size(params, limits)
+    _check_loras(params)
     try:
         sampler, implied_schedule = resolve_sampler(str(params.sampler))
     except ValueError as exc:
@@ -213,6 +263,20 @@ def _check_number(name: str, value: Any, meta: dict, limits: Limits) -> None:
         raise EmberError(f"{_label(name)} {value} is not allowed: use {allowed}")
 
 
+def _check_loras(params: GenerationParams) -> None:
+    try:
+        choices = lora_selection(params)
+    except ValueError as exc:
+        raise EmberError(str(exc)) from None
+    for c in choices:
+        for w in (c.te_weight, c.unet_weight):
+            if not isinstance(w, int | float) or not math.isfinite(w) or abs(w) > MAX_LORA_WEIGHT:
+                raise EmberError(
+                    f"LoRA {c.name} weight {w} is not allowed: use a number from "
+                    f"-{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}"
+                )
+
+
 def _check_size(params: GenerationParams, limits: Limits) -> None:
     if params.width * params.height > limits.max_pixels:
         raise EmberError(
@@ -222,8 +286,12 @@ def _check_size(params: GenerationParams, limits: Limits) -> None:
 
 def batch_key(params: GenerationParams) -> tuple:
     """Requests with equal keys (and the same model and mode) may share one U-Net batch without
-    changing any image: the values of every field marked `shared`."""
-    return tuple(getattr(params, name) for name, f in FIELDS.items() if f.metadata["shared"])
+    changing any image: the values of every field marked `shared`, with the LoRAs the prompt's
+    tags add (a batch runs on one set of merged weights)."""
+    shared = tuple(
+        getattr(params, n) for n, f in FIELDS.items() if f.metadata["shared"] and n != "loras"
+    )
+    return (*shared, lora_selection(params))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +335,11 @@ def add_generation_args(
         if meta["flag"] is None:
             continue
         flag = meta["flag"] or "--" + name.replace("_", "-")
+        if name == "loras":
+            parser.add_argument(
+                flag, dest=name, type=parse_lora, action="append", help=meta["help"]
+            )
+            continue
         kind = int if FIELD_TYPES[name] in (int, int | None) else None
         kind = kind or (float if FIELD_TYPES[name] in (float, float | None) else str)
         help_text = meta["help"]
@@ -281,6 +354,8 @@ def params_from_args(
 ) -> GenerationParams:
     """`base` (default: the field defaults) with every flag the user gave."""
     values = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    if "loras" in values:
+        values["loras"] = tuple(values["loras"])
     size = getattr(args, "size", None)
     if size is not None:
         values["width"], values["height"] = size

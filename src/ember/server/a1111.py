@@ -339,6 +339,26 @@ async def refresh_checkpoints(request: Request) -> None:
     await run_in_threadpool(request.app.state.server.engine.refresh)
 
 
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = {}
+
+
+@router.get("/loras", response_model=list[LoraItem])
+async def loras(request: Request) -> list[dict[str, Any]]:
+    found = request.app.state.server.engine.loras()
+    return [{"name": n, "alias": n, "path": str(p), "metadata": {}} for n, p in found.items()]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request) -> None:
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(request.app.state.server.engine.refresh_loras)
+
+
 @router.get("/samplers", response_model=list[SamplerItem])
 async def samplers() -> list[dict[str, Any]]:
     from ember.diffusion.samplers import SAMPLERS

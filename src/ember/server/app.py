@@ -36,6 +36,7 @@ from ember.settings import (
     SERVER_LIMITS,
     GenerationParams,
     Limits,
+    LoraChoice,
     params_from_dict,
     resolve,
     validate,
@@ -109,6 +110,7 @@ class Server:
         if wait > 0:
             raise TooManyRequests(f"rate limit exceeded for {who}", int(wait) + 1)
         params = self.params(params)
+        self.engine.check_loras(params)
         size = (params.width, params.height)
         init_png = mask_png = None
         if kind in ("img2img", "inpaint"):
@@ -259,6 +261,23 @@ async def _reject(send, status: int, detail: str | None, headers: list | None = 
 # native API models
 
 
+class LoraItem(BaseModel):
+    """A LoRA of a job: `weight` for both models, or `te_weight` / `unet_weight` for each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=1000, description="a name in the server's LoRA folder")
+    weight: float = Field(1.0, allow_inf_nan=False)
+    te_weight: float | None = Field(None, allow_inf_nan=False)
+    unet_weight: float | None = Field(None, allow_inf_nan=False)
+
+    def choice(self) -> LoraChoice:
+        te = self.weight if self.te_weight is None else self.te_weight
+        return LoraChoice(
+            self.name, te, self.weight if self.unet_weight is None else self.unet_weight
+        )
+
+
 # Where the job API's default differs from the CLI's: a job without a seed gets a random one.
 HTTP_DEFAULTS = {"seed": -1}
 
@@ -271,6 +290,9 @@ def _job_request_model() -> type[BaseModel]:
     }
     for name, f in FIELDS.items():
         meta, hint = f.metadata, FIELD_TYPES[name]
+        if name == "loras":
+            fields[name] = (list[LoraItem], Field([], description=meta["help"], max_length=64))
+            continue
         kw: dict[str, Any] = {"description": meta["help"]}
         if meta["lo"] is not None:
             kw["ge"] = meta["lo"]
@@ -392,7 +414,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             if req.mask is None:
                 raise EmberError("mode inpaint needs mask")
             mask = decode_image(decode_base64(req.mask, "mask"), server.limits, "mask")
-        params = params_from_dict(req.model_dump(exclude={"mode", "init_image", "mask", "model"}))
+        fields = req.model_dump(exclude={"mode", "init_image", "mask", "model", "loras"})
+        params = params_from_dict(fields | {"loras": [item.choice() for item in req.loras]})
         try:
             job = await server.submit(
                 request, kind=req.mode, params=params, init=init, mask=mask, model=req.model,

@@ -26,6 +26,10 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
     p.add_argument("--model", help="model file/folder to load at start (default: bundled model)")
     p.add_argument("--models-dir", help="folder of further models offered by /sdapi/v1/sd-models")
+    p.add_argument(
+        "--lora-dir", help="folder of LoRAs that <lora:NAME:W> and the job API's loras name "
+        "(default: the Lora folder in the models folder)",
+    )  # fmt: skip
     p.add_argument("--data-dir", help=f"queue database and gallery (default {default_data_dir()})")
     p.add_argument(
         "--dtype",
@@ -109,8 +113,9 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = build_settings(args, data_dir)
     extra = Path(args.models_dir) if args.models_dir else models_dir()
     engine = ModelEngine(
-        [extra] if extra.exists() else [], resolve_model_path(args.model), dtype=args.dtype
-    )
+        [extra] if extra.exists() else [], resolve_model_path(args.model), dtype=args.dtype,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+    )  # fmt: skip
     app = create_app(settings, engine)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -15,11 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from ember.catalog import ModelInfo, find_models, lookup
+from ember.catalog import ModelInfo, find_loras, find_models, lookup, resolve_lora_path
 from ember.config import ModelConfig
 from ember.errors import EmberError
 from ember.service import GeneratedImage, GenerationService, Request, StepFn
-from ember.settings import GenerationParams, batch_key
+from ember.settings import GenerationParams, batch_key, lora_selection
 
 __all__ = ["Engine", "ModelEngine", "ModelInfo", "WorkItem"]
 
@@ -51,6 +51,9 @@ class Engine(Protocol):
     def current(self) -> ModelInfo: ...
     def select(self, title: str) -> ModelInfo: ...
     def config(self) -> ModelConfig: ...
+    def loras(self) -> dict[str, Path]: ...
+    def refresh_loras(self) -> dict[str, Path]: ...
+    def check_loras(self, params: GenerationParams) -> None: ...
     def run(self, items: list[WorkItem], on_step: StepFn) -> list[list[GeneratedImage]]: ...
 
 
@@ -64,9 +67,11 @@ class ModelEngine:
         *,
         dtype: str = "fp32",
         preview_every: int = 4,
+        lora_dir: Path | None = None,
     ) -> None:
         self._paths = model_paths
-        self._service = GenerationService(dtype)
+        self._service = GenerationService(dtype, lora_dir=lora_dir)
+        self._loras = find_loras(self._service.lora_dir)
         self._preview_every = preview_every
         self._lock = threading.RLock()
         self._models = find_models(model_paths + ([default] if default else []))
@@ -101,6 +106,19 @@ class ModelEngine:
 
     def config(self) -> ModelConfig:
         return self._service.model.config
+
+    def loras(self) -> dict[str, Path]:
+        """The LoRAs of the LoRA folder, by name (as of the last refresh)."""
+        return dict(self._loras)
+
+    def refresh_loras(self) -> dict[str, Path]:
+        self._loras = find_loras(self._service.lora_dir)
+        return self.loras()
+
+    def check_loras(self, params: GenerationParams) -> None:
+        """EmberError (a 4xx) for a LoRA the request names that is not there."""
+        for choice in lora_selection(params):
+            resolve_lora_path(choice.name, self._service.lora_dir)
 
     def run(self, items: list[WorkItem], on_step: StepFn) -> list[list[GeneratedImage]]:
         """Generate every item of a compatible batch -> each item's images with their records."""
