@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ember.config import ScheduleConfig
 from ember.diffusion.brownian import BrownianNoise
 from ember.diffusion.denoisers import Conditioning, Denoiser
+from ember.diffusion.schedules import sigma_to_t, train_sigmas
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None] | None
@@ -439,6 +441,18 @@ def sample_ddim(
     return x
 
 
+def lcm_boundary_scalings(
+    t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of a consistency model's boundary condition at discrete timestep `t`
+    (Song et al. 2023, "Consistency Models", eq. 7 with LCM's `timestep_scaling`, as in
+    LCMScheduler): f(x, t) = c_skip x + c_out x0, c_skip -> 1 and c_out -> 0 as t -> 0."""
+    scaled = t.float() * timestep_scaling  # float32, as LCMScheduler computes it
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
 @torch.no_grad()
 def sample_lcm(
     denoiser: Denoiser,
@@ -449,20 +463,34 @@ def sample_lcm(
     generator: Generator = None,
     eta: float = 1.0,
     callback: Callback = None,
+    schedule_cfg: ScheduleConfig | None = None,
+    timestep_scaling: float = 10.0,
 ) -> torch.Tensor:
-    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1).
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1), step for step
+    LCMScheduler's.
 
-    Each step jumps to the predicted x0 and re-noises it to the next sigma with fresh noise.
-    LCMScheduler's boundary scalings (c_skip ~ 1e-5 at t >= 19) are not applied.
+    Each step forms the consistency function's output f = c_out x0 + c_skip x_vp (x_vp = x /
+    sqrt(sigma^2 + 1), the network's variance-preserving input), then re-noises it to the next
+    sigma with fresh noise; the last step returns f itself and draws nothing. The boundary
+    scalings need each sigma's discrete timestep: pass the model's `schedule_cfg` to apply them
+    exactly as LCMScheduler does (t from `sigma_to_t`, rounded). Without it they are skipped,
+    i.e. their t -> infinity limit (c_skip = 0, c_out = 1), which differs by ~1e-5 at t = 19.
     """
     sigmas, s_in = _prepare(x, sigmas)
     n = len(sigmas) - 1
+    scalings = None
+    if schedule_cfg is not None:
+        t = sigma_to_t(sigmas[:-1].cpu(), train_sigmas(schedule_cfg)).round()  # (n,)
+        scalings = [c.to(x.device) for c in lcm_boundary_scalings(t, timestep_scaling)]
     for i in range(n):
         denoised = denoiser(x, sigmas[i] * s_in, cond)
         if callback is not None:
             callback(i, n, x, denoised)
+        if scalings is not None:
+            c_skip, c_out = scalings[0][i], scalings[1][i]
+            denoised = c_out * denoised + c_skip * x / (sigmas[i] ** 2 + 1) ** 0.5
         x = denoised
-        if sigmas[i + 1] > 0:
+        if i < n - 1 and sigmas[i + 1] > 0:
             x = x + _noise_like(x, generator) * sigmas[i + 1]
     return x
 

@@ -18,6 +18,8 @@ import torch
 from ember.config import ScheduleConfig
 
 SCHEDULES = ("default", "karras", "exponential")
+# diffusers' `timestep_spacing` values; A1111's "sgm_uniform" scheduler is "trailing".
+SPACINGS = ("leading", "linspace", "trailing")
 
 # Samplers whose diffusers counterpart works in the variance-preserving space (init_noise_sigma = 1)
 # and picks integer timesteps; everything else follows EulerDiscreteScheduler.
@@ -90,7 +92,52 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _default_timesteps(steps: int, cfg: ScheduleConfig, sampler: str | None) -> torch.Tensor:
+def _lcm_timesteps(steps: int, cfg: ScheduleConfig, original_steps: int) -> torch.Tensor:
+    """(steps,) LCMScheduler timesteps: evenly spaced picks from the `original_steps` distillation
+    timesteps `k * T // original_steps - 1`, as `np.floor(np.linspace(0, N, steps, endpoint=False))`
+    picks them (numpy's `arange * step` form, which a torch.linspace differs from at 22 steps)."""
+    n = cfg.num_train_timesteps
+    if not 1 <= original_steps <= n:
+        raise ValueError(f"LCM original_inference_steps must be in [1, {n}], got {original_steps}")
+    if steps > original_steps:
+        raise ValueError(
+            f"the lcm sampler takes at most original_inference_steps={original_steps} steps, "
+            f"got {steps}"
+        )
+    k = n // original_steps
+    origin = (torch.arange(1, original_steps + 1, dtype=torch.float64) * k - 1).flip(0)
+    idx = (torch.arange(steps, dtype=torch.float64) * (original_steps / steps)).floor().long()
+    return origin[idx]
+
+
+def _spaced_timesteps(spacing: str, steps: int, cfg: ScheduleConfig, sampler: str | None):
+    """(steps,) float64 timesteps of diffusers' `timestep_spacing=spacing` in the scheduler that
+    `sampler` corresponds to (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Table 2). `trailing` is the same in every scheduler; `leading` and `linspace`
+    differ between the Euler family, DDIM (and LCM) and the DPM-Solver family."""
+    n = cfg.num_train_timesteps
+    k = torch.arange(steps, dtype=torch.float64)
+    dpm = sampler in _VP_SAMPLERS and sampler not in ("ddim", "lcm")
+    if spacing == "trailing":
+        # np.arange(T, 0, -T / steps).round() - 1, exactly `steps` values (numpy's arange can
+        # yield one more for some step counts from float error; that extra step is not taken).
+        return (n + k * (-n / steps)).round() - 1
+    if spacing == "leading":
+        if dpm:  # DPMSolverMultistep / UniPC: steps + 1 points at T // (steps + 1), last dropped.
+            points = torch.arange(steps + 1, dtype=torch.float64) * (n // (steps + 1))
+            return points.flip(0)[:-1] + cfg.steps_offset
+        return (k * (n // steps)).flip(0) + cfg.steps_offset
+    # linspace
+    if dpm:
+        return torch.linspace(0, n - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+    if sampler in ("ddim", "lcm"):
+        return torch.linspace(0, n - 1, steps, dtype=torch.float64).round().flip(0)
+    return torch.linspace(0, n - 1, steps, dtype=torch.float64).flip(0)
+
+
+def _default_timesteps(
+    steps: int, cfg: ScheduleConfig, sampler: str | None, original_steps: int = 50
+) -> torch.Tensor:
     """(steps,) float64 timesteps of the diffusers scheduler that `sampler` corresponds to."""
     n = cfg.num_train_timesteps
     if sampler == "ddim":
@@ -98,11 +145,7 @@ def _default_timesteps(steps: int, cfg: ScheduleConfig, sampler: str | None) -> 
         ratio = n // steps
         return (torch.arange(steps, dtype=torch.float64) * ratio + cfg.steps_offset).flip(0)
     if sampler == "lcm":
-        # LCMScheduler: evenly spaced picks from the 50 distillation timesteps (original_steps=50).
-        k = n // 50
-        origin = (torch.arange(1, 51, dtype=torch.float64) * k - 1).flip(0)
-        idx = torch.floor(torch.linspace(0, 50, steps + 1, dtype=torch.float64)[:-1]).long()
-        return origin[idx]
+        return _lcm_timesteps(steps, cfg, original_steps)
     if sampler in _VP_SAMPLERS:
         # DPMSolverMultistepScheduler "linspace": steps + 1 points, rounded, the last (0) dropped.
         return torch.linspace(0, n - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
@@ -111,7 +154,13 @@ def _default_timesteps(steps: int, cfg: ScheduleConfig, sampler: str | None) -> 
 
 
 def get_sigmas(
-    schedule: str, steps: int, cfg: ScheduleConfig, *, sampler: str | None = None
+    schedule: str,
+    steps: int,
+    cfg: ScheduleConfig,
+    *,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    original_inference_steps: int = 50,
 ) -> torch.Tensor:
     """(steps + 1,) float32 decreasing sigmas ending in 0.
 
@@ -121,19 +170,30 @@ def get_sigmas(
       `np.interp` does); dpmpp_2m / dpmpp_2m_sde / unipc follow DPMSolverMultistepScheduler's
       `linspace` (steps + 1 rounded points, last dropped); ddim follows DDIMScheduler's `leading`
       spacing with `steps_offset` (its final alpha is `ddim_final_sigma`, see `sample_ddim`);
-      lcm follows LCMScheduler (50 original steps).
+      lcm follows LCMScheduler (`original_inference_steps` distillation steps, default 50).
+      `spacing` ("leading", "linspace" or "trailing"; None keeps the per-sampler default above)
+      picks diffusers' `timestep_spacing` of that same scheduler instead; few-step distilled
+      models want "trailing" (A1111's `sgm_uniform`), which starts at t = T - 1.
     - `karras`: Karras et al. 2022 eq. 5 with rho = 7 between the model's sigma_min and sigma_max.
     - `exponential`: log-sigma evenly spaced between sigma_max and sigma_min.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing is not None and schedule != "default":
+        raise ValueError(f"spacing {spacing!r} applies to the default schedule, not {schedule!r}")
     n = cfg.num_train_timesteps
     if not 1 <= steps <= n - cfg.steps_offset:
         raise ValueError(f"steps must be in [1, {n - cfg.steps_offset}], got {steps}")
     table = train_sigmas(cfg)  # (T,)
     sigma_min, sigma_max = float(table[0]), float(table[-1])
     if schedule == "default":
-        return _append_zero(_lerp_table(_default_timesteps(steps, cfg, sampler), table))
+        if spacing is None:
+            t = _default_timesteps(steps, cfg, sampler, original_inference_steps)
+        else:
+            t = _spaced_timesteps(spacing, steps, cfg, sampler)
+        return _append_zero(_lerp_table(t, table))
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     if schedule == "karras":
         rho = 7.0
@@ -149,16 +209,20 @@ def ddim_final_sigma(cfg: ScheduleConfig) -> float:
     return 0.0 if cfg.set_alpha_to_one else float(train_sigmas(cfg)[0])
 
 
-def initial_noise_scale(sigmas: torch.Tensor, sampler: str | None = None) -> float:
+def initial_noise_scale(
+    sigmas: torch.Tensor, sampler: str | None = None, *, spacing: str | None = None
+) -> float:
     """Std of the pure-noise starting latent, as diffusers' `init_noise_sigma` implies.
 
     In the sigma (variance exploding) space the textbook start is `sigmas[0]`; that is what
-    EulerDiscreteScheduler & co. use with "linspace" spacing. Schedulers that work in the
-    variance-preserving space (DDIM, DPM-Solver multistep, LCM, UniPC) start from unit noise,
-    which is `sqrt(sigmas[0]**2 + 1)` here. Start with `x = noise * initial_noise_scale(...)`.
+    EulerDiscreteScheduler & co. use with "linspace" and "trailing" spacing. Schedulers that work
+    in the variance-preserving space (DDIM, DPM-Solver multistep, LCM, UniPC), and the Euler
+    family with "leading" spacing, start from unit noise, which is `sqrt(sigmas[0]**2 + 1)` here.
+    Start with `x = noise * initial_noise_scale(...)`; pass the `spacing` given to `get_sigmas`.
     """
     s0 = float(sigmas[0])
-    return math.sqrt(s0 * s0 + 1) if sampler in _VP_SAMPLERS else s0
+    vp = sampler in _VP_SAMPLERS or spacing == "leading"
+    return math.sqrt(s0 * s0 + 1) if vp else s0
 
 
 def truncate_for_strength(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
