@@ -329,6 +329,7 @@ def add_generation_args(
             parser.add_argument(
                 "--size",
                 type=parse_size,
+                metavar="WxH",
                 help=f"WIDTHxHEIGHT, multiples of {SIZE_MULTIPLE} (default: the model's)",
             )
             continue
@@ -337,15 +338,17 @@ def add_generation_args(
         flag = meta["flag"] or "--" + name.replace("_", "-")
         if name == "loras":
             parser.add_argument(
-                flag, dest=name, type=parse_lora, action="append", help=meta["help"]
-            )
+                flag, dest=name, type=parse_lora, action="append", metavar="LORA",
+                help=meta["help"],
+            )  # fmt: skip
             continue
         kind = int if FIELD_TYPES[name] in (int, int | None) else None
         kind = kind or (float if FIELD_TYPES[name] in (float, float | None) else str)
         help_text = meta["help"]
-        if f.default is not None and "default" not in help_text:
+        if f.default not in (None, "") and "default" not in help_text:
             help_text += f" (default {f.default})"
-        parser.add_argument(flag, dest=name, type=kind, help=help_text)
+        metavar = flag.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag, dest=name, type=kind, metavar=metavar, help=help_text)
     return parser
 
 
