@@ -1,0 +1,602 @@
+"""LoRA, LyCORIS and DoRA add-ons: read from `.safetensors`, merged into a loaded model's weights.
+
+One interface for every format: `read_lora(path) -> LoraFile` parses a file once (cached), and
+`merge_loras(loaded, [(file, text_weight, unet_weight), ...]) -> MergedLoras` adds each update into
+the weights in place (`W += weight * delta`, no per-step cost); `MergedLoras.remove()` copies the
+saved originals back, so the base weights are bit-identical to a fresh load.
+
+Updates (delta = the change of one weight tensor, before the strength):
+- LoRA (Hu et al. 2021): `up @ down * alpha / rank` (scale 1 without alpha); a `lora_mid` core
+  is the conv CP decomposition of LoCon (`einsum(mid, up, down)`, as LyCORIS `rebuild_cp`).
+- LoHa (LyCORIS; FedPara, Hyeon-Woo et al. 2022): `(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank`,
+  each factor optionally a Tucker core `t1`/`t2`.
+- LoKr (LyCORIS; Yeh et al. 2024): `kron(w1, w2) * alpha / rank`, each side whole or `a @ b`
+  (`w2` optionally Tucker); scale 1 when neither side is decomposed.
+- full (LyCORIS): `diff` (and `diff_b` for the bias) as stored.
+- DoRA (Liu et al. 2024): `m * (W + dW) / ||W + dW|| - W`, the norm per output row for PEFT's
+  `lora_magnitude_vector` (and a `dora_scale` of shape (out, 1)), per input column for LyCORIS'
+  default `dora_scale` of shape (1, in). Strength w interpolates linearly: `W + w * delta`.
+
+Names: kohya/A1111 `lora_unet_<module with _>` in both the diffusers and the ldm layout, `lora_te_`;
+diffusers/PEFT `unet.<module>` and `text_encoder.<module>` (`lora_A/B`, `lora.down/up`, the older
+`processor.to_q_lora.down`). U-Net names are matched through `ember.keymaps`, so ldm and diffusers
+layouts resolve to the same parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember import keymaps
+from ember.errors import EmberError
+from ember.files import sha256_file
+from ember.safetensors_io import read_safetensors
+
+UNET_PART, TEXT_PART = "unet", "text"
+_PICKLED = (".ckpt", ".pt", ".pth", ".bin")
+_CACHE_SIZE = 8  # parsed files kept in memory (LoRAs are 10-200 MB each)
+
+# Tensor-name endings -> the role of the tensor in its module's update. Longest first.
+_ROLES: tuple[tuple[str, str], ...] = (
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_mid.weight", "mid"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".dora_scale", "dora_scale"),
+    (".alpha", "alpha"),
+    *((f".hada_{n}", f"hada_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
+    *((f".lokr_{n}", f"lokr_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b", "w1", "w2", "t2")),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+)
+# diffusers' attention-processor LoRAs: `<attn>.processor.to_q_lora.down.weight`.
+_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# Name prefixes -> (part, style). "kohya": module path with "_" for "."; "dot": dotted path.
+_PREFIXES: tuple[tuple[str, str, str], ...] = (
+    ("lora_unet_", UNET_PART, "kohya"),
+    ("lora_te_", TEXT_PART, "kohya"),
+    ("unet.", UNET_PART, "dot"),
+    ("text_encoder.", TEXT_PART, "dot"),
+    ("model.diffusion_model.", UNET_PART, "dot"),
+    ("diffusion_model.", UNET_PART, "dot"),
+)
+# Prefixes that only other architectures' LoRAs use -> what they are for.
+_OTHER_ARCHITECTURES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("lora_te1_", "lora_te2_", "text_encoder_2.", "te1.", "te2."), "SDXL (two text encoders)"),
+    (("lora_te3_", "text_encoder_3.", "lora_unet_joint_blocks_", "transformer.joint_blocks."),
+     "SD3"),
+    (("lora_unet_double_blocks_", "lora_unet_single_blocks_", "diffusion_model.double_blocks.",
+      "transformer.single_transformer_blocks.", "transformer.transformer_blocks."), "Flux"),
+    (("lora_prior_unet_", "prior."), "Stable Cascade"),
+)  # fmt: skip
+# Cross-attention context width / text-encoder width -> the family that has it.
+_CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+_TEXT_FAMILIES = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One module's update as stored in a file: `kind` is lora, loha, lokr or full."""
+
+    part: str  # UNET_PART or TEXT_PART
+    style: str  # "kohya" (underscored path) or "dot"
+    module: str  # the module path as the file names it, prefix stripped
+    kind: str
+    tensors: Mapping[str, torch.Tensor]  # by role (see _ROLES)
+    alpha: float | None  # None: scale 1 (LoRA without alpha)
+    rslora: bool = False  # PEFT's rank-stabilised scale alpha / sqrt(rank)
+    keys: tuple[str, ...] = ()  # the file's tensor names, for error messages
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A parsed add-on file; `read_lora` returns the same object while the file is unchanged."""
+
+    path: str
+    name: str  # file stem: what prompts and requests call it
+    sha256: str
+    short_hash: str  # first 12 hex digits, as A1111 shows LoRA hashes
+    adapters: tuple[Adapter, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> set[str]:
+        return {a.part for a in self.adapters}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+_cache: OrderedDict[tuple, LoraFile] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Parse a LoRA/LyCORIS `.safetensors` file; cached by (path, size, mtime).
+
+    Raises EmberError when the file is missing, pickled, corrupt or holds no add-on tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EmberError(f"LoRA file not found: {path}")
+    stat = path.stat()
+    stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _cache_lock:
+        hit = _cache.get(stamp)
+        if hit is not None:
+            _cache.move_to_end(stamp)
+            return hit
+    _refuse_pickle(path)
+    tensors, metadata = read_safetensors(path)
+    adapters = _parse(tensors, metadata, path.name)
+    digest = sha256_file(path)
+    lora = LoraFile(str(path), path.stem, digest, digest[:12], adapters, metadata)
+    with _cache_lock:
+        _cache[stamp] = lora
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return lora
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip ("PK"), older ones a bare pickle (protocol 2+ starts with 0x80).
+    if path.suffix.lower() in _PICKLED or head.startswith((b"PK\x03\x04", b"\x80")):
+        raise EmberError(
+            f"{path.name} is a pickled file, which can run arbitrary code when loaded; ember "
+            f"reads LoRAs only as .safetensors. Convert it with: ember convert {path} "
+            f"{path.with_suffix('.safetensors').name}"
+        )
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """(module name, role) of a tensor name; None when it is not an add-on tensor."""
+    match = _PROCESSOR.match(key)
+    if match:
+        attn, proj, role = match.groups()
+        return f"{attn}.{'to_out.0' if proj == 'to_out' else proj}", role
+    for suffix, role in _ROLES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _component_of(module: str) -> tuple[str, str, str] | None:
+    """(part, style, module path without prefix); None for a name of no known part."""
+    for prefix, part, style in _PREFIXES:
+        if module.startswith(prefix):
+            return part, style, module[len(prefix) :]
+    if module.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
+        return UNET_PART, "dot", module  # unprefixed diffusers attention-processor files
+    return None
+
+
+def other_architecture(keys: Iterable[str]) -> str | None:
+    """The architecture a LoRA is for when its names alone say it is not SD 1.x/2.x."""
+    keys = list(keys)
+    for prefixes, what in _OTHER_ARCHITECTURES:
+        if any(k.startswith(prefixes) for k in keys):
+            return what
+    return None
+
+
+def _parse(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], name: str):
+    if not tensors:
+        raise EmberError(f"{name}: the file holds no tensors")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, list[str]] = {}
+    strays = []
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            strays.append(key)
+            continue
+        module, role = split
+        groups.setdefault(module, {})[role] = tensor
+        keys.setdefault(module, []).append(key)
+    if not groups:
+        shown = ", ".join(strays[:5]) + (", ..." if len(strays) > 5 else "")
+        raise EmberError(f"{name}: no LoRA/LyCORIS tensors in the file ({len(strays)}: {shown})")
+    other = other_architecture(tensors)
+    if other:
+        raise EmberError(f"{name} is a LoRA for {other}; ember runs SD 1.x/2.x-shaped models")
+    if strays:
+        raise EmberError(f"{name}: {_listing('tensors that are not LoRA/LyCORIS weights', strays)}")
+    peft = _peft_config(metadata, name)
+    adapters = []
+    unknown = []
+    for module, roles in groups.items():
+        where = _component_of(module)
+        if where is None:
+            unknown.extend(keys[module])
+            continue
+        part, style, path = where
+        kind = _kind(roles, module, name)
+        alpha, rslora = _alpha(roles, path, part, peft)
+        if kind == "lora" and "magnitude" in roles and "dora_scale" in roles:
+            raise EmberError(f"{name}: {module} has both a DoRA magnitude and a dora_scale")
+        adapters.append(
+            Adapter(part, style, path, kind, roles, alpha, rslora, tuple(sorted(keys[module])))
+        )
+    if unknown:
+        raise EmberError(
+            f"{name}: {_listing('tensors of no U-Net or text encoder (lora_unet_, lora_te_, unet., text_encoder.)', unknown)}"
+        )
+    return tuple(adapters)
+
+
+_NEEDS = {
+    "lora": ({"down", "up"}, {"mid", "alpha", "magnitude", "dora_scale"}),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+             {"hada_t1", "hada_t2", "alpha", "dora_scale"}),
+    "lokr": (set(), {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                     "lokr_t2", "alpha", "dora_scale"}),
+    "full": ({"diff"}, {"diff_b", "alpha"}),
+}  # fmt: skip
+
+
+def _kind(roles: Mapping[str, torch.Tensor], module: str, name: str) -> str:
+    if any(r.startswith("hada_") for r in roles):
+        kind = "loha"
+    elif any(r.startswith("lokr_") for r in roles):
+        kind = "lokr"
+    elif "diff" in roles or "diff_b" in roles:
+        kind = "full"
+    else:
+        kind = "lora"
+    required, optional = _NEEDS[kind]
+    missing = required - roles.keys()
+    if kind == "lokr":
+        for side in ("w1", "w2"):
+            if (
+                f"lokr_{side}" not in roles
+                and not {f"lokr_{side}_a", f"lokr_{side}_b"} <= roles.keys()
+            ):
+                missing.add(f"lokr_{side} (or lokr_{side}_a and lokr_{side}_b)")
+    extra = roles.keys() - required - optional
+    if missing or extra:
+        what = ", ".join(sorted(missing)) + " missing" if missing else ""
+        what += ("; " if what and extra else "") + (
+            ", ".join(sorted(extra)) + " unexpected" if extra else ""
+        )
+        raise EmberError(f"{name}: {module} is an incomplete or mixed {kind} update ({what})")
+    return kind
+
+
+def _peft_config(metadata: Mapping[str, str], name: str) -> dict:
+    """diffusers' `lora_adapter_metadata` (PEFT's LoraConfig per part), or {}."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise EmberError(f"{name}: unreadable lora_adapter_metadata (not JSON)") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _alpha(roles, path: str, part: str, peft: dict) -> tuple[float | None, bool]:
+    if "alpha" in roles:
+        return float(roles["alpha"].float().item()), False
+    prefix = "unet." if part == UNET_PART else "text_encoder."
+    if prefix + "lora_alpha" not in peft:
+        return None, False
+    alpha = peft[prefix + "lora_alpha"]
+    # PEFT matches pattern keys against the end of the module name (peft.tuners.tuners_utils).
+    for pattern, value in (peft.get(prefix + "alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            alpha = value
+            break
+    rank = peft.get(prefix + "r")
+    for pattern, value in (peft.get(prefix + "rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            rank = value
+            break
+    stored = roles["down"].shape[0] if "down" in roles else rank
+    if rank is not None and stored != rank:
+        raise EmberError(f"{path}: rank {stored} differs from lora_adapter_metadata's r={rank}")
+    return float(alpha), bool(peft.get(prefix + "use_rslora", False))
+
+
+def _listing(title: str, keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+    return f"{len(keys)} {title}: {shown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the updates
+
+
+def _rebuild_cp(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Tucker/CP factors -> (out, in, kh, kw): core (r1, r2, kh, kw), a (r1, out), b (r2, in)."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", core, a.flatten(1), b.flatten(1))
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (out, r[, 1, 1]) @ b (r, in[, kh, kw]) -> (out, in * kh * kw)."""
+    return a.flatten(1) @ b.flatten(1)
+
+
+def compute_delta(adapter: Adapter, shape: torch.Size) -> torch.Tensor:
+    """The adapter's weight update in fp32, shaped `shape` (the target weight's), before DoRA."""
+    t = {role: v.float() for role, v in adapter.tensors.items()}
+    if adapter.kind == "full":
+        delta = t["diff"]
+    elif adapter.kind == "lora":
+        down, up = t["down"], t["up"]
+        if up.ndim == 4 and up.shape[2:] != (1, 1):
+            raise EmberError(f"{adapter.module}: lora_up with a {tuple(up.shape[2:])} kernel")
+        if "mid" in t:
+            delta = _rebuild_cp(t["mid"], up.flatten(1).T, down.flatten(1))
+        else:
+            delta = _product(up, down)
+        delta = delta * _scale(adapter, down.shape[0])
+    elif adapter.kind == "loha":
+        if "hada_t1" in t:
+            w1 = _rebuild_cp(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+            w2 = _rebuild_cp(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            w1 = _product(t["hada_w1_a"], t["hada_w1_b"])
+            w2 = _product(t["hada_w2_a"], t["hada_w2_b"])
+        delta = w1 * w2 * _scale(adapter, t["hada_w1_b"].shape[0])
+    else:  # lokr
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:
+            w2 = _rebuild_cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = _product(t["lokr_w2_a"], t["lokr_w2_b"])
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        rank = next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)
+        delta = torch.kron(w1, w2) * (_scale(adapter, rank) if rank else 1.0)
+    return _fit(delta, shape, adapter)
+
+
+def _scale(adapter: Adapter, rank: int) -> float:
+    if adapter.alpha is None:
+        return 1.0
+    return adapter.alpha / (rank**0.5 if adapter.rslora else rank)
+
+
+def _fit(delta: torch.Tensor, shape: torch.Size, adapter: Adapter) -> torch.Tensor:
+    """Reshape to the weight's shape when only the layout differs: Linear (out, in) vs 1x1 conv
+    (out, in, 1, 1) for `proj_in`/`proj_out`, flattened kernels of LoHa/LoKr convs."""
+    if delta.shape == shape:
+        return delta
+    if delta.numel() == shape.numel() and delta.shape[0] == shape[0]:
+        return delta.reshape(shape)
+    raise EmberError(
+        f"{adapter.keys[0]}: the update has shape {tuple(delta.shape)}, the model's weight "
+        f"{tuple(shape)}"
+    )
+
+
+def apply_dora(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, per_output: bool
+) -> torch.Tensor:
+    """DoRA's merged weight minus `weight` (Liu et al. 2024, eq. 5): m * V / ||V||, V = W + dW.
+
+    `per_output`: the norm of each output row (PEFT); else of each input column (LyCORIS).
+    """
+    v = weight + delta
+    ones = [1] * (v.ndim - 1)
+    if per_output:
+        norm = v.flatten(1).norm(dim=1).reshape(-1, *ones)
+        m = magnitude.reshape(-1, *ones)
+    else:
+        norm = v.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *ones[1:])
+        m = magnitude.reshape(1, -1, *ones[1:])
+    return m.float() * v / norm - weight
+
+
+def _dora(adapter: Adapter, shape: torch.Size) -> tuple[torch.Tensor, bool] | None:
+    """(magnitude, per_output) of a DoRA adapter, checked against the weight's shape."""
+    t = adapter.tensors
+    if "magnitude" in t:
+        mag, per_output = t["magnitude"], True
+    elif "dora_scale" in t:
+        mag = t["dora_scale"]
+        per_output = mag.shape[0] == shape[0] and mag.numel() == shape[0] and shape[0] != 1
+    else:
+        return None
+    want = shape[0] if per_output else shape[1]
+    if mag.numel() != want:
+        raise EmberError(
+            f"{adapter.keys[0]}: DoRA magnitude of {mag.numel()} values for a weight of shape "
+            f"{tuple(shape)}"
+        )
+    return mag, per_output
+
+
+# ---------------------------------------------------------------------------------------------
+# matching names to the model's parameters
+
+
+@dataclass(frozen=True)
+class _Index:
+    """(part, style, name) -> the module's path in `LatentDiffusion` (ldm names)."""
+
+    modules: dict[tuple[str, str, str], str]
+
+
+_indexes: dict[int, tuple[torch.nn.Module, _Index]] = {}
+
+
+def _index(model: torch.nn.Module, unet_cfg) -> _Index:
+    """Every module with a weight, under each name a LoRA may give it; cached per model."""
+    hit = _indexes.get(id(model))
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    modules: dict[tuple[str, str, str], str] = {}
+    unet_weights: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if path.startswith(keymaps.UNET):
+            local = path[len(keymaps.UNET) :]
+            unet_weights[local + ".weight"] = weight
+            _add(modules, UNET_PART, local, path)
+        elif path.startswith(keymaps.TEXT + "transformer."):
+            local = path[len(keymaps.TEXT + "transformer.") :]
+            _add(modules, TEXT_PART, local, path)
+            if local.startswith("text_model."):  # transformers 5's CLIPTextModel drops the level
+                _add(modules, TEXT_PART, local[len("text_model.") :], path)
+    # The diffusers layout of the same U-Net modules, from the one ldm <-> diffusers table.
+    by_id = {id(w): k for k, w in unet_weights.items()}
+    diffusers = keymaps.unet_ldm_to_diffusers(unet_weights, unet_cfg)
+    for key, weight in diffusers.items():
+        ldm = by_id[id(weight)][: -len(".weight")]
+        _add(modules, UNET_PART, key[: -len(".weight")], keymaps.UNET + ldm)
+    index = _Index(modules)
+    _indexes.clear()  # one model at a time is loaded; never keep an unloaded one alive
+    _indexes[id(model)] = (model, index)
+    return index
+
+
+def _add(modules: dict, part: str, local: str, path: str) -> None:
+    modules.setdefault((part, "dot", local), path)
+    modules.setdefault((part, "kohya", local.replace(".", "_")), path)
+
+
+def _family(width: int, table: Mapping[int, str]) -> str:
+    return table.get(width, f"a model of width {width}")
+
+
+def _check_architecture(lora: LoraFile, cfg) -> None:
+    """Name the architecture a LoRA is for when its widths are not the model's."""
+    for adapter in lora.adapters:
+        if adapter.kind != "lora":
+            continue
+        width = adapter.tensors["down"].flatten(1).shape[1]
+        name = adapter.module.replace("_", ".")
+        if adapter.part == UNET_PART and name.endswith(("attn2.to.k", "attn2.to.v")):
+            if width != cfg.unet.context_dim:
+                raise EmberError(
+                    f"{lora.name} is a LoRA for {_family(width, _CONTEXT_FAMILIES)} "
+                    f"(cross-attention width {width}); the model is "
+                    f"{_family(cfg.unet.context_dim, _CONTEXT_FAMILIES)} "
+                    f"(width {cfg.unet.context_dim})"
+                )
+        if adapter.part == TEXT_PART and name.endswith("self.attn.q.proj"):
+            if width != cfg.text.hidden_size:
+                raise EmberError(
+                    f"{lora.name} is a LoRA for {_family(width, _TEXT_FAMILIES)} "
+                    f"(text-encoder width {width}); the model is "
+                    f"{_family(cfg.text.hidden_size, _TEXT_FAMILIES)} "
+                    f"(width {cfg.text.hidden_size})"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# merging
+
+
+@dataclass
+class _Step:
+    adapter: Adapter
+    weight: float
+    path: str  # module path in the model
+    dora: tuple[torch.Tensor, bool] | None
+
+
+class MergedLoras:
+    """LoRAs merged into a model's weights; `remove()` restores the originals bit-identically."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor],
+                 selections: list[tuple[LoraFile, float, float]]) -> None:  # fmt: skip
+        self._params = params
+        self._originals = originals
+        self.selections = list(selections)
+
+    @property
+    def touched(self) -> list[str]:
+        """Names of the parameters the merge changed."""
+        return list(self._originals)
+
+    def remove(self) -> None:
+        """Copy every saved original back (a no-op the second time)."""
+        with torch.no_grad():
+            for name, original in self._originals.items():
+                self._params[name].copy_(original)
+        self._originals = {}
+        self.selections = []
+
+    def __enter__(self) -> MergedLoras:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def merge_loras(loaded, selections: list[tuple[LoraFile, float, float]]) -> MergedLoras:
+    """Merge each (file, text_encoder_weight, unet_weight) into `loaded.model`, in order.
+
+    Every name, width and shape is checked before any weight changes; an update is then added in
+    fp32 and cast to the parameter's dtype. The originals of touched parameters are kept for
+    `MergedLoras.remove()`.
+    """
+    model = loaded.model
+    index = _index(model, loaded.config.unet)
+    params = dict(model.named_parameters())
+    steps: list[_Step] = []
+    for lora, text_weight, unet_weight in selections:
+        _check_architecture(lora, loaded.config)
+        unknown: list[str] = []
+        for adapter in lora.adapters:
+            path = index.modules.get((adapter.part, adapter.style, adapter.module))
+            if path is None:
+                unknown.extend(adapter.keys)
+                continue
+            target = params[path + ".weight"]
+            # Shapes only: the same code on meta tensors finds every mismatch without the maths.
+            meta = Adapter(**{**adapter.__dict__, "tensors": {
+                k: v.to("meta") for k, v in adapter.tensors.items()}})  # fmt: skip
+            compute_delta(meta, target.shape)
+            if "diff_b" in adapter.tensors:
+                bias = params.get(path + ".bias")
+                if bias is None or bias.shape != adapter.tensors["diff_b"].shape:
+                    raise EmberError(f"{adapter.keys[0]}: diff_b does not fit the module's bias")
+            dora = _dora(adapter, target.shape)
+            weight = unet_weight if adapter.part == UNET_PART else text_weight
+            steps.append(_Step(adapter, float(weight), path, dora))
+        if unknown:
+            raise EmberError(
+                f"{lora.name}: {_listing('keys match no module of the model', sorted(unknown))}"
+            )
+    originals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for step in steps:
+            if step.weight == 0.0:
+                continue
+            name = step.path + ".weight"
+            param = params[name]
+            originals.setdefault(name, param.detach().clone())
+            base = param.float()
+            delta = compute_delta(step.adapter, param.shape)
+            if step.dora is not None:
+                delta = apply_dora(base, delta, *step.dora)
+            param.copy_((base + step.weight * delta).to(param.dtype))
+            if "diff_b" in step.adapter.tensors:
+                bias_name = step.path + ".bias"
+                bias = params[bias_name]
+                originals.setdefault(bias_name, bias.detach().clone())
+                diff_b = step.adapter.tensors["diff_b"].float()
+                bias.copy_((bias.float() + step.weight * diff_b).to(bias.dtype))
+    return MergedLoras(params, originals, selections)
