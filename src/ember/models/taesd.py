@@ -130,16 +130,22 @@ class LatentSample:
 
 
 class TinyAutoencoder(nn.Module):
-    """TAESD encoder and decoder with the interface of ember's `AutoencoderKL`."""
+    """TAESD encoder and decoder with the interface of ember's `AutoencoderKL`.
 
-    def __init__(self, cfg: TAESDConfig) -> None:
+    `with_encoder=False` holds the decoder alone (A1111 ships TAESD decoders for previews);
+    `encode` then raises an `EmberError`.
+    """
+
+    def __init__(self, cfg: TAESDConfig, *, with_encoder: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = TinyEncoder(cfg)
+        self.encoder = TinyEncoder(cfg) if with_encoder else None
         self.decoder = TinyDecoder(cfg)
 
     def encode(self, x: torch.Tensor) -> LatentSample:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of cfg.downsample -> scaled latents."""
+        if self.encoder is None:
+            raise EmberError("this TAESD has no encoder (only its decoder file was given)")
         f = self.cfg.downsample
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"VAE input size {tuple(x.shape[-2:])} must be a multiple of {f}")
