@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ember.checkpoints import load_model
@@ -238,3 +239,205 @@ def test_read_lora_is_cached_until_the_file_changes(tmp_path):
     assert first.name == "x" and len(first.sha256) == 64
     save_file(kohya_lora(alpha=1.0), path)
     assert read_lora(path) is not first
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS and DoRA: ember's update against the published formulas, written out here
+
+TO_Q = UNET + "input_blocks.3.1.transformer_blocks.0.attn1.to_q"  # Linear (64, 64)
+CONV = UNET + "input_blocks.1.0.in_layers.2"  # Conv2d (32, 32, 3, 3)
+KOHYA_TO_Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+KOHYA_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+
+
+def _delta(loaded, tmp_path, sd, module, te=1.0, unet=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base weight, merged weight - base weight) of `module`."""
+    base = loaded.model.state_dict()[module + ".weight"].clone()
+    got = _merged_weights(loaded, _save(tmp_path, sd, "ly"), te, unet)[module + ".weight"]
+    return base, got - base
+
+
+def test_loha_linear_and_tucker_conv(tmp_path, loaded):
+    r, alpha = 4, 2.0
+    w1a, w1b, w2a, w2b = (_random(s, i) for i, s in enumerate([(64, r), (r, 64)] * 2))
+    sd = {
+        f"{KOHYA_TO_Q}.hada_{n}": t
+        for n, t in zip(("w1_a", "w1_b", "w2_a", "w2_b"), (w1a, w1b, w2a, w2b), strict=True)
+    }
+    sd[f"{KOHYA_TO_Q}.alpha"] = torch.tensor(alpha)
+    _, got = _delta(loaded, tmp_path, sd, TO_Q)
+    # Hadamard product of two low-rank matrices (FedPara / LyCORIS LoHa), scaled alpha / rank.
+    want = (w1a @ w1b) * (w2a @ w2b) * alpha / r
+    assert torch.allclose(got, want, atol=1e-5)
+
+    # Tucker form for convs: W[o, i, k, l] = sum_ab t[a, b, k, l] wa[a, o] wb[b, i].
+    t1, t2 = _random((r, r, 3, 3), 10), _random((r, r, 3, 3), 11)
+    a1, b1, a2, b2 = (_random(s, 12 + i) for i, s in enumerate([(r, 32), (r, 32)] * 2))
+    sd = {f"{KOHYA_CONV}.hada_t1": t1, f"{KOHYA_CONV}.hada_t2": t2, f"{KOHYA_CONV}.hada_w1_a": a1,
+          f"{KOHYA_CONV}.hada_w1_b": b1, f"{KOHYA_CONV}.hada_w2_a": a2, f"{KOHYA_CONV}.hada_w2_b": b2,
+          f"{KOHYA_CONV}.alpha": torch.tensor(alpha)}  # fmt: skip
+    _, got = _delta(loaded, tmp_path, sd, CONV, unet=0.5)
+    w = torch.zeros(2, 32, 32, 3, 3)
+    for n, (t, a, b) in enumerate([(t1, a1, b1), (t2, a2, b2)]):
+        for i in range(r):
+            for j in range(r):
+                w[n] += a[i][:, None, None, None] * b[j][None, :, None, None] * t[i, j]
+    assert torch.allclose(got, 0.5 * w[0] * w[1] * alpha / r, atol=1e-5)
+
+
+def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Kronecker product by its definition: block (i, j) is a[i, j] * b."""
+    rows = [torch.cat([a[i, j] * b for j in range(a.shape[1])], dim=1) for i in range(a.shape[0])]
+    return torch.cat(rows, dim=0)
+
+
+def test_lokr_linear_and_conv(tmp_path, loaded):
+    r, alpha = 2, 3.0
+    w1 = _random((4, 8), 0)
+    w2a, w2b = _random((16, r), 1), _random((r, 8), 2)
+    sd = {f"{KOHYA_TO_Q}.lokr_w1": w1, f"{KOHYA_TO_Q}.lokr_w2_a": w2a,
+          f"{KOHYA_TO_Q}.lokr_w2_b": w2b, f"{KOHYA_TO_Q}.alpha": torch.tensor(alpha)}  # fmt: skip
+    _, got = _delta(loaded, tmp_path, sd, TO_Q)
+    assert torch.allclose(got, _kron(w1, w2a @ w2b) * alpha / r, atol=1e-5)
+
+    # Conv: w1 = a @ b (4, 4), w2 whole (8, 8, 3, 3); no decomposed w2 -> rank from w1_b.
+    w1a, w1b, w2 = _random((4, r), 3), _random((r, 4), 4), _random((8, 8, 3, 3), 5)
+    sd = {f"{KOHYA_CONV}.lokr_w1_a": w1a, f"{KOHYA_CONV}.lokr_w1_b": w1b,
+          f"{KOHYA_CONV}.lokr_w2": w2, f"{KOHYA_CONV}.alpha": torch.tensor(alpha)}  # fmt: skip
+    _, got = _delta(loaded, tmp_path, sd, CONV)
+    w1 = w1a @ w1b
+    want = torch.stack([_kron(w1, w2[:, :, k, j]) for k in range(3) for j in range(3)], -1)
+    assert torch.allclose(got, want.reshape(32, 32, 3, 3) * alpha / r, atol=1e-5)
+
+    # Both sides whole: the scale is 1 whatever alpha says.
+    w1, w2 = _random((4, 4), 6), _random((16, 16), 7)
+    sd = {f"{KOHYA_TO_Q}.lokr_w1": w1, f"{KOHYA_TO_Q}.lokr_w2": w2,
+          f"{KOHYA_TO_Q}.alpha": torch.tensor(alpha)}  # fmt: skip
+    _, got = _delta(loaded, tmp_path, sd, TO_Q)
+    assert torch.allclose(got, _kron(w1, w2), atol=1e-5)
+
+
+def test_full_diff_with_bias(tmp_path, loaded):
+    diff, diff_b = _random((64, 64), 0), _random((64,), 1)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    module = UNET + "input_blocks.3.1.transformer_blocks.0.attn1.to_out.0"
+    base = _snapshot(loaded)
+    got = _merged_weights(
+        loaded, _save(tmp_path, {f"{name}.diff": diff, f"{name}.diff_b": diff_b}), unet=0.5
+    )
+    assert torch.allclose(got[module + ".weight"], base[module + ".weight"] + 0.5 * diff)
+    assert torch.allclose(got[module + ".bias"], base[module + ".bias"] + 0.5 * diff_b)
+
+
+def test_dora_peft_and_lycoris(tmp_path, loaded):
+    """DoRA (Liu et al. 2024, eq. 5): W' = m * (W + s B A) / ||W + s B A||, the norm per output
+    row for PEFT's magnitude vector, per input column for LyCORIS' (1, in) dora_scale."""
+    a, b, m = _random((RANK, 64), 0), _random((64, RANK), 1), _random((64,), 2).abs() + 1
+    sd = {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": b,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector": m,
+    }
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": RANK, "unet.lora_alpha": 2})}
+    base = loaded.model.state_dict()[TO_Q + ".weight"].clone()
+    v = base + (b @ a) * 2 / RANK
+    want = m[:, None] * v / torch.linalg.vector_norm(v, dim=1, keepdim=True) - base
+    got = _merged_weights(loaded, _save(tmp_path, sd, "dora", meta))[TO_Q + ".weight"] - base
+    assert torch.allclose(got, want, atol=1e-5)
+    got = _merged_weights(loaded, _save(tmp_path, sd, "dora", meta), unet=0.5)[TO_Q + ".weight"]
+    assert torch.allclose(got - base, 0.5 * want, atol=1e-5)  # strength interpolates linearly
+
+    scale = _random((1, 64), 3).abs() + 1
+    sd = {f"{KOHYA_TO_Q}.lora_down.weight": a, f"{KOHYA_TO_Q}.lora_up.weight": b,
+          f"{KOHYA_TO_Q}.alpha": torch.tensor(2.0), f"{KOHYA_TO_Q}.dora_scale": scale}  # fmt: skip
+    v = base + (b @ a) * 2 / RANK
+    want = scale * v / torch.linalg.vector_norm(v, dim=0, keepdim=True) - base
+    _, got = _delta(loaded, tmp_path, sd, TO_Q)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(apply_dora(base, v - base, scale, per_output=False), want, atol=1e-5)
+
+
+def test_lora_mid_conv_cp(tmp_path, loaded):
+    down, mid, up = (
+        _random((RANK, 32, 1, 1), 0),
+        _random((RANK, RANK, 3, 3), 1),
+        _random((32, RANK, 1, 1), 2),
+    )
+    sd = {f"{KOHYA_CONV}.lora_down.weight": down, f"{KOHYA_CONV}.lora_mid.weight": mid,
+          f"{KOHYA_CONV}.lora_up.weight": up}  # fmt: skip
+    _, got = _delta(loaded, tmp_path, sd, CONV)
+    # LoCon's CP form is the composition of three convs: 1x1 down, k x k mid, 1x1 up.
+    x = torch.randn(1, 32, 8, 8)
+    composed = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up)
+    assert torch.allclose(F.conv2d(x, got, padding=1), composed, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one EmberError line, and no weight changed
+
+
+def _error(fn) -> str:
+    with pytest.raises(EmberError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    good = _save(tmp_path, kohya_lora(), "good")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:-100])
+    assert "truncated" in _error(lambda: read_lora(corrupt))
+    pickled = tmp_path / "old.ckpt"
+    torch.save(kohya_lora(), pickled)
+    assert "ember convert" in _error(lambda: read_lora(pickled))
+    renamed = tmp_path / "renamed.safetensors"
+    renamed.write_bytes(pickled.read_bytes())
+    assert "pickled" in _error(lambda: read_lora(renamed))
+    assert "not found" in _error(lambda: read_lora(tmp_path / "missing.safetensors"))
+    model_like = _save(tmp_path, {"model.diffusion_model.out.2.weight": torch.zeros(2)}, "m")
+    assert "no LoRA" in _error(lambda: read_lora(model_like))
+    half = {k: v for k, v in kohya_lora().items() if "lora_up" not in k}
+    assert "incomplete" in _error(lambda: read_lora(_save(tmp_path, half, "half")))
+
+
+def test_lora_for_another_architecture(tmp_path, loaded):
+    base = _snapshot(loaded)
+    sdxl = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(
+            4, 768
+        ),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4),
+    }
+    lora = read_lora(_save(tmp_path, sdxl, "xl"))  # reads (a folder can list it), never merges
+    assert "SDXL" in _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
+    # An SDXL U-Net-only LoRA, told by its cross-attention width (2048).
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    unet_only = {f"{name}.lora_down.weight": torch.zeros(4, 2048),
+                 f"{name}.lora_up.weight": torch.zeros(64, 4)}  # fmt: skip
+    lora = read_lora(_save(tmp_path, unet_only, "xl-unet"))
+    message = _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
+    assert "SDXL" in message and "2048" in message
+    # SD 2.x by its text-encoder width.
+    sd2 = {f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{r}.weight": t
+           for r, t in (("lora_down", torch.zeros(4, 1024)), ("lora_up", torch.zeros(1024, 4)))}  # fmt: skip
+    lora = read_lora(_save(tmp_path, sd2, "sd2"))
+    assert "SD 2.x" in _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
+    _assert_same(loaded, base)
+
+
+def test_keys_matching_nothing_are_listed_and_nothing_changes(tmp_path, loaded):
+    base = _snapshot(loaded)
+    good = read_lora(_save(tmp_path, kohya_lora(), "good"))
+    stray = kohya_lora()
+    stray["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 64)
+    stray["lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight"] = torch.zeros(64, 4)
+    bad = read_lora(_save(tmp_path, stray, "stray"))
+    message = _error(lambda: merge_loras(loaded, [(good, 1.0, 1.0), (bad, 1.0, 1.0)]))
+    assert "2 keys match no module" in message and "down_blocks_7" in message
+    wrong_shape = kohya_lora()
+    wrong_shape[f"{KOHYA_TO_Q}.lora_up.weight"] = torch.zeros(48, RANK)
+    lora = read_lora(_save(tmp_path, wrong_shape, "shape"))
+    assert "(48, 64)" in _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
+    _assert_same(loaded, base)

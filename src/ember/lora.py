@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class LoraFile:
     short_hash: str  # first 12 hex digits, as A1111 shows LoRA hashes
     adapters: tuple[Adapter, ...]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Set when the names say the file is for another architecture (e.g. "SDXL (two text
+    # encoders)"); such a file reads, so a folder can be listed, but never merges.
+    other_architecture: str | None = None
 
     @property
     def parts(self) -> set[str]:
@@ -141,9 +145,10 @@ def read_lora(path: str | Path) -> LoraFile:
             return hit
     _refuse_pickle(path)
     tensors, metadata = read_safetensors(path)
-    adapters = _parse(tensors, metadata, path.name)
+    other = other_architecture(tensors)
+    adapters = () if other else _parse(tensors, metadata, path.name)
     digest = sha256_file(path)
-    lora = LoraFile(str(path), path.stem, digest, digest[:12], adapters, metadata)
+    lora = LoraFile(str(path), path.stem, digest, digest[:12], adapters, metadata, other)
     with _cache_lock:
         _cache[stamp] = lora
         while len(_cache) > _CACHE_SIZE:
@@ -211,9 +216,6 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], name: 
     if not groups:
         shown = ", ".join(strays[:5]) + (", ..." if len(strays) > 5 else "")
         raise EmberError(f"{name}: no LoRA/LyCORIS tensors in the file ({len(strays)}: {shown})")
-    other = other_architecture(tensors)
-    if other:
-        raise EmberError(f"{name} is a LoRA for {other}; ember runs SD 1.x/2.x-shaped models")
     if strays:
         raise EmberError(f"{name}: {_listing('tensors that are not LoRA/LyCORIS weights', strays)}")
     peft = _peft_config(metadata, name)
@@ -435,14 +437,14 @@ class _Index:
     modules: dict[tuple[str, str, str], str]
 
 
-_indexes: dict[int, tuple[torch.nn.Module, _Index]] = {}
+_indexes: weakref.WeakKeyDictionary[torch.nn.Module, _Index] = weakref.WeakKeyDictionary()
 
 
 def _index(model: torch.nn.Module, unet_cfg) -> _Index:
     """Every module with a weight, under each name a LoRA may give it; cached per model."""
-    hit = _indexes.get(id(model))
-    if hit is not None and hit[0] is model:
-        return hit[1]
+    hit = _indexes.get(model)
+    if hit is not None:
+        return hit
     modules: dict[tuple[str, str, str], str] = {}
     unet_weights: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
@@ -465,8 +467,7 @@ def _index(model: torch.nn.Module, unet_cfg) -> _Index:
         ldm = by_id[id(weight)][: -len(".weight")]
         _add(modules, UNET_PART, key[: -len(".weight")], keymaps.UNET + ldm)
     index = _Index(modules)
-    _indexes.clear()  # one model at a time is loaded; never keep an unloaded one alive
-    _indexes[id(model)] = (model, index)
+    _indexes[model] = index  # weakly: an unloaded model is not kept alive by its index
     return index
 
 
@@ -476,32 +477,33 @@ def _add(modules: dict, part: str, local: str, path: str) -> None:
 
 
 def _family(width: int, table: Mapping[int, str]) -> str:
-    return table.get(width, f"a model of width {width}")
+    return f" ({table[width]})" if width in table else ""
 
 
 def _check_architecture(lora: LoraFile, cfg) -> None:
-    """Name the architecture a LoRA is for when its widths are not the model's."""
+    """Name the architecture a LoRA is for when its names or widths are not the model's."""
+    if lora.other_architecture:
+        raise EmberError(
+            f"{lora.name} is a LoRA for {lora.other_architecture}; the model {cfg.name!r} is "
+            f"SD 1.x/2.x-shaped"
+        )
     for adapter in lora.adapters:
         if adapter.kind != "lora":
             continue
         width = adapter.tensors["down"].flatten(1).shape[1]
         name = adapter.module.replace("_", ".")
         if adapter.part == UNET_PART and name.endswith(("attn2.to.k", "attn2.to.v")):
-            if width != cfg.unet.context_dim:
-                raise EmberError(
-                    f"{lora.name} is a LoRA for {_family(width, _CONTEXT_FAMILIES)} "
-                    f"(cross-attention width {width}); the model is "
-                    f"{_family(cfg.unet.context_dim, _CONTEXT_FAMILIES)} "
-                    f"(width {cfg.unet.context_dim})"
-                )
-        if adapter.part == TEXT_PART and name.endswith("self.attn.q.proj"):
-            if width != cfg.text.hidden_size:
-                raise EmberError(
-                    f"{lora.name} is a LoRA for {_family(width, _TEXT_FAMILIES)} "
-                    f"(text-encoder width {width}); the model is "
-                    f"{_family(cfg.text.hidden_size, _TEXT_FAMILIES)} "
-                    f"(width {cfg.text.hidden_size})"
-                )
+            what, ours, table = "cross-attention", cfg.unet.context_dim, _CONTEXT_FAMILIES
+        elif adapter.part == TEXT_PART and name.endswith("self.attn.q.proj"):
+            what, ours, table = "text-encoder", cfg.text.hidden_size, _TEXT_FAMILIES
+        else:
+            continue
+        if width != ours:
+            family = table.get(width, f"a model of {what} width {width}")
+            raise EmberError(
+                f"{lora.name} is a LoRA for {family} ({what} width {width}); the model "
+                f"{cfg.name!r} has {what} width {ours}{_family(ours, table)}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
