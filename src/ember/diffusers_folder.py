@@ -121,37 +121,109 @@ def inspect_diffusers(folder: Path) -> tuple[C.ModelConfig, dict]:
             f"{folder.name}: its text encoder is {text_cfg.hidden_size} wide but its U-Net attends "
             f"to {unet_cfg.context_dim}-wide context; {SUPPORTED}"
         )
-    _check_tokenizer(folder, index, text_cfg)
-    text_cfg = dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
+    text_cfg = _check_tokenizer(folder, index, text_cfg)
     return C.ModelConfig(folder.name, unet_cfg, vae_cfg, text_cfg, sched_cfg, size=size), index
 
 
-def _check_tokenizer(folder: Path, index: dict, text_cfg: C.TextConfig) -> None:
-    """ember tokenises with its own copy of CLIP's (or MiniLM's) tokenizer, not the folder's: a
-    folder whose tokenizer or vocabulary differs would index its embedding table out of range."""
+def _check_tokenizer(folder: Path, index: dict, text_cfg: C.TextConfig) -> C.TextConfig:
+    """`text_cfg` with the tokenizer ids the folder uses; refuses tokenizers that cannot work.
+
+    A CLIP text encoder takes a CLIP-style BPE tokenizer: ember's built-in CLIP vocabulary when the
+    folder's is CLIP's, otherwise the folder's own (`read_tokenizer`). MiniLM takes its WordPiece.
+    """
     want, vocab_size = _TOKENIZERS[text_cfg.kind]
     declared = _read_json(folder / "tokenizer" / "tokenizer_config.json", {}).get("tokenizer_class")
     if declared is None and "_ember_config" not in index:  # ember once wrote CLIP for MiniLM here
         entry = index.get("tokenizer")
         declared = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     if declared is not None and not str(declared).startswith(want):
+        style = "a CLIP-style BPE tokenizer" if text_cfg.kind == "clip" else want
         raise EmberError(
-            f"{folder.name}: its tokenizer is {declared}, not {want}; ember tokenises this text "
-            f"encoder with {want}'s own vocabulary; {SUPPORTED}"
+            f"{folder.name}: its tokenizer is {declared}; its text encoder takes {style}"
+            f"{' (vocab.json + merges.txt)' if text_cfg.kind == 'clip' else ''}; {SUPPORTED}"
         )
-    if text_cfg.vocab_size != vocab_size:
-        raise EmberError(
-            f"{folder.name}: its text encoder has a {text_cfg.vocab_size}-token vocabulary, "
-            f"{want}'s has {vocab_size}; {SUPPORTED}"
-        )
-    if text_cfg.kind == "clip" and (folder / "tokenizer" / "vocab.json").exists():
-        from ember.models.text import load_clip_bpe
-
-        if _read_json(folder / "tokenizer" / "vocab.json") != load_clip_bpe()[0]:
+    if text_cfg.kind != "clip" or not _has_own_tokenizer(folder):
+        if text_cfg.vocab_size < vocab_size:
             raise EmberError(
-                f"{folder.name}: tokenizer/vocab.json is not CLIP's vocabulary, which ember "
-                f"tokenises with; {SUPPORTED}"
+                f"{folder.name}: its text encoder has a {text_cfg.vocab_size}-token vocabulary, "
+                f"{want}'s has {vocab_size}; {SUPPORTED}"
             )
+        return dataclasses.replace(text_cfg, pad_token_id=_pad_id(folder, text_cfg))
+    tok = _load_folder_tokenizer(folder)
+    ids = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    if None in ids:
+        raise EmberError(f"{folder.name}: its tokenizer has no bos, eos or pad token; {SUPPORTED}")
+    top = max(tok.get_vocab().values())
+    if top >= text_cfg.vocab_size:
+        raise EmberError(
+            f"{folder.name}: its tokenizer has token ids up to {top} but its text encoder's "
+            f"embedding table has {text_cfg.vocab_size} rows; {SUPPORTED}"
+        )
+    return dataclasses.replace(
+        text_cfg, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]
+    )
+
+
+def read_tokenizer(folder: Path, text_cfg: C.TextConfig):
+    """The tokenizer of a diffusers folder's text encoder (`text_cfg` as `inspect_diffusers` gives
+    it): the folder's own CLIP-style BPE tokenizer where it is not CLIP's, else ember's built-in one
+    (`ember.models.text.build_tokenizer`), which gives the same ids for CLIP's vocabulary."""
+    from ember.models.text import build_clip_tokenizer_from_folder, build_tokenizer
+
+    try:
+        if text_cfg.kind == "clip" and _has_own_tokenizer(folder):
+            return build_clip_tokenizer_from_folder(folder / "tokenizer", text_cfg)
+        return build_tokenizer(text_cfg)
+    except ValueError as exc:  # EmberError is a ValueError
+        raise EmberError(f"{folder.name}: {exc}") from None
+
+
+def _has_own_tokenizer(folder: Path) -> bool:
+    """Whether `tokenizer/` holds a BPE vocabulary, merges or added tokens other than CLIP's.
+
+    Raises EmberError for tokenizer files that are not a BPE tokenizer's. A folder without
+    tokenizer files is taken to use CLIP's (as ember's own folders of older versions).
+    """
+    from ember.models.text import CLIP_BOS, CLIP_EOS, load_clip_bpe
+
+    tok = folder / "tokenizer"
+    full = _read_json(tok / "tokenizer.json", {})
+    model = full.get("model") or {}
+    if full and model.get("type", "BPE") != "BPE":
+        raise EmberError(
+            f"{folder.name}: tokenizer/tokenizer.json is a {model.get('type')} tokenizer; its "
+            f"CLIP text encoder takes a CLIP-style BPE tokenizer; {SUPPORTED}"
+        )
+    if (tok / "vocab.json").exists():
+        vocab = _read_json(tok / "vocab.json")
+        if not (tok / "merges.txt").exists():
+            raise EmberError(f"{folder.name}: tokenizer/vocab.json without merges.txt; {SUPPORTED}")
+        lines = (tok / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    elif full:
+        vocab = model.get("vocab") or {}
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in model.get("merges") or []]
+    else:
+        return False
+    clip_vocab, clip_merges = load_clip_bpe()
+    if vocab != clip_vocab or merges != clip_merges:
+        return True
+    # Added tokens (e.g. textual-inversion tokens saved with the folder) beyond CLIP's specials.
+    added = {t.get("content") for t in full.get("added_tokens") or [] if isinstance(t, dict)}
+    config = _read_json(tok / "tokenizer_config.json", {}).get("added_tokens_decoder") or {}
+    added |= {t.get("content") for t in config.values() if isinstance(t, dict)}
+    added |= set(_read_json(tok / "added_tokens.json", {}))
+    return not added <= {CLIP_BOS, CLIP_EOS, "!"}
+
+
+def _load_folder_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer folder is bad input
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EmberError(f"{folder.name}: unreadable tokenizer ({reason}); {SUPPORTED}") from None
 
 
 def _read_json(file: Path, default: dict | None = None) -> dict:

@@ -195,6 +195,8 @@ def tokenize_weighted(
     `max_length - 2` content tokens; when a chunk is full and its last comma is at most
     `comma_backtrack` tokens back, the tokens after that comma move to the next chunk
     (0 disables this); BREAK closes the current chunk; an empty prompt still gives one chunk.
+    A textual-inversion embedding's ids (`ember.embeddings`) that do not fit in the current chunk
+    start the next one.
     """
     size = tokenizer.max_length - 2
     comma = tokenizer.encode(",")
@@ -230,6 +232,8 @@ def tokenize_weighted(
                 ids, weights = moved_ids, moved_weights
             if len(ids) == size:
                 close_chunk()
+            if ids and len(ids) + tokenizer.word_length(token) > size:
+                close_chunk()  # a multi-vector embedding is never split (A1111's tokenize_line)
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:

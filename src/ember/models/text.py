@@ -27,7 +27,7 @@ import functools
 import gzip
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ember.config import MINILM, TextConfig
+from ember.errors import EmberError
 from ember.models.bert import BERT_LAYER_NORM_EPS, BERT_MAX_POSITIONS, BERT_TYPE_VOCAB, Bert
 
 CLIP_BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -91,6 +92,23 @@ def load_clip_bpe(path: str | Path = CLIP_BPE_PATH) -> tuple[dict[str, int], lis
     return vocab, merges  # type: ignore[return-value]
 
 
+def find_words(ids: Sequence[int], patterns: Mapping[tuple[int, ...], Any]) -> list:
+    """`ids` with each run equal to a key of `patterns` replaced by that key (a tuple), scanning
+    left to right and taking the longest key at each position; other ids stay ints."""
+    by_first: dict[int, list[tuple[int, ...]]] = {}
+    for pattern in sorted(patterns, key=len, reverse=True):
+        by_first.setdefault(pattern[0], []).append(pattern)
+    out: list = []
+    pos = 0
+    while pos < len(ids):
+        match = next(
+            (p for p in by_first.get(ids[pos], ()) if tuple(ids[pos : pos + len(p)]) == p), None
+        )
+        out.append(match if match is not None else ids[pos])
+        pos += len(match) if match is not None else 1
+    return out
+
+
 class Tokenizer:
     """ember's tokenizer interface around a `tokenizers`-backed encoding function.
 
@@ -109,6 +127,7 @@ class Tokenizer:
         max_length: int,
         export: Any,
         kind: str,
+        builtin: bool = True,
     ) -> None:
         self._encode = encode  # text -> content ids, no bos/eos, never truncated
         self._export = export  # factory for the tokenizer handed to diffusers/transformers
@@ -117,10 +136,59 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.builtin = builtin
+        # Added words (textual-inversion embeddings): the ids a word's name tokenises to -> its
+        # name and the ids that stand in for it (rows added to the encoder's embedding table).
+        self._words: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
+        self._lengths: dict[int, int] = {}  # first id of a multi-id word -> its number of ids
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` without bos/eos and without truncation."""
+        """Token ids of `text` without bos/eos and without truncation, added words substituted."""
+        ids = self._encode(text)
+        if not self._words:
+            return list(ids)
+        out: list[int] = []
+        for item in find_words(ids, self._words):
+            out.extend(self._words[item][1] if isinstance(item, tuple) else (item,))
+        return out
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as the base vocabulary has them, added words not substituted."""
         return list(self._encode(text))
+
+    def add_word(self, name: str, ids: Sequence[int]) -> tuple[int, ...]:
+        """Make `name` encode to `ids` wherever a text's tokens contain the tokens of `name`.
+
+        A1111's textual inversion semantics (`EmbeddingDatabase.find_embedding_at_position`): the
+        name is tokenised as any text is (so matching is case-insensitive for CLIP) and found as a
+        run of tokens; at one position the longest name wins. Returns the ids the name tokenises to.
+        """
+        pattern = tuple(self._encode(name))
+        if not pattern or not ids:
+            raise ValueError(f"added word {name!r}: empty name or no ids")
+        if pattern in self._words:
+            raise ValueError(f"{name!r} tokenises as {self._words[pattern][0]!r} does")
+        self._words[pattern] = (name, tuple(ids))
+        if len(ids) > 1:
+            self._lengths[ids[0]] = len(ids)
+        return pattern
+
+    def remove_word(self, name: str) -> None:
+        """Undo `add_word(name, ...)`; unknown names are ignored."""
+        for pattern, (word, ids) in list(self._words.items()):
+            if word == name:
+                del self._words[pattern]
+                self._lengths.pop(ids[0], None)
+
+    def word_length(self, token_id: int) -> int:
+        """How many ids the added word starting with `token_id` has (1 for any other id): a prompt
+        chunk takes a multi-vector embedding whole or moves it to the next chunk, as A1111 does."""
+        return self._lengths.get(token_id, 1)
+
+    @property
+    def added_words(self) -> dict[str, tuple[int, ...]]:
+        """Name -> the ids it encodes to, for every added word."""
+        return {name: ids for name, ids in self._words.values()}
 
     def encode_padded(self, text: str) -> list[int]:
         """`[bos] + ids[: max_length - 2] + [eos] + [pad] * rest`: one truncated window."""
@@ -143,7 +211,7 @@ class Tokenizer:
         folder = Path(folder)
         tok = self.to_transformers()
         tok.save_pretrained(str(folder))
-        if self.kind == "clip":
+        if self.kind == "clip" and self.builtin:
             # Older transformers versions read the slow-tokenizer files.
             vocab, merges = load_clip_bpe()
             (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -193,6 +261,32 @@ def build_clip_tokenizer(cfg: TextConfig) -> Tokenizer:
         max_length=cfg.max_length,
         export=lambda: _make_clip_tokenizer(pad_token, cfg.max_length),
         kind="clip",
+    )
+
+
+def build_clip_tokenizer_from_folder(folder: str | Path, cfg: TextConfig) -> Tokenizer:
+    """A diffusers folder's own CLIP-style BPE tokenizer (`tokenizer/`: vocab.json + merges.txt
+    or tokenizer.json, added tokens from tokenizer.json, tokenizer_config.json or
+    added_tokens.json), read by transformers' `CLIPTokenizer` exactly as diffusers reads it.
+
+    bos/eos/pad ids are the folder's (`cfg` must carry the same; `diffusers_folder` reads them).
+    """
+    from transformers import CLIPTokenizer
+
+    folder = str(folder)
+    backend = CLIPTokenizer.from_pretrained(folder, model_max_length=_NO_LIMIT)
+    ids = (backend.bos_token_id, backend.eos_token_id, backend.pad_token_id)
+    if ids != (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
+        raise ValueError(f"{folder}: bos/eos/pad ids are {ids}, config says {cfg}")
+    return Tokenizer(
+        lambda text: backend(text, add_special_tokens=False)["input_ids"],
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        max_length=cfg.max_length,
+        export=lambda: CLIPTokenizer.from_pretrained(folder, model_max_length=cfg.max_length),
+        kind="clip",
+        builtin=False,
     )
 
 
@@ -315,11 +409,23 @@ class TextEncoder(nn.Module):
 
     cfg: TextConfig
 
+    def token_embedding(self) -> nn.Embedding:
+        """The token-embedding table (one row per token id); add-ons such as textual-inversion
+        embeddings swap its weight for a longer one and back."""
+        raise NotImplementedError
+
     def _check(self, ids: torch.Tensor, clip_skip: int, depth: int) -> torch.Tensor:
         if ids.ndim != 2:
             raise ValueError(f"token ids must be (B, L), got shape {tuple(ids.shape)}")
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"{ids.shape[1]} tokens; at most {self.cfg.max_length} per window")
+        rows = self.token_embedding().weight.shape[0]
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:
+            bad = int(ids.max()) if int(ids.max()) >= rows else int(ids.min())
+            raise EmberError(
+                f"token id {bad} is outside the text encoder's {rows}-row embedding table: "
+                "the tokenizer does not match this text encoder"
+            )
         if not 1 <= clip_skip <= depth:
             raise ValueError(f"clip_skip {clip_skip} outside [1, {depth}]")
         # Positions are passed explicitly: the models' non-persistent position_ids buffers are not
@@ -354,6 +460,9 @@ class ClipTextEncoder(TextEncoder):
         self.cfg = cfg
         self.transformer = _TextModelHolder(CLIPTextModel(clip_text_config(cfg)))
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         position_ids = self._check(ids, clip_skip, self.cfg.depth)
         skip = clip_skip + self.cfg.num_layers - self.cfg.depth
@@ -381,6 +490,9 @@ class MiniLMTextEncoder(TextEncoder):
             raise ValueError(f"MiniLMTextEncoder needs kind='minilm', got {cfg.kind!r}")
         self.cfg = cfg
         self.transformer = Bert(cfg)
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.embeddings["word_embeddings"]
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         position_ids = self._check(ids, clip_skip, self.cfg.depth)
