@@ -22,6 +22,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    UniPCMultistepScheduler,
 )
 from safetensors.torch import save_file
 
@@ -37,7 +38,7 @@ from ember.diffusion.schedules import (
 )
 from ember.errors import EmberError
 from ember.models.taesd import TAESDConfig, TinyAutoencoder, taesd_to_diffusers
-from ember.vae_files import load_vae
+from ember.vae_files import apply_vae, load_vae
 
 SD15 = dict(
     num_train_timesteps=1000,
@@ -155,6 +156,25 @@ def test_taesd_default_config_has_the_original_release_layout():
     assert sd["encoder.14.weight"].shape == (4, 64, 3, 3)
 
 
+def test_apply_vae_swaps_module_and_scaling_and_removes(taesd_ref):
+    _, folder, _ = taesd_ref
+    from types import SimpleNamespace
+
+    from ember.config import get_preset
+
+    # a model whose VAE downsamples 4x, as the tiny TAESD does
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch_mult=(1, 2, 2)))
+    own = torch.nn.Identity()
+    loaded = SimpleNamespace(model=SimpleNamespace(first_stage_model=own), config=cfg)
+    vae = load_vae(folder, base=cfg.vae)
+    remove = apply_vae(loaded, vae)
+    assert loaded.model.first_stage_model is vae.module
+    assert loaded.config.vae.scaling_factor == 1.0 and loaded.config.unet == cfg.unet
+    remove()
+    assert loaded.model.first_stage_model is own and loaded.config is cfg
+
+
 # --- full VAEs ------------------------------------------------------------------------------
 
 
@@ -269,6 +289,8 @@ def test_spacing_matches_the_vp_schedulers(spacing, sampler):
         ours = get_sigmas("default", steps, cfg, sampler=sampler, spacing=spacing)
         if sampler == "ddim":
             ref = DDIMScheduler(**SD15, timestep_spacing=spacing)
+        elif sampler == "unipc":
+            ref = UniPCMultistepScheduler(**SD15, timestep_spacing=spacing)
         else:
             ref = DPMSolverMultistepScheduler(**SD15, timestep_spacing=spacing)
         ref.set_timesteps(steps)

@@ -19,8 +19,10 @@ else SD's 0.18215.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,6 +86,25 @@ def load_vae(
         _check_fits(path, module, base)
     module = module.to(dtype).eval().requires_grad_(False)
     return LoadedVAE(module, scaling, path.name, sha256_file(*files))
+
+
+def apply_vae(loaded, vae: LoadedVAE) -> Callable[[], None]:
+    """Put `vae` into a `LoadedModel` in place of its own VAE: `model.first_stage_model` and
+    `config.vae.scaling_factor`, the two things the pipeline reads. Returns the function that puts
+    the model's own back (the replacement is never part of what `save_single_file` writes once
+    removed). The caller checks the fit first by loading with `base=loaded.config.vae`."""
+    model, config = loaded.model, loaded.config
+    own_module, own_config = model.first_stage_model, config
+    model.first_stage_model = vae.module
+    loaded.config = dataclasses.replace(
+        config, vae=dataclasses.replace(config.vae, scaling_factor=vae.scaling_factor)
+    )
+
+    def remove() -> None:
+        model.first_stage_model = own_module
+        loaded.config = own_config
+
+    return remove
 
 
 # --- files and folders ------------------------------------------------------------------------
