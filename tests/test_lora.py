@@ -201,6 +201,41 @@ def test_formats_and_layouts_merge_the_same_weights(tmp_path, loaded):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def test_older_diffusers_names(tmp_path, loaded):
+    """`lora.down/up` (LoRACompatible layers) and `processor.to_q_lora` (attention processors)."""
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    down, up = _random((RANK, 64), 0), _random((64, RANK), 1)
+    kohya = {f"{KOHYA_TO_Q}.lora_down.weight": down, f"{KOHYA_TO_Q}.lora_up.weight": up}
+    ref = _merged_weights(loaded, _save(tmp_path, kohya, "kohya"))
+    for name, sd in {
+        "compatible": {f"unet.{attn}.to_q.lora.down.weight": down,
+                       f"unet.{attn}.to_q.lora.up.weight": up},
+        "processor": {f"{attn}.processor.to_q_lora.down.weight": down,
+                      f"{attn}.processor.to_q_lora.up.weight": up},
+    }.items():  # fmt: skip
+        got = _merged_weights(loaded, _save(tmp_path, sd, name))
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+
+
+def test_sd2_shaped_model_linear_proj_and_text(tmp_path, sd2v_folder):
+    """SD 2.x: proj_in is Linear in ldm, so a 1x1-conv LoRA is reshaped; the OpenCLIP text model
+    is held in transformers' layout, so `lora_te_text_model_*` names find it."""
+    loaded = load_model(sd2v_folder)
+    base = _snapshot(loaded)
+    down, up = _random((RANK, 64, 1, 1), 0), _random((64, RANK, 1, 1), 1)
+    tdown, tup = _random((RANK, 32), 2), _random((32, RANK), 3)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    sd = {"lora_unet_input_blocks_3_1_proj_in.lora_down.weight": down,
+          "lora_unet_input_blocks_3_1_proj_in.lora_up.weight": up,
+          f"{te}.lora_down.weight": tdown, f"{te}.lora_up.weight": tup}  # fmt: skip
+    got = _merged_weights(loaded, _save(tmp_path, sd, "sd2"))
+    proj_in = UNET + "input_blocks.3.1.proj_in.weight"
+    assert base[proj_in].ndim == 2
+    assert torch.allclose(got[proj_in] - base[proj_in], up.flatten(1) @ down.flatten(1), atol=1e-6)
+    q = TEXT + "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(got[q] - base[q], tup @ tdown, atol=1e-6)
+
+
 def test_text_encoder_and_unet_strengths(tmp_path, loaded):
     path = _save(tmp_path, kohya_lora())
     base = _snapshot(loaded)
@@ -274,7 +309,8 @@ def test_loha_linear_and_tucker_conv(tmp_path, loaded):
     t1, t2 = _random((r, r, 3, 3), 10), _random((r, r, 3, 3), 11)
     a1, b1, a2, b2 = (_random(s, 12 + i) for i, s in enumerate([(r, 32), (r, 32)] * 2))
     sd = {f"{KOHYA_CONV}.hada_t1": t1, f"{KOHYA_CONV}.hada_t2": t2, f"{KOHYA_CONV}.hada_w1_a": a1,
-          f"{KOHYA_CONV}.hada_w1_b": b1, f"{KOHYA_CONV}.hada_w2_a": a2, f"{KOHYA_CONV}.hada_w2_b": b2,
+          f"{KOHYA_CONV}.hada_w1_b": b1, f"{KOHYA_CONV}.hada_w2_a": a2,
+          f"{KOHYA_CONV}.hada_w2_b": b2,
           f"{KOHYA_CONV}.alpha": torch.tensor(alpha)}  # fmt: skip
     _, got = _delta(loaded, tmp_path, sd, CONV, unet=0.5)
     w = torch.zeros(2, 32, 32, 3, 3)
@@ -400,6 +436,9 @@ def test_bad_files_are_one_line_errors(tmp_path):
     assert "no LoRA" in _error(lambda: read_lora(model_like))
     half = {k: v for k, v in kohya_lora().items() if "lora_up" not in k}
     assert "incomplete" in _error(lambda: read_lora(_save(tmp_path, half, "half")))
+    loha = {f"{KOHYA_TO_Q}.hada_{n}": torch.zeros(2, 2) for n in ("w1_a", "w1_b", "w2_a", "w2_b")}
+    loha[f"{KOHYA_TO_Q}.hada_t1"] = torch.zeros(2, 2, 3, 3)  # t2 missing
+    assert "hada_t2" in _error(lambda: read_lora(_save(tmp_path, loha, "loha")))
 
 
 def test_lora_for_another_architecture(tmp_path, loaded):
@@ -420,8 +459,9 @@ def test_lora_for_another_architecture(tmp_path, loaded):
     message = _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
     assert "SDXL" in message and "2048" in message
     # SD 2.x by its text-encoder width.
-    sd2 = {f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{r}.weight": t
-           for r, t in (("lora_down", torch.zeros(4, 1024)), ("lora_up", torch.zeros(1024, 4)))}  # fmt: skip
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    sd2 = {f"{te}.lora_down.weight": torch.zeros(4, 1024),
+           f"{te}.lora_up.weight": torch.zeros(1024, 4)}  # fmt: skip
     lora = read_lora(_save(tmp_path, sd2, "sd2"))
     assert "SD 2.x" in _error(lambda: merge_loras(loaded, [(lora, 1.0, 1.0)]))
     _assert_same(loaded, base)

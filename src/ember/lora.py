@@ -235,9 +235,8 @@ def _parse(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], name: 
             Adapter(part, style, path, kind, roles, alpha, rslora, tuple(sorted(keys[module])))
         )
     if unknown:
-        raise EmberError(
-            f"{name}: {_listing('tensors of no U-Net or text encoder (lora_unet_, lora_te_, unet., text_encoder.)', unknown)}"
-        )
+        what = "tensors of no U-Net or text encoder (lora_unet_, lora_te_, unet., text_encoder.)"
+        raise EmberError(f"{name}: {_listing(what, unknown)}")
     return tuple(adapters)
 
 
@@ -269,6 +268,10 @@ def _kind(roles: Mapping[str, torch.Tensor], module: str, name: str) -> str:
                 and not {f"lokr_{side}_a", f"lokr_{side}_b"} <= roles.keys()
             ):
                 missing.add(f"lokr_{side} (or lokr_{side}_a and lokr_{side}_b)")
+    if kind == "loha" and ("hada_t1" in roles) != ("hada_t2" in roles):
+        missing.add("hada_t1 and hada_t2 together")
+    if "lokr_t2" in roles and not {"lokr_w2_a", "lokr_w2_b"} <= roles.keys():
+        missing.add("lokr_w2_a and lokr_w2_b with lokr_t2")
     extra = roles.keys() - required - optional
     if missing or extra:
         what = ", ".join(sorted(missing)) + " missing" if missing else ""
