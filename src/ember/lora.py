@@ -25,6 +25,7 @@ layouts resolve to the same parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -571,9 +572,8 @@ def merge_loras(loaded, selections: list[tuple[LoraFile, float, float]]) -> Merg
                 continue
             target = params[path + ".weight"]
             # Shapes only: the same code on meta tensors finds every mismatch without the maths.
-            meta = Adapter(**{**adapter.__dict__, "tensors": {
-                k: v.to("meta") for k, v in adapter.tensors.items()}})  # fmt: skip
-            compute_delta(meta, target.shape)
+            meta = {k: v.to("meta") for k, v in adapter.tensors.items()}
+            compute_delta(dataclasses.replace(adapter, tensors=meta), target.shape)
             if "diff_b" in adapter.tensors:
                 bias = params.get(path + ".bias")
                 if bias is None or bias.shape != adapter.tensors["diff_b"].shape:
