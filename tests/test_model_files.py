@@ -1,7 +1,7 @@
 """Model files and folders ember cannot load end in one `EmberError` line, never a traceback.
 
 Each case is built the way a user would meet it: tiny random models written by diffusers itself
-(an SDXL folder, a folder whose tokenizer is BERT's), SDXL/SD3/Flux single files faked by a few
+(an SDXL folder, a folder whose tokenizer is BERT's WordPiece), SDXL/SD3/Flux single files faked by a few
 keys with their real names, and broken files (truncated, random tensors, pickles, missing parts).
 """
 
@@ -134,10 +134,36 @@ def test_sdxl_diffusers_folder_is_refused_in_one_line(capsys, tmp_path, sdxl_fol
     assert_one_line_refusal(capsys, tmp_path, sdxl_folder, "SDXL", SUPPORTED)
 
 
-def test_folder_with_non_clip_tokenizer_is_refused_in_one_line(
+def test_folder_with_a_non_bpe_tokenizer_is_refused_in_one_line(
     capsys, tmp_path, bert_tokenizer_folder
 ):
-    assert_one_line_refusal(capsys, tmp_path, bert_tokenizer_folder, "BertTokenizer", "CLIP")
+    assert_one_line_refusal(
+        capsys, tmp_path, bert_tokenizer_folder, "BertTokenizer", "CLIP-style BPE"
+    )
+
+
+def test_tokenizer_json_of_another_model_is_refused_in_one_line(capsys, tmp_path, sd1_folder):
+    folder = tmp_path / "wordpiece"
+    shutil.copytree(sd1_folder, folder)
+    file = folder / "tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    data["model"] = {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}
+    file.write_text(json.dumps(data))
+    assert_one_line_refusal(capsys, tmp_path, folder, "WordPiece", "BPE")
+
+
+def test_tokenizer_ids_beyond_the_encoder_table_are_refused_in_one_line(
+    capsys, tmp_path, sd1_folder
+):
+    """Folders with their own tokenizer load (tests/test_embeddings.py) unless an id cannot work."""
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path / "too-many-tokens"
+    shutil.copytree(sd1_folder, folder)
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tok.add_tokens(["<a-new-token>"])  # id 49408: one past the 49408-row table
+    tok.save_pretrained(folder / "tokenizer")
+    assert_one_line_refusal(capsys, tmp_path, folder, "49408", "table")
 
 
 def test_sdxl_unet_config_is_refused_even_under_another_pipeline_name(
