@@ -187,7 +187,7 @@ def apply_embeddings(loaded, embeddings: list[Embedding]) -> AppliedEmbeddings:
     rows of the text encoder's token table and its name encodes to their ids.
 
     Embeddings whose width is not the encoder's are left out and listed in `skipped`. A name that
-    tokenises as an earlier one does is skipped too (A1111 would use one of the two at random).
+    tokenises as an earlier one does is skipped too (A1111 keeps one of the two as well).
     """
     tokenizer = loaded.tokenizer
     table = loaded.model.cond_stage_model.token_embedding()
