@@ -11,16 +11,16 @@ from ember.config import PRESETS
 from ember.errors import EmberError
 from ember.settings import (
     FIELDS,
-    LoraChoice,
     SERVER_LIMITS,
     GenerationParams,
+    LoraChoice,
     batch_key,
     resolve,
     validate,
 )
 
 # A value inside each field's range that differs from its default.
-OTHER = {"prompt": "x", "negative_prompt": "y", "sampler": "euler", "schedule": "karras",
+OTHER = {"prompt": "x", "negative_prompt": "y", "sampler": "euler", "schedule": "karras", "timestep_spacing": "trailing",
          "steps": 7, "cfg": 3.0, "seed": 5, "width": 256, "height": 128, "batch": 2,
          "strength": 0.5, "clip_skip": 2, "layout_guidance": 1.5, "eta": 0.3,
          "loras": (LoraChoice("style", 0.5, 0.8),)}  # fmt: skip
@@ -28,7 +28,9 @@ OTHER = {"prompt": "x", "negative_prompt": "y", "sampler": "euler", "schedule": 
 BAD = {"steps": 0, "cfg": 101.0, "seed": 2**32, "width": 100, "height": 4096, "batch": 65,
        "strength": 1.5, "clip_skip": 13, "layout_guidance": 11.0, "eta": -1.0}  # fmt: skip
 
-BASE = GenerationParams("a red circle", width=64, height=64, cfg=5.0, layout_guidance=0.0)
+BASE = GenerationParams(
+    "a red circle", sampler="dpmpp_2m", steps=20, width=64, height=64, cfg=5.0, layout_guidance=0.0
+)
 
 
 def test_every_field_has_help_and_the_tables_above_cover_it():
@@ -89,11 +91,31 @@ def test_resolve_fills_the_models_defaults_once_and_keeps_what_was_given():
     sd = resolve(GenerationParams("x"), PRESETS["sd15"])
     assert (sd.width, sd.cfg, sd.layout_guidance) == (512, 7.0, 0.0)
     given = GenerationParams("x", width=128, cfg=1.0, layout_guidance=0.0)
-    assert resolve(given, model) == dataclasses.replace(given, height=64)
+    assert resolve(given, model) == dataclasses.replace(
+        given, height=64, sampler="dpmpp_2m", steps=20
+    )
     drawn = resolve(GenerationParams("x", seed=-1), model)
     assert 0 <= drawn.seed < 2**32 and resolve(drawn, model) == drawn
     with pytest.raises(EmberError, match="cfg is not set"):
-        validate(GenerationParams("x", width=64, height=64, layout_guidance=0.0))
+        validate(dataclasses.replace(BASE, cfg=None))
+    assert (p.sampler, p.steps, p.timestep_spacing) == ("dpmpp_2m", 20, None)
+    turbo = dataclasses.replace(
+        PRESETS["sd21-base"], sampler="euler", steps=1, guidance=1.0, timestep_spacing="trailing"
+    )
+    t = resolve(GenerationParams("x"), turbo)
+    assert (t.sampler, t.steps, t.cfg, t.timestep_spacing) == ("euler", 1, 1.0, "trailing")
+    assert resolve(GenerationParams("x", steps=4), turbo).steps == 4
+
+
+def test_spacing_names_and_a1111_sgm_uniform():
+    p = validate(dataclasses.replace(BASE, schedule="SGM Uniform"))
+    assert (p.schedule, p.timestep_spacing) == ("default", "trailing")
+    with pytest.raises(EmberError, match="spacing"):
+        validate(dataclasses.replace(BASE, timestep_spacing="sideways"))
+    with pytest.raises(EmberError, match="default schedule"):
+        validate(dataclasses.replace(BASE, schedule="karras", timestep_spacing="trailing"))
+    with pytest.raises(EmberError, match="lcm"):
+        validate(dataclasses.replace(BASE, sampler="lcm", steps=51))
 
 
 def _generate_parser():
@@ -140,7 +162,7 @@ def test_cli_flags_are_generated_from_the_fields():
         "n",
         0,
     )
-    assert p.steps == FIELDS["steps"].default and p.layout_guidance is None  # left to the model
+    assert p.steps is None and p.layout_guidance is None  # left to the model
     assert p.loras == (LoraChoice("a.safetensors"), LoraChoice("C:/x/b.safetensors", 0.5, 0.25))
 
 

@@ -138,6 +138,12 @@ class ModelConfig:
     guidance: float | None = None
     # The layout guidance strength generation uses where the user gives none. None: off.
     layout_guidance: float | None = None
+    # What a few-step model is made for (a sidecar .json or the file's metadata says so): the
+    # sampler, steps and timestep spacing generation uses where the user gives none. None: ember's
+    # defaults (DPM++ 2M, 20 steps, the sampler's customary spacing).
+    sampler: str | None = None
+    steps: int | None = None
+    timestep_spacing: str | None = None
 
     @property
     def default_cfg(self) -> float:
@@ -185,6 +191,9 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
         layout_guidance=data["layout_guidance"]
         if "layout_guidance" in data
         else _preset_value(data["name"], "layout_guidance"),
+        sampler=data.get("sampler"),
+        steps=data.get("steps"),
+        timestep_spacing=data.get("timestep_spacing"),
     )
 
 

@@ -37,7 +37,12 @@ A1111_SAMPLER_NAMES = {
     "lcm": "LCM",
     "unipc": "UniPC",
 }
-A1111_SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+A1111_SCHEDULE_NAMES = {
+    "default": "Automatic",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",  # the default schedule with trailing timestep spacing
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def format_infotext(record: ImageRecord) -> str:
     pairs: dict[str, Any] = {
         "Steps": p.steps,
         "Sampler": A1111_SAMPLER_NAMES.get(p.sampler, p.sampler),
-        "Schedule type": A1111_SCHEDULE_NAMES.get(p.schedule, p.schedule),
+        "Schedule type": A1111_SCHEDULE_NAMES.get(_schedule(p), p.schedule),
         "CFG scale": _num(p.cfg),
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
@@ -90,6 +95,8 @@ def format_infotext(record: ImageRecord) -> str:
         pairs["Clip skip"] = p.clip_skip
     if p.layout_guidance > 0:
         pairs["Layout guidance"] = _num(p.layout_guidance)
+    if p.timestep_spacing and _schedule(p) != "sgm_uniform":
+        pairs["Timestep spacing"] = p.timestep_spacing
     if record.loras:
         pairs["Lora hashes"] = ", ".join(f"{x['name']}: {x['a1111_hash']}" for x in record.loras)
     pairs["Version"] = f"ember {record.ember_version}"
@@ -98,6 +105,11 @@ def format_infotext(record: ImageRecord) -> str:
         lines.append(f"Negative prompt: {p.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs.items()))
     return "\n".join(lines)
+
+
+def _schedule(p: GenerationParams) -> str:
+    trailing = p.schedule == "default" and p.timestep_spacing == "trailing"
+    return "sgm_uniform" if trailing else p.schedule
 
 
 def _num(x: float) -> str:

@@ -22,6 +22,11 @@ from ember.config import ModelConfig
 from ember.errors import EmberError
 
 MAX_SEED = 2**32 - 1
+# LCM's schedule is a subset of this many steps (diffusers' `original_inference_steps`).
+LCM_ORIGINAL_STEPS = 50
+# What a request that names no sampler or steps gets, unless its model recommends others.
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 20
 # Sizes are multiples of this many pixels: the latent grid of every SD VAE (and ember's) is 1/8.
 SIZE_MULTIPLE = 8
 
@@ -118,11 +123,24 @@ class GenerationParams:
         "", "what to steer away from", limit="max_prompt_chars", flag="--negative",
         max_length=100_000,
     )  # fmt: skip
-    sampler: str = _setting("dpmpp_2m", SAMPLER_HELP, shared=True, max_length=64)
-    schedule: str = _setting(
-        "default", "sigma schedule: default, karras, exponential", shared=True, max_length=64
+    sampler: str | None = _setting(
+        None, SAMPLER_HELP + "; default: the model's, else dpmpp_2m", shared=True, max_length=64
     )
-    steps: int = _setting(20, "sampling steps", lo=1, limit="max_steps", shared=True)
+    schedule: str = _setting(
+        "default",
+        "sigma schedule: default, karras, exponential (sgm_uniform: default with trailing spacing)",
+        shared=True, max_length=64,
+    )  # fmt: skip
+    steps: int | None = _setting(
+        None, "sampling steps; default: the model's, else 20", lo=1, limit="max_steps", shared=True
+    )
+    timestep_spacing: str | None = _setting(
+        None,
+        "which training timesteps the default schedule samples, as diffusers names it: leading, "
+        "linspace or trailing (SD-Turbo, A1111's sgm_uniform); default: the model's, else the "
+        "sampler's customary one",
+        shared=True, max_length=16,
+    )  # fmt: skip
     cfg: float | None = _setting(
         None,
         "classifier-free guidance scale; default: the model's (5 for ember's own models, 7 for "
@@ -162,7 +180,7 @@ class GenerationParams:
 
 FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 FIELD_TYPES = typing.get_type_hints(GenerationParams)
-MODEL_DEFAULTS = ("width", "height", "cfg", "layout_guidance")
+MODEL_DEFAULTS = ("sampler", "steps", "width", "height", "cfg", "layout_guidance")
 
 
 def params_from_dict(data: dict[str, Any]) -> GenerationParams:
@@ -194,6 +212,12 @@ def resolve(params: GenerationParams, model: ModelConfig) -> GenerationParams:
         values["cfg"] = model.default_cfg
     if params.layout_guidance is None:
         values["layout_guidance"] = model.default_layout_guidance
+    if params.sampler is None:
+        values["sampler"] = model.sampler or DEFAULT_SAMPLER
+    if params.steps is None:
+        values["steps"] = model.steps or DEFAULT_STEPS
+    if params.timestep_spacing is None and model.timestep_spacing is not None:
+        values["timestep_spacing"] = model.timestep_spacing
     if params.seed == -1:
         values["seed"] = random.randrange(MAX_SEED + 1)
     return dataclasses.replace(params, **values) if values else params
@@ -203,6 +227,7 @@ def validate(params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> Genera
     """Check every field against its range and `limits`; return params with the sampler and
     schedule resolved to ember's names. Raises `EmberError` naming the value and what is allowed."""
     from ember.diffusion.samplers import resolve_sampler
+    from ember.diffusion.schedules import SPACINGS
 
     for name, f in FIELDS.items():
         value = getattr(params, name)
@@ -224,17 +249,31 @@ def validate(params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> Genera
         sampler, implied_schedule = resolve_sampler(str(params.sampler))
     except ValueError as exc:
         raise EmberError(str(exc)) from None
-    schedule = params.schedule
+    schedule, spacing = params.schedule, params.timestep_spacing
     if schedule in ("default", "automatic", "Automatic", "") and implied_schedule:
         schedule = implied_schedule
-    schedule = schedule.lower()
+    schedule = schedule.lower().replace(" ", "_")
     if schedule == "automatic":
         schedule = "default"
+    if schedule == "sgm_uniform":  # A1111's name for the default schedule's trailing spacing
+        schedule, spacing = "default", spacing or "trailing"
     if schedule not in ("default", "karras", "exponential"):
         raise EmberError(
-            f"unknown schedule {params.schedule!r}; choose default, karras or exponential"
+            f"unknown schedule {params.schedule!r}; choose default, karras, exponential or "
+            "sgm_uniform"
         )
-    return dataclasses.replace(params, sampler=sampler, schedule=schedule)
+    if spacing is not None:
+        if spacing not in SPACINGS:
+            raise EmberError(f"unknown timestep spacing {spacing!r}; choose {', '.join(SPACINGS)}")
+        if schedule != "default":
+            raise EmberError(
+                f"timestep spacing {spacing} applies to the default schedule, not {schedule}"
+            )
+    if sampler == "lcm" and params.steps > LCM_ORIGINAL_STEPS:
+        raise EmberError(
+            f"steps {params.steps} is not allowed with lcm: use 1 to {LCM_ORIGINAL_STEPS}"
+        )
+    return dataclasses.replace(params, sampler=sampler, schedule=schedule, timestep_spacing=spacing)
 
 
 def _label(name: str) -> str:
