@@ -89,6 +89,11 @@ def lora_dir() -> Path:
     return models_dir() / "Lora"
 
 
+def embeddings_dir() -> Path:
+    """The textual-inversion folder: an `embeddings` folder in the models folder."""
+    return models_dir() / "embeddings"
+
+
 def find_loras(folder: Path) -> dict[str, Path]:
     """name (file stem, as `<lora:NAME>` names it) -> `.safetensors` file, searched recursively."""
     if not folder.is_dir():

@@ -197,15 +197,80 @@ def is_v_prediction(model: torch.nn.Module, cfg: C.ModelConfig) -> bool:
 # loading
 
 
+# What a model file may recommend for generation (a sidecar `<file>.json`, or the JSON object under
+# `RECOMMENDED_KEY` in its metadata): few-step models such as SD-Turbo are made for one sampler,
+# step count, guidance scale and spacing, and for their own prediction type.
+RECOMMENDED_KEY = "ember_recommended"
+RECOMMENDED_FIELDS = {"prediction": str, "sampler": str, "steps": int, "cfg": (int, float),
+                      "timestep_spacing": str, "size": int}  # fmt: skip
+
+
+def read_recommendations(path: Path) -> dict:
+    """The generation settings a model recommends: its sidecar `.json` (beside a file, or
+    `ember.json` in a folder) over its metadata. Unknown keys and wrong types are an EmberError."""
+    sidecar = path / "ember.json" if path.is_dir() else path.with_suffix(".json")
+    data: dict = {}
+    if not path.is_dir():
+        raw = (check_safetensors(path).get("__metadata__") or {}).get(RECOMMENDED_KEY)
+        if raw:
+            data.update(_json_object(raw, f"{path.name}'s {RECOMMENDED_KEY} metadata"))
+    if sidecar.is_file():
+        data.update(_json_object(sidecar.read_text(), str(sidecar)))
+    for key, value in data.items():
+        kind = RECOMMENDED_FIELDS.get(key)
+        if kind is None:
+            raise EmberError(
+                f"{sidecar.name}: unknown setting {key!r}; use {', '.join(RECOMMENDED_FIELDS)}"
+            )
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise EmberError(f"{sidecar.name}: {key} {value!r} has the wrong type")
+    if data.get("prediction") not in (None, "eps", "v"):
+        raise EmberError(f"{sidecar.name}: prediction {data['prediction']!r}: use eps or v")
+    return data
+
+
+def _json_object(text: str, what: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise EmberError(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise EmberError(f"{what} must be a JSON object")
+    return data
+
+
+def _recommended(cfg: C.ModelConfig, rec: dict) -> C.ModelConfig:
+    """`cfg` with a model's recommended settings as its defaults."""
+    schedule = cfg.schedule
+    if "prediction" in rec:
+        schedule = dataclasses.replace(schedule, prediction=rec["prediction"])
+    return dataclasses.replace(
+        cfg,
+        schedule=schedule,
+        sampler=rec.get("sampler", cfg.sampler),
+        steps=rec.get("steps", cfg.steps),
+        guidance=float(rec["cfg"]) if "cfg" in rec else cfg.guidance,
+        size=rec.get("size", cfg.size),
+        timestep_spacing=rec.get("timestep_spacing", cfg.timestep_spacing),
+    )
+
+
 def load_model(
     path: str | Path,
     config: str | C.ModelConfig | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] | None = None,
+    prediction: str | None = None,
 ) -> LoadedModel:
-    """Load a single-file `.safetensors` or a diffusers folder into a strict `LatentDiffusion`."""
+    """Load a single-file `.safetensors` or a diffusers folder into a strict `LatentDiffusion`.
+
+    `prediction` ("eps" or "v") overrides what the file says or ember detects; the model's
+    recommended settings (`read_recommendations`) become its defaults.
+    """
     path = Path(path)
+    if prediction not in (None, "eps", "v"):
+        raise EmberError(f"prediction {prediction!r} is not allowed: use eps or v")
     if isinstance(config, str):
         try:
             config = C.get_preset(config)
@@ -231,15 +296,22 @@ def load_model(
         except (EmberError, ValueError) as exc:  # openclip_to_hf names stray text-model keys
             raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
+    from ember.diffusers_folder import read_tokenizer
     from ember.models.text import build_tokenizer
 
+    rec = read_recommendations(path)
+    if prediction is not None:
+        rec["prediction"] = prediction
+    cfg = _recommended(cfg, rec)
     note("building model")
     try:
-        tokenizer = build_tokenizer(cfg.text)  # refuses ids outside its vocabulary
+        # refuses ids outside its vocabulary; a folder brings its own tokenizer
+        tokenizer = read_tokenizer(path, cfg.text) if path.is_dir() else build_tokenizer(cfg.text)
         model = build_model(cfg, sd, dtype=dtype)
     except ValueError as exc:  # EmberError is a ValueError
         raise EmberError(f"{path.name}: {exc}") from None
-    if config is None and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
+    told = "prediction" in rec  # by the user, a sidecar or the metadata: no guessing
+    if config is None and not told and not path.is_dir() and CONFIG_KEY not in _metadata_of(path):
         if cfg.unet.context_dim == 1024 and cfg.schedule.prediction == "eps":
             if is_v_prediction(model, cfg):
                 cfg = dataclasses.replace(

@@ -51,6 +51,18 @@ def add_generate(sub) -> None:
         "--lora-dir", help="folder of LoRAs that --lora NAME and <lora:NAME:W> name "
         "(default: the Lora folder in the models folder, $EMBER_MODELS/Lora)",
     )  # fmt: skip
+    p.add_argument(
+        "--embeddings-dir", help="folder of textual-inversion embeddings, used by their file name "
+        "in a prompt (default: the embeddings folder in the models folder)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vae", help="a replacement VAE: a full SD VAE (.safetensors or diffusers folder) or "
+        "TAESD (the taesd_encoder/decoder pair or a diffusers AutoencoderTiny folder)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prediction", choices=["eps", "v"], help="what the model predicts, where detection or "
+        "its files say otherwise (e.g. SD-Turbo: eps although SD 2.1-shaped)",
+    )  # fmt: skip
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--mask", help="inpaint: white = repaint, black = keep (needs --init-image)")
     p.add_argument(
@@ -89,8 +101,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.strength is not None and not args.init_image:
         raise EmberError("--strength applies to img2img; pass --init-image too")
 
-    service = GenerationService(dtype, lora_dir=Path(args.lora_dir) if args.lora_dir else None)
-    loaded = load_with_progress(service, model_name, args.config, quiet=args.quiet)
+    vae = args.vae
+    if args.from_image and vae is None and source.vae_path:
+        vae = source.vae_path  # the same image again: the VAE it was decoded with
+    service = GenerationService(
+        dtype, lora_dir=_path(args.lora_dir), embeddings_dir=_path(args.embeddings_dir)
+    )
+    loaded = load_with_progress(
+        service, model_name, args.config, quiet=args.quiet, prediction=args.prediction, vae=vae
+    )
     if args.from_image and source.model_sha256 != loaded.sha256:
         print(
             f"ember: warning: model differs from the one recorded in {args.from_image}",
@@ -181,7 +200,11 @@ def _batch_paths(path: Path, batch: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(batch)]
 
 
-def load_with_progress(service, name: str | None, config: str | None, *, quiet: bool):
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def load_with_progress(service, name: str | None, config: str | None, *, quiet: bool, **options):
     """`service.load` of the model `name` (see `ember.catalog`), with a progress bar on stderr."""
     from ember.catalog import resolve_model_path
 
@@ -197,7 +220,7 @@ def load_with_progress(service, name: str | None, config: str | None, *, quiet: 
             bar.set_postfix_str(msg)
             bar.update(1)
 
-    loaded = service.load(path, config, progress=progress)
+    loaded = service.load(path, config, progress=progress, **options)
     if bar is not None:
         bar.close()
     return loaded

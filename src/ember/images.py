@@ -63,6 +63,11 @@ class ImageRecord:
     mask_sha256: str | None = None
     # each LoRA merged: {"name", "path", "sha256", "a1111_hash", "te_weight", "unet_weight"}
     loras: tuple[dict[str, Any], ...] = ()
+    # textual-inversion embeddings the prompts used: {"name", "path", "sha256", "a1111_hash"}
+    embeddings: tuple[dict[str, Any], ...] = ()
+    vae_name: str | None = None  # a replacement VAE (`--vae`), else the model's own
+    vae_path: str | None = None
+    vae_sha256: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -73,6 +78,7 @@ class ImageRecord:
         params = params_from_dict(data.pop("params"))
         names = {f.name for f in fields(ImageRecord)}
         data["loras"] = tuple(data.get("loras", ()))
+        data["embeddings"] = tuple(data.get("embeddings", ()))
         return ImageRecord(params=params, **{k: v for k, v in data.items() if k in names})
 
 
@@ -97,8 +103,13 @@ def format_infotext(record: ImageRecord) -> str:
         pairs["Layout guidance"] = _num(p.layout_guidance)
     if p.timestep_spacing and _schedule(p) != "sgm_uniform":
         pairs["Timestep spacing"] = p.timestep_spacing
+    if record.vae_name:
+        pairs["VAE hash"] = (record.vae_sha256 or "")[:10]
+        pairs["VAE"] = record.vae_name
     if record.loras:
         pairs["Lora hashes"] = ", ".join(f"{x['name']}: {x['a1111_hash']}" for x in record.loras)
+    if record.embeddings:
+        pairs["TI hashes"] = ", ".join(f"{x['name']}: {x['a1111_hash']}" for x in record.embeddings)
     pairs["Version"] = f"ember {record.ember_version}"
     lines = [p.prompt]
     if p.negative_prompt:

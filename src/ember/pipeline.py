@@ -260,11 +260,15 @@ def sample(
 
 
 @torch.no_grad()
-def decode_latents(loaded, latents: torch.Tensor) -> torch.Tensor:
-    """Stage 5: scaled latents -> (B, 3, H, W) float32 images in [0, 1]."""
-    vae = loaded.model.first_stage_model
-    z = (latents / loaded.config.vae.scaling_factor).to(loaded.dtype)
-    pixels = vae.decode(z).float()
+def decode_latents(loaded, latents: torch.Tensor, vae=None) -> torch.Tensor:
+    """Stage 5: scaled latents -> (B, 3, H, W) float32 images in [0, 1], by the model's VAE or
+    `vae` (a `vae_files.LoadedVAE`: e.g. TAESD for cheap previews)."""
+    if vae is None:
+        module, scaling = loaded.model.first_stage_model, loaded.config.vae.scaling_factor
+    else:
+        module, scaling = vae.module, vae.scaling_factor
+    z = (latents / scaling).to(loaded.dtype)
+    pixels = module.decode(z).float()
     return (pixels / 2 + 0.5).clamp(0, 1)
 
 

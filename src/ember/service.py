@@ -60,12 +60,28 @@ class GenerationService:
     """One model loaded at a time (reused while the same file is asked for), in one dtype, with
     the LoRAs of the current batch merged into it (unmerged when the next batch wants others)."""
 
-    def __init__(self, dtype: str = "auto", *, lora_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        dtype: str = "auto",
+        *,
+        lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
+        preview_vae: Path | None = None,
+    ) -> None:
+        from ember.catalog import embeddings_dir as default_embeddings_dir
         from ember.catalog import lora_dir as default_lora_dir
         from ember.device import resolve_dtype
 
         self.dtype = resolve_dtype(dtype)  # "auto" resolved once: records say which
         self.lora_dir = lora_dir if lora_dir is not None else default_lora_dir()
+        self.embeddings_dir = (
+            embeddings_dir if embeddings_dir is not None else default_embeddings_dir()
+        )
+        self.preview_vae_path = preview_vae
+        self._preview_vae = None  # (vae_files.LoadedVAE) decodes previews, e.g. TAESD
+        self._vae = None  # a replacement VAE in use (vae_files.LoadedVAE)
+        self._embeddings = None  # ember.embeddings.AppliedEmbeddings
+        self.embedding_errors: dict[str, str] = {}  # embeddings of the folder that cannot be read
         self._loaded = None
         self._key: tuple[str, str | None] | None = None
         self._merged = None  # the LoRAs merged into the loaded weights (ember.lora.MergedLoras)
@@ -79,19 +95,41 @@ class GenerationService:
             raise RuntimeError("no model loaded: call load() first")
         return self._loaded
 
-    def load(self, path: str | Path, config: str | None = None, *, progress=None):
+    def load(
+        self,
+        path: str | Path,
+        config: str | None = None,
+        *,
+        progress=None,
+        prediction: str | None = None,
+        vae: str | Path | None = None,
+    ):
         """Load the model at `path` (a `.safetensors` file or a diffusers folder), unless it is
-        the one already loaded."""
+        the one already loaded: `prediction` overrides its detected type, `vae` replaces its VAE
+        (a full SD VAE or TAESD), and the embeddings folder's embeddings join its vocabulary."""
         from ember.checkpoints import load_model
+        from ember.embeddings import apply_embeddings, read_embeddings
+        from ember.vae_files import apply_vae, load_vae
 
-        key = (str(Path(path).resolve()), config)
+        key = (str(Path(path).resolve()), config, prediction, str(vae) if vae else None)
         if self._loaded is not None and key == self._key:
             return self._loaded
-        self._loaded = self._key = self._merged = None  # free the old weights first
-        self._lora_key, self._lora_records = (), ()
-        self._loaded = load_model(path, config, dtype=self.dtype, progress=progress)
-        self._key = key
-        return self._loaded
+        self._loaded = self._key = self._merged = self._vae = self._embeddings = None
+        self._lora_key, self._lora_records = (), ()  # the old weights are freed first
+        loaded = load_model(
+            path, config, dtype=self.dtype, progress=progress, prediction=prediction
+        )
+        if vae is not None:
+            self._vae = load_vae(vae, loaded.dtype, base=loaded.config.vae)
+            apply_vae(loaded, self._vae)
+        if self.preview_vae_path is not None:
+            self._preview_vae = load_vae(
+                self.preview_vae_path, loaded.dtype, base=loaded.config.vae
+            )
+        found, self.embedding_errors = read_embeddings(self.embeddings_dir)
+        self._embeddings = apply_embeddings(loaded, found)
+        self._loaded, self._key = loaded, key
+        return loaded
 
     def use_loras(self, choices: tuple[LoraChoice, ...]) -> tuple[dict, ...]:
         """Merge exactly `choices` into the loaded model (unmerging any others first, which restores
@@ -146,19 +184,44 @@ class GenerationService:
                 return
             previews = None
             if preview_every and (i + 1) % preview_every == 0 and i + 1 < total:
-                previews = list(tensor_to_uint8(decode_latents(loaded, denoised)))
+                pixels = decode_latents(loaded, denoised, self._preview_vae)
+                previews = list(tensor_to_uint8(pixels))
             on_step(i + 1, total, previews)
 
         loras = self.use_loras(lora_selection(params[0]))
+        embeddings = [self._embeddings_used(p) for p in params]  # before any work: bad names
         outputs = generate_batch(loaded, params, inputs, callback=callback)
         return [
-            [GeneratedImage(pixels, self.record(p, r, n, loras))
+            [GeneratedImage(pixels, self.record(p, r, n, loras, used))
              for n, pixels in enumerate(tensor_to_uint8(images))]
-            for p, r, images in zip(params, requests, outputs, strict=True)
+            for p, r, images, used in zip(params, requests, outputs, embeddings, strict=True)
         ]  # fmt: skip
 
+    def _embeddings_used(self, params: GenerationParams) -> tuple[dict, ...]:
+        """The records of the embeddings a request's prompts name (EmberError for one that does
+        not fit the model)."""
+        from ember.embeddings import embeddings_used
+
+        if self._embeddings is None:
+            return ()
+        names = embeddings_used(params.prompt, self._embeddings)
+        names += [
+            n for n in embeddings_used(params.negative_prompt, self._embeddings) if n not in names
+        ]
+        found = self._embeddings.embeddings
+        return tuple(
+            {"name": n, "path": found[n].path, "sha256": found[n].sha256,
+             "a1111_hash": found[n].a1111_hash}
+            for n in names
+        )  # fmt: skip
+
     def record(
-        self, params: GenerationParams, request: Request, index: int, loras: tuple[dict, ...] = ()
+        self,
+        params: GenerationParams,
+        request: Request,
+        index: int,
+        loras: tuple[dict, ...] = (),
+        embeddings: tuple[dict, ...] = (),
     ) -> ImageRecord:
         """The record of image `index` of a request: its own seed, batch 1, the model's and the
         LoRAs' hashes, and the sha256 of the input pixels the pipeline used."""
@@ -182,6 +245,10 @@ class GenerationService:
             init_image_sha256=_sha(request.init_image),
             mask_sha256=_sha(request.mask),
             loras=loras,
+            embeddings=embeddings,
+            vae_name=self._vae.name if self._vae else None,
+            vae_path=str(self._key[3]) if self._vae else None,
+            vae_sha256=self._vae.sha256 if self._vae else None,
         )
 
 

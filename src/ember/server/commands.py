@@ -30,6 +30,15 @@ def add_serve(sub) -> None:
         "--lora-dir", help="folder of LoRAs that <lora:NAME:W> and the job API's loras name "
         "(default: the Lora folder in the models folder)",
     )  # fmt: skip
+    p.add_argument(
+        "--embeddings-dir", help="folder of textual-inversion embeddings (default: the "
+        "embeddings folder in the models folder)",
+    )  # fmt: skip
+    p.add_argument("--vae", help="a replacement VAE for every model (a full SD VAE or TAESD)")
+    p.add_argument(
+        "--preview-vae", help="decode live previews with this VAE, e.g. TAESD (default: the "
+        "model's own VAE)",
+    )  # fmt: skip
     p.add_argument("--data-dir", help=f"queue database and gallery (default {default_data_dir()})")
     p.add_argument(
         "--dtype",
@@ -114,11 +123,16 @@ def run_serve(args: argparse.Namespace) -> int:
     extra = Path(args.models_dir) if args.models_dir else models_dir()
     engine = ModelEngine(
         [extra] if extra.exists() else [], resolve_model_path(args.model), dtype=args.dtype,
-        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+        lora_dir=_path(args.lora_dir), embeddings_dir=_path(args.embeddings_dir),
+        vae=_path(args.vae), preview_vae=_path(args.preview_vae),
     )  # fmt: skip
     app = create_app(settings, engine)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def add_keys(sub) -> None:

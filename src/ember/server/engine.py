@@ -68,9 +68,15 @@ class ModelEngine:
         dtype: str = "fp32",
         preview_every: int = 4,
         lora_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
+        vae: Path | None = None,
+        preview_vae: Path | None = None,
     ) -> None:
         self._paths = model_paths
-        self._service = GenerationService(dtype, lora_dir=lora_dir)
+        self._vae = vae
+        self._service = GenerationService(
+            dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir, preview_vae=preview_vae
+        )
         self._loras = find_loras(self._service.lora_dir)
         self._preview_every = preview_every
         self._lock = threading.RLock()
@@ -83,7 +89,7 @@ class ModelEngine:
         self._load(chosen)
 
     def _load(self, info: ModelInfo) -> None:
-        self._service.load(info.path)
+        self._service.load(info.path, vae=self._vae)
         self._info = info
 
     def models(self) -> list[ModelInfo]:
