@@ -159,9 +159,13 @@ def read_lora(path: str | Path) -> LoraFile:
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip ("PK"), older ones a bare pickle (protocol 2+ starts with 0x80).
-    if path.suffix.lower() in _PICKLED or head.startswith((b"PK\x03\x04", b"\x80")):
+        head = f.read(9)
+    # A safetensors file is an 8-byte header length, then its JSON header: "{". Only then may
+    # its first byte be 0x80 (a length ending in 0x80), where a bare pickle starts with 0x80.
+    # torch.save writes a zip ("PK").
+    safetensors = len(head) == 9 and head[8:9] == b"{"
+    pickled = head.startswith((b"PK\x03\x04", b"\x80")) and not safetensors
+    if path.suffix.lower() in _PICKLED or pickled:
         raise EmberError(
             f"{path.name} is a pickled file, which can run arbitrary code when loaded; ember "
             f"reads LoRAs only as .safetensors. Convert it with: ember convert {path} "
