@@ -41,7 +41,9 @@ def kohya_lora(folder: Path, rank: int, out: Path, seed: int) -> Path:
         cols = weight.shape[1] * (weight[0, 0].numel() if weight.dim() == 4 else 1)
         shape_down = (rank, weight.shape[1], 1, 1) if weight.dim() == 4 else (rank, cols)
         shape_up = (weight.shape[0], rank, 1, 1) if weight.dim() == 4 else (weight.shape[0], rank)
-        tensors[f"{prefix}.lora_down.weight"] = (torch.randn(shape_down, generator=gen) * 0.01).half()
+        tensors[f"{prefix}.lora_down.weight"] = (
+            torch.randn(shape_down, generator=gen) * 0.01
+        ).half()
         tensors[f"{prefix}.lora_up.weight"] = (torch.randn(shape_up, generator=gen) * 0.01).half()
         tensors[f"{prefix}.alpha"] = torch.tensor(float(rank) / 2).half()
 
@@ -78,7 +80,9 @@ def main() -> None:
     from ember.settings import GenerationParams, LoraChoice
 
     folder = sd15_folder(a.cache)
-    loras = [kohya_lora(folder, a.rank, a.cache / f"lora-r{a.rank}-{s}.safetensors", s) for s in (1, 2)]
+    loras = [
+        kohya_lora(folder, a.rank, a.cache / f"lora-r{a.rank}-{s}.safetensors", s) for s in (1, 2)
+    ]
     mb = loras[0].stat().st_size / 2**20
 
     service = GenerationService("fp32", lora_dir=a.cache)

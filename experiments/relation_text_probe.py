@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from ember.config import MINILM  # noqa: E402
 from ember.data.shapes import COLOURS, RELATIONS, SHAPES, ObjectSpec, SceneSpec, describe  # noqa: E402
-from ember.models.text import build_minilm_tokenizer, load_minilm_pretrained  # noqa: E402
+from ember.models.text import load_minilm_pretrained  # noqa: E402
+from ember.models.tokenizer import build_minilm_tokenizer  # noqa: E402
 
 SIDES = {"left of": ("left", "right"), "right of": ("right", "left"),
          "above": ("top", "bottom"), "below": ("bottom", "top")}  # fmt: skip

@@ -25,7 +25,8 @@ def build_diffusers_folder(folder, preset: str, *, seed: int = 0):
 
     from ember import keymaps
     from ember.config import get_preset
-    from ember.models.text import build_tokenizer, text_config_to_hf
+    from ember.models.text import text_config_to_hf
+    from ember.models.tokenizer import build_tokenizer
 
     cfg = get_preset(preset)
     torch.manual_seed(seed)

@@ -127,7 +127,8 @@ def make_tiny_model(path: Path) -> Path:
     from ember.checkpoints import LoadedModel, save_single_file
     from ember.config import get_preset
     from ember.models.ldm import LatentDiffusion
-    from ember.models.text import build_text_encoder, build_tokenizer
+    from ember.models.text import build_text_encoder
+    from ember.models.tokenizer import build_tokenizer
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)

@@ -302,12 +302,6 @@ def test_embedding_of_another_width_named_in_the_prompt(capsys, tmp_path, cli):
     assert "wideemb" in err and "768" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GenerationService keeps the folder's unreadable embeddings in `embedding_errors` but "
-    "never consults them: naming one in a prompt is silently plain text (a wrong-width one is an "
-    "error)",
-)
 def test_unreadable_embedding_named_in_the_prompt(capsys, tmp_path, cli):
     folder = tmp_path / "emb"
     folder.mkdir()

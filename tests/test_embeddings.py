@@ -27,7 +27,7 @@ from ember.embeddings import (
     read_embeddings,
 )
 from ember.errors import EmberError
-from ember.models.text import build_tokenizer
+from ember.models.tokenizer import build_tokenizer
 from ember.settings import GenerationParams
 
 diffusers = pytest.importorskip("diffusers")
@@ -238,7 +238,7 @@ WORDS = ["a", "red", "circle", "left", "of", "blue", "square", "blurry", "photo"
 def write_tiny_vocabulary(folder):
     """A CLIP-style BPE vocabulary of a few hundred tokens, in an order unlike CLIP's: letters,
     letters with </w>, one merge chain per word, then the specials."""
-    from ember.models.text import bytes_to_unicode
+    from ember.models.tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>", *reversed(chars), *(c + "</w>" for c in chars)]

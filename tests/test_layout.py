@@ -18,7 +18,7 @@ from ember.diffusion.layout import (
     record_attention,
 )
 from ember.errors import EmberError
-from ember.models.text import build_clip_tokenizer
+from ember.models.tokenizer import build_clip_tokenizer
 from ember.pipeline import generate
 from ember.prompts import layout_from_prompt
 from ember.settings import GenerationParams

@@ -61,7 +61,7 @@ def sdxl_folder(tmp_path_factory):
     import diffusers
 
     from ember.config import get_preset
-    from ember.models.text import build_tokenizer
+    from ember.models.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -112,7 +112,7 @@ def sdxl_folder(tmp_path_factory):
 def bert_tokenizer_folder(tmp_path_factory, sd1_folder):
     """An SD 1.x-shaped diffusers folder whose text model and tokenizer are BERT-vocabulary ones:
     a CLIP text encoder with BERT's 30522-token vocabulary and a BertTokenizer beside it."""
-    from ember.models.text import build_minilm_tokenizer
+    from ember.models.tokenizer import build_minilm_tokenizer
 
     folder = tmp_path_factory.mktemp("bert") / "bert-tokenizer"
     shutil.copytree(sd1_folder, folder)

@@ -24,16 +24,13 @@ from ember.models.text import (
     OPENCLIP_EXTRA_KEYS,
     ClipTextEncoder,
     build_text_encoder,
-    build_tokenizer,
-    bytes_to_unicode,
     hf_to_openclip,
-    load_clip_bpe,
     load_minilm_pretrained,
-    minilm_path,
     openclip_to_hf,
     text_config_from_hf,
     text_config_to_hf,
 )
+from ember.models.tokenizer import build_tokenizer, bytes_to_unicode, load_clip_bpe, minilm_path
 from ember.prompts import (
     encode_prompt,
     encode_prompts,

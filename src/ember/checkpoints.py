@@ -297,7 +297,7 @@ def load_model(
             raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
     from ember.diffusers_folder import read_tokenizer
-    from ember.models.text import build_tokenizer
+    from ember.models.tokenizer import build_tokenizer
 
     rec = read_recommendations(path)
     if prediction is not None:

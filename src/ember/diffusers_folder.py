@@ -168,7 +168,7 @@ def read_tokenizer(folder: Path, text_cfg: C.TextConfig):
     """The tokenizer of a diffusers folder's text encoder (`text_cfg` as `inspect_diffusers` gives
     it): the folder's own CLIP-style BPE tokenizer where it is not CLIP's, else ember's built-in one
     (`ember.models.text.build_tokenizer`), which gives the same ids for CLIP's vocabulary."""
-    from ember.models.text import build_clip_tokenizer_from_folder, build_tokenizer
+    from ember.models.tokenizer import build_clip_tokenizer_from_folder, build_tokenizer
 
     try:
         if text_cfg.kind == "clip" and _has_own_tokenizer(folder):
@@ -184,7 +184,7 @@ def _has_own_tokenizer(folder: Path) -> bool:
     Raises EmberError for tokenizer files that are not a BPE tokenizer's. A folder without
     tokenizer files is taken to use CLIP's (as ember's own folders of older versions).
     """
-    from ember.models.text import CLIP_BOS, CLIP_EOS, load_clip_bpe
+    from ember.models.tokenizer import CLIP_BOS, CLIP_EOS, load_clip_bpe
 
     tok = folder / "tokenizer"
     full = _read_json(tok / "tokenizer.json", {})

@@ -182,12 +182,16 @@ def _infotext_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
-def apply_embeddings(loaded, embeddings: list[Embedding]) -> AppliedEmbeddings:
+def apply_embeddings(
+    loaded, embeddings: list[Embedding], unreadable: dict[str, str] | None = None
+) -> AppliedEmbeddings:
     """Add `embeddings` to `loaded` (a `checkpoints.LoadedModel`): each becomes `n_vectors` new
     rows of the text encoder's token table and its name encodes to their ids.
 
     Embeddings whose width is not the encoder's are left out and listed in `skipped`. A name that
-    tokenises as an earlier one does is skipped too (A1111 keeps one of the two as well).
+    tokenises as an earlier one does is skipped too (A1111 keeps one of the two as well). The
+    `unreadable` files of the folder (name -> why) are listed in `skipped` as well, so a prompt
+    that names one is an error rather than its name read as words.
     """
     tokenizer = loaded.tokenizer
     table = loaded.model.cond_stage_model.token_embedding()
@@ -215,6 +219,11 @@ def apply_embeddings(loaded, embeddings: list[Embedding]) -> AppliedEmbeddings:
         tokenizer.add_word(emb.name, ids)
         kept[emb.name] = emb
         new_rows.append(emb.vectors)
+    for name, why in (unreadable or {}).items():
+        pattern = tuple(tokenizer.encode_plain(name))
+        if pattern and pattern not in patterns and pattern not in taken:
+            patterns[pattern] = name
+            skipped[name] = f"embedding {name} cannot be used: {why}"
     after = before
     if new_rows:
         extra = torch.cat(new_rows).to(device=before.device, dtype=before.dtype)
@@ -235,7 +244,7 @@ def embeddings_used(text: str, applied: AppliedEmbeddings) -> list[str]:
     The prompt is read as the encoder reads it: extra-network tags dropped, each emphasis run
     tokenised on its own. Naming a skipped embedding (e.g. of another width) is an EmberError.
     """
-    from ember.models.text import find_words
+    from ember.models.tokenizer import find_words
     from ember.prompts import BREAK, BREAK_WEIGHT, parse_prompt_attention, strip_extra_networks
 
     used: list[str] = []

@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 from ember.diffusion.layout import Box, Count, Region
-from ember.models.text import TextEncoder, Tokenizer
+from ember.models.text import TextEncoder
+from ember.models.tokenizer import Tokenizer
 
 BREAK = "BREAK"
 BREAK_WEIGHT = -1.0  # marker weight of a BREAK entry, as in A1111's parse output

@@ -127,7 +127,7 @@ class GenerationService:
                 self.preview_vae_path, loaded.dtype, base=loaded.config.vae
             )
         found, self.embedding_errors = read_embeddings(self.embeddings_dir)
-        self._embeddings = apply_embeddings(loaded, found)
+        self._embeddings = apply_embeddings(loaded, found, self.embedding_errors)
         self._loaded, self._key = loaded, key
         return loaded
 

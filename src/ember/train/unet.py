@@ -26,7 +26,8 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.diffusion.losses import DiffusionLoss
 from ember.files import sha256_file, write_atomic
-from ember.models.text import build_text_encoder, build_tokenizer, load_minilm_pretrained
+from ember.models.text import build_text_encoder, load_minilm_pretrained
+from ember.models.tokenizer import build_tokenizer
 from ember.models.unet import UNetModel
 from ember.train.config import TrainConfig
 from ember.train.data import TrainData, to_pixels
