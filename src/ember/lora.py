@@ -597,11 +597,12 @@ def merge_loras(loaded, selections: list[tuple[LoraFile, float, float]]) -> Merg
             name = step.path + ".weight"
             param = params[name]
             originals.setdefault(name, param.detach().clone())
-            base = param.float()
-            delta = compute_delta(step.adapter, param.shape)
+            delta = compute_delta(step.adapter, param.shape)  # fp32
             if step.dora is not None:
-                delta = apply_dora(base, delta, *step.dora)
-            param.copy_((base + step.weight * delta).to(param.dtype))
+                delta = apply_dora(param.float(), delta, *step.dora)
+            # W + w * delta in fp32 (a bf16 W is promoted), rounded once to the weight's dtype:
+            # one fp32 temporary per weight, not three.
+            param.copy_(torch.add(param, delta, alpha=step.weight))
             if "diff_b" in step.adapter.tensors:
                 bias_name = step.path + ".bias"
                 bias = params[bias_name]
