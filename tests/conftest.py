@@ -88,3 +88,9 @@ def tiny_model_file(tmp_path_factory):
     sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
     save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json(), "format": "pt"})
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ember_config(tmp_path_factory):
+    """Content Credentials' local signing chain goes to a test folder, never the user's."""
+    os.environ["EMBER_CONFIG"] = str(tmp_path_factory.mktemp("ember-config"))

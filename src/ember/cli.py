@@ -32,6 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_generate(sub) -> None:
+    from ember.provenance import add_provenance_args
     from ember.settings import add_generation_args
 
     p = sub.add_parser(
@@ -74,6 +75,7 @@ def add_generate(sub) -> None:
     p.add_argument("--from", dest="from_image", help="regenerate the image recorded in this PNG")
     p.add_argument("-o", "--output", help="output PNG (a batch writes OUT-0.png, OUT-1.png, ...)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_provenance_args(p)
     p.set_defaults(run=run_generate)
 
 
@@ -82,6 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ember import images as I
+    from ember import provenance as P
     from ember.service import GenerationService, Request
     from ember.settings import GenerationParams, params_from_args
 
@@ -101,6 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.strength is not None and not args.init_image:
         raise EmberError("--strength applies to img2img; pass --init-image too")
 
+    provenance = P.provenance_from_args(args)
     vae = args.vae
     if args.from_image and vae is None and source.vae_path:
         vae = source.vae_path  # the same image again: the VAE it was decoded with
@@ -159,7 +163,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     for image, path in zip(images, outputs, strict=True):
-        I.write_png(path, image.pixels, image.record)
+        I.write_png(path, image.pixels, image.record, provenance, image.inputs)
         print(path)
     if not args.quiet:
         print(
@@ -231,9 +235,13 @@ def load_with_progress(service, name: str | None, config: str | None, *, quiet: 
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="show the generation record of a PNG")
+    p = sub.add_parser("info", help="show the generation record and provenance of a PNG")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the full ember record as JSON")
+    p.add_argument(
+        "--provenance", action="store_true", help="follow the image to its model's file and "
+        "model card: licences and attributions of what the model was trained on",
+    )  # fmt: skip
     p.set_defaults(run=run_info)
 
 
@@ -241,20 +249,88 @@ def run_info(args: argparse.Namespace) -> int:
     from ember import images as I
 
     text = I.read_png_text(args.image)
-    if I.RECORD_KEY not in text and I.INFOTEXT_KEY not in text:
-        raise EmberError(f"{args.image} has no generation record")
     if args.json:
+        if I.RECORD_KEY not in text:
+            raise EmberError(f"{args.image} has no ember generation record")
         print(json.dumps(json.loads(text[I.RECORD_KEY]), indent=2, sort_keys=True))
         return 0
     if I.INFOTEXT_KEY in text:
         print(text[I.INFOTEXT_KEY])
-    if I.RECORD_KEY in text:
-        rec = json.loads(text[I.RECORD_KEY])
+    rec = json.loads(text[I.RECORD_KEY]) if I.RECORD_KEY in text else None
+    if rec is not None:
         print()
         for key in ("model_path", "model_sha256", "mode", "dtype", "device", "ember_version",
                     "torch_version"):  # fmt: skip
             print(f"{key}: {rec.get(key)}")
+    print()
+    report = print_provenance(Path(args.image), text)
+    if args.provenance:
+        print()
+        print_model_provenance(rec, report)
     return 0
+
+
+def print_provenance(path: Path, text: dict[str, str]):
+    """Credentials (valid / tampered / absent), the digital source type, the watermark."""
+    from ember import images as I
+    from ember import provenance as P
+
+    report = P.read_credentials(path.read_bytes())
+    line = f"credentials: {report.state}"
+    if report.state == "valid":
+        line += " (signed by " + _signer(report.manifest) + ")"
+    elif report.failures:
+        line += " (" + ", ".join(report.failures) + ")"
+    print(line)
+    source = report.source_type or P.xmp_source_type(text.get(P.XMP_KEY))
+    print(f"digital source type: {source or 'not stated'}")
+    found = P.find_watermark(I.load_image(path))
+    shown = {True: "found", False: "not found", None: "none (image under 256x256)"}[found]
+    print(f"watermark: {shown}")
+    return report
+
+
+def _signer(manifest: dict) -> str:
+    info = manifest.get("signature_info", {})
+    return info.get("common_name") or info.get("issuer") or "unknown"
+
+
+def print_model_provenance(rec: dict | None, report) -> None:
+    """image -> model hash -> model file in the models folder -> its model card."""
+    from ember import provenance as P
+    from ember.catalog import find_models, models_dir
+
+    sha = (rec or {}).get("model_sha256") or report.model.get("sha256")
+    if not sha:
+        print("model: the image names no model")
+        return
+    print(f"model sha256: {sha}")
+    folder = models_dir()
+    paths = [folder] if folder.exists() else []
+    recorded = Path((rec or {}).get("model_path") or "")
+    if recorded.exists():
+        paths.append(recorded)
+    match = next((m for m in find_models(paths) if m.sha256 == sha), None)
+    if match is None:
+        print(f"model file: not found in {folder} (or at the recorded path)")
+        signed = report.model
+        if signed.get("licences"):
+            print("licences (from the credentials): " + ", ".join(signed["licences"]))
+        return
+    print(f"model file: {match.path}")
+    card = P.read_model_card(match.path)
+    if card is None:
+        print(f"model card: none: {match.path} carries no licence record ({P.MODEL_CARD})")
+        return
+    summary = P.card_licences(card)
+    print(f"model card: {P.find_model_card(match.path)}")
+    if summary.get("card_sha256") and summary["card_sha256"] != sha:
+        print("  warning: the card describes another file (sha256 differs)")
+    print("  licences: " + (", ".join(summary["licences"]) or "none recorded"))
+    for a in summary["attributions"]:
+        print(f"  attribution: {a}")
+    if summary.get("text_encoder"):
+        print(f"  text encoder: {summary['text_encoder']}")
 
 
 def add_models(sub) -> None:

@@ -2,21 +2,28 @@
 
 Each PNG holds two text chunks:
 - `parameters`: the A1111 infotext, so every existing PNG-info reader shows the settings;
-- `ember`: a JSON record with everything needed to regenerate the image byte for byte.
-PNG writing uses no timestamps or other varying chunks, so the same pixels and record give the same bytes.
+- `ember`: a JSON record with everything needed to regenerate the image's pixels exactly.
+PNG writing uses no timestamps or other varying chunks, so the same pixels and record give the same
+bytes, unless the image carries Content Credentials (`ember.provenance`): their signature and
+manifest id differ on every signing, while the pixels and record stay the same.
+
+The record describes the pixels the model made. The watermark is part of encoding, applied after
+the record is made (the record says whether it was): it is deterministic, so `--from` still gives
+the same file pixels, and the model's own output stays comparable across versions.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ember import provenance as P
 from ember.errors import EmberError
 from ember.files import write_atomic
 from ember.settings import GenerationParams, params_from_dict
@@ -68,6 +75,9 @@ class ImageRecord:
     vae_name: str | None = None  # a replacement VAE (`--vae`), else the model's own
     vae_path: str | None = None
     vae_sha256: str | None = None
+    # what the file carries beyond pixels and record (set when it is encoded; see png_bytes)
+    credentials: bool = False  # a signed C2PA manifest and the XMP DigitalSourceType
+    watermark: bool = False  # ember's invisible watermark in the pixels
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -146,20 +156,67 @@ def uint8_to_tensor(pixels: np.ndarray):
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
-def png_bytes(pixels: np.ndarray, record: ImageRecord | None = None) -> bytes:
-    """Encode one (H, W, 3) uint8 image as PNG with the record's text chunks."""
+def png_bytes(
+    pixels: np.ndarray,
+    record: ImageRecord | None = None,
+    provenance: P.Provenance = P.ON,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """Encode one (H, W, 3) uint8 image as PNG with the record's text chunks and, for an image with
+    a record, the provenance marks `provenance` asks for. `inputs` ({title: (H, W, C) uint8}): the
+    images a request put in (init image, mask), listed in the credentials as ingredients."""
+    if record is None:
+        return _encode(pixels, PngImagePlugin.PngInfo())
+    record = marked_record(record, pixels, provenance)
+    if record.watermark:
+        pixels = P.add_watermark(pixels)
     info = PngImagePlugin.PngInfo()
-    if record is not None:
-        info.add_text(INFOTEXT_KEY, format_infotext(record))
-        info.add_itxt(RECORD_KEY, record.to_json())
+    info.add_text(INFOTEXT_KEY, format_infotext(record))
+    info.add_itxt(RECORD_KEY, record.to_json())
+    if not provenance.credentials:
+        return _encode(pixels, info)
+    info.add_itxt(P.XMP_KEY, P.xmp_packet())
+    claim = P.Claim(
+        title=f"ember {record.mode}, seed {record.params.seed}",
+        software_version=record.ember_version,
+        model_name=record.model_name,
+        model_sha256=record.model_sha256,
+        model_path=record.model_path,
+        mode=record.mode,
+        ingredients=tuple(
+            (k, _encode(v, PngImagePlugin.PngInfo())) for k, v in (inputs or {}).items()
+        ),
+    )
+    return P.sign_png(_encode(pixels, info), claim, provenance)
+
+
+def marked_record(record: ImageRecord, pixels: np.ndarray, provenance: P.Provenance) -> ImageRecord:
+    """The record as `png_bytes` writes it: saying whether the file carries credentials and a
+    watermark."""
+    watermark = provenance.watermark and P.can_watermark(pixels)
+    return replace(record, credentials=provenance.credentials, watermark=watermark)
+
+
+def _encode(pixels: np.ndarray, info: PngImagePlugin.PngInfo) -> bytes:
+    image = (
+        Image.fromarray(pixels[:, :, 0], "L")
+        if pixels.shape[2] == 1
+        else Image.fromarray(pixels, "RGB")
+    )
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=6)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=6)
     return buf.getvalue()
 
 
-def write_png(path: str | Path, pixels: np.ndarray, record: ImageRecord | None = None) -> Path:
+def write_png(
+    path: str | Path,
+    pixels: np.ndarray,
+    record: ImageRecord | None = None,
+    provenance: P.Provenance = P.ON,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write atomically: a half-written PNG never takes the place of a good one."""
-    return write_atomic(path, png_bytes(pixels, record))
+    return write_atomic(path, png_bytes(pixels, record, provenance, inputs))
 
 
 def read_png_text(source: str | Path | bytes) -> dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ember.catalog import resolve_lora_path
 from ember.images import ImageRecord, png_bytes, tensor_to_uint8, uint8_to_tensor
+from ember.provenance import ON, Provenance
 from ember.settings import (
     ENGINE_LIMITS,
     GenerationParams,
@@ -51,9 +52,10 @@ class Request:
 class GeneratedImage:
     pixels: np.ndarray  # (H, W, 3) uint8
     record: ImageRecord
+    inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # init image, mask
 
-    def png(self) -> bytes:
-        return png_bytes(self.pixels, self.record)
+    def png(self, provenance: Provenance = ON) -> bytes:
+        return png_bytes(self.pixels, self.record, provenance, self.inputs)
 
 
 class GenerationService:
@@ -192,7 +194,7 @@ class GenerationService:
         embeddings = [self._embeddings_used(p) for p in params]  # before any work: bad names
         outputs = generate_batch(loaded, params, inputs, callback=callback)
         return [
-            [GeneratedImage(pixels, self.record(p, r, n, loras, used))
+            [GeneratedImage(pixels, self.record(p, r, n, loras, used), _inputs(r))
              for n, pixels in enumerate(tensor_to_uint8(images))]
             for p, r, images, used in zip(params, requests, outputs, embeddings, strict=True)
         ]  # fmt: skip
@@ -250,6 +252,11 @@ class GenerationService:
             vae_path=str(self._key[3]) if self._vae else None,
             vae_sha256=self._vae.sha256 if self._vae else None,
         )
+
+
+def _inputs(request: Request) -> dict[str, np.ndarray]:
+    named = {"init image": request.init_image, "mask": request.mask}
+    return {k: v for k, v in named.items() if v is not None}
 
 
 def _tensor(pixels: np.ndarray | None):

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ember.catalog import lookup
 from ember.errors import EmberError
 from ember.images import image_array
+from ember.provenance import Provenance
 from ember.server import a1111
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed
 from ember.server.engine import Engine
@@ -58,6 +59,7 @@ class Settings:
     batch_window: float = 0.05
     max_batch_images: int = 8
     options: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance = Provenance()  # what every image carries (`ember.provenance`)
 
 
 class ServiceUnavailable(Exception):
@@ -83,6 +85,7 @@ class Server:
         self.worker = Worker(
             self.store, engine, self.broker, batching=settings.batching,
             batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
+            provenance=settings.provenance,
         )  # fmt: skip
         self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst)
         self.options: dict[str, Any] = dict(settings.options)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.provenance import add_provenance_args, provenance_from_args
 from ember.settings import SERVER_LIMITS
 
 
@@ -61,6 +62,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=SERVER_LIMITS.max_batch,
                    help="images per request and per U-Net batch (default %(default)s)")  # fmt: skip
     p.add_argument("--no-batching", action="store_true", help="one request per U-Net batch")
+    add_provenance_args(p)
     p.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps,
                    help="per-request steps limit (default %(default)s)")  # fmt: skip
     p.add_argument("--max-pixels", type=int, default=SERVER_LIMITS.max_pixels,
@@ -107,6 +109,7 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
         rate_per_minute=args.rate_limit,
         batching=not args.no_batching,
         max_batch_images=args.max_batch,
+        provenance=provenance_from_args(args),
     )
 
 

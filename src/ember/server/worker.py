@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from ember.errors import EmberError
-from ember.images import format_infotext, image_array, png_bytes
+from ember.images import format_infotext, image_array, marked_record, png_bytes
+from ember.provenance import ON, Provenance
 from ember.server.engine import Engine, WorkItem
 from ember.server.jobs import ImageRow, Job, Store, new_id
 from ember.service import GeneratedImage
@@ -117,8 +118,10 @@ class Worker:
         batching: bool = True,
         batch_window: float = 0.05,
         max_batch_images: int = 8,
+        provenance: Provenance = ON,
     ) -> None:
         self.store, self.engine, self.broker = store, engine, broker
+        self.provenance = provenance
         self.batching = batching
         self.batch_window = batch_window
         self.max_batch_images = max_batch_images
@@ -284,13 +287,13 @@ class Worker:
         rows = []
         now = time.time()
         for index, image in enumerate(images):
-            record = image.record
+            record = marked_record(image.record, image.pixels, self.provenance)
             row = ImageRow(
                 id=new_id(), job_id=item.job_id, idx=index, width=int(image.pixels.shape[1]),
                 height=int(image.pixels.shape[0]), seed=record.params.seed,
                 infotext=format_infotext(record), record=_record_dict(record), created=now,
             )  # fmt: skip
-            rows.append((row, image.png()))
+            rows.append((row, image.png(self.provenance)))
         if self.store.complete(item.job_id, rows):
             self.images_made += len(rows)
             self.broker.publish(item.job_id, {"type": "done", "images": [r.id for r, _ in rows]})
