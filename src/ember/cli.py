@@ -271,8 +271,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def print_provenance(path: Path, text: dict[str, str]):
-    """Credentials (valid / tampered / absent), the digital source type, the watermark."""
-    from ember import images as I
+    """Credentials (valid / tampered / absent) and the digital source type."""
     from ember import provenance as P
 
     report = P.read_credentials(path.read_bytes())
@@ -284,9 +283,6 @@ def print_provenance(path: Path, text: dict[str, str]):
     print(line)
     source = report.source_type or P.xmp_source_type(text.get(P.XMP_KEY))
     print(f"digital source type: {source or 'not stated'}")
-    found = P.find_watermark(I.load_image(path))
-    shown = {True: "found", False: "not found", None: "none (image under 256x256)"}[found]
-    print(f"watermark: {shown}")
     return report
 
 

@@ -6,10 +6,6 @@ Each PNG holds two text chunks:
 PNG writing uses no timestamps or other varying chunks, so the same pixels and record give the same
 bytes, unless the image carries Content Credentials (`ember.provenance`): their signature and
 manifest id differ on every signing, while the pixels and record stay the same.
-
-The record describes the pixels the model made. The watermark is part of encoding, applied after
-the record is made (the record says whether it was): it is deterministic, so `--from` still gives
-the same file pixels, and the model's own output stays comparable across versions.
 """
 
 from __future__ import annotations
@@ -77,7 +73,6 @@ class ImageRecord:
     vae_sha256: str | None = None
     # what the file carries beyond pixels and record (set when it is encoded; see png_bytes)
     credentials: bool = False  # a signed C2PA manifest and the XMP DigitalSourceType
-    watermark: bool = False  # ember's invisible watermark in the pixels
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -167,9 +162,7 @@ def png_bytes(
     images a request put in (init image, mask), listed in the credentials as ingredients."""
     if record is None:
         return _encode(pixels, PngImagePlugin.PngInfo())
-    record = marked_record(record, pixels, provenance)
-    if record.watermark:
-        pixels = P.add_watermark(pixels)
+    record = marked_record(record, provenance)
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_KEY, format_infotext(record))
     info.add_itxt(RECORD_KEY, record.to_json())
@@ -190,11 +183,9 @@ def png_bytes(
     return P.sign_png(_encode(pixels, info), claim, provenance)
 
 
-def marked_record(record: ImageRecord, pixels: np.ndarray, provenance: P.Provenance) -> ImageRecord:
-    """The record as `png_bytes` writes it: saying whether the file carries credentials and a
-    watermark."""
-    watermark = provenance.watermark and P.can_watermark(pixels)
-    return replace(record, credentials=provenance.credentials, watermark=watermark)
+def marked_record(record: ImageRecord, provenance: P.Provenance) -> ImageRecord:
+    """The record as `png_bytes` writes it: saying whether the file carries credentials."""
+    return replace(record, credentials=provenance.credentials)
 
 
 def _encode(pixels: np.ndarray, info: PngImagePlugin.PngInfo) -> bytes:

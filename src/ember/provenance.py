@@ -1,14 +1,12 @@
 """Provenance: every image says it was generated, by which model, trained on what (issue 40).
 
-Three marks, each readable by tools that know nothing of ember:
+Two marks, each readable by tools that know nothing of ember:
 - Content Credentials (C2PA 2.x, through `c2pa-python`): a signed manifest in the PNG with a
   `c2pa.created` action whose digitalSourceType is IPTC's `trainedAlgorithmicMedia`, the software
   (ember and its version), the model (name, sha256, and the licences and attributions of its model
   card) and, for img2img and inpainting, the input image as an ingredient. The manifest hashes the
   whole file, so any edit (one pixel) makes it read as tampered.
 - IPTC's DigitalSourceType in the PNG's XMP, for readers of plain metadata.
-- An invisible DWT-DCT watermark (`invisible-watermark`) in the pixels, which survives a copy that
-  strips all metadata. It needs at least 256x256 pixels; smaller images go without it.
 
 Signing uses the user's certificate chain and key (`--c2pa-cert`/`--c2pa-key`), else a local ES256
 chain (a root CA and a leaf) that ember makes once in its config folder. Readers then report the
@@ -27,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ember.errors import EmberError
 from ember.files import write_atomic
 
@@ -36,8 +32,6 @@ DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlg
 XMP_KEY = "XML:com.adobe.xmp"  # the iTXt keyword Adobe's XMP spec (part 3) gives PNG
 MODEL_CARD = "model_card.json"
 UNTRUSTED = "signingCredential.untrusted"  # a local or self-made chain: no trust list names it
-WATERMARK = b"EMBR"  # 32 bits, DWT-DCT in the luma channel
-WATERMARK_MIN_PIXELS = 256 * 256  # invisible-watermark refuses smaller images
 
 
 @dataclass(frozen=True)
@@ -45,13 +39,12 @@ class Provenance:
     """What an encoded PNG carries beyond its pixels and record."""
 
     credentials: bool = True  # C2PA manifest and XMP
-    watermark: bool = True
     cert: Path | None = None  # PEM chain, leaf first; None: the local chain
     key: Path | None = None  # PEM private key of the leaf
 
 
-ON = Provenance()  # the default: every image carries all three marks
-OFF = Provenance(credentials=False, watermark=False)
+ON = Provenance()  # the default: every image carries both marks
+OFF = Provenance(credentials=False)
 
 
 @dataclass(frozen=True)
@@ -96,11 +89,6 @@ def add_provenance_args(p) -> None:
         help="no signed Content Credentials (C2PA) or XMP source type in the PNGs",
     )
     p.add_argument(
-        "--no-watermark",
-        action="store_true",
-        help="no invisible watermark in the pixels (it needs at least 256x256)",
-    )
-    p.add_argument(
         "--c2pa-cert",
         help="PEM certificate chain to sign Content Credentials with "
         "(default: a local chain made in $EMBER_CONFIG or ~/.config/ember)",
@@ -112,7 +100,7 @@ def provenance_from_args(args) -> Provenance:
     if bool(args.c2pa_cert) != bool(args.c2pa_key):
         raise EmberError("--c2pa-cert and --c2pa-key go together: give both or neither")
     return Provenance(
-        credentials=not args.no_credentials, watermark=not args.no_watermark,
+        credentials=not args.no_credentials,
         cert=Path(args.c2pa_cert) if args.c2pa_cert else None,
         key=Path(args.c2pa_key) if args.c2pa_key else None,
     )  # fmt: skip
@@ -350,36 +338,3 @@ def xmp_source_type(xmp: str | None) -> str | None:
 
     found = re.search(r"<Iptc4xmpExt:DigitalSourceType>([^<]*)<", xmp or "")
     return found.group(1) if found else None
-
-
-# ---------------------------------------------------------------------------------------------
-# watermark
-
-
-def can_watermark(pixels: np.ndarray) -> bool:
-    return pixels.shape[0] * pixels.shape[1] >= WATERMARK_MIN_PIXELS
-
-
-def add_watermark(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with ember's DWT-DCT watermark (deterministic: same pixels in, same
-    pixels out). The caller checks `can_watermark` first."""
-    from imwatermark import WatermarkEncoder
-
-    encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", WATERMARK)
-    # the library works on OpenCV's BGR, and in float: given uint8 it writes the changed
-    # coefficients back into a uint8 array, wrapping values past 0 or 255
-    bgr = np.ascontiguousarray(pixels[:, :, ::-1], dtype=np.float32)
-    marked = encoder.encode(bgr, "dwtDct")[:, :, ::-1]
-    return np.ascontiguousarray(np.clip(marked, 0, 255).round().astype(np.uint8))
-
-
-def find_watermark(pixels: np.ndarray) -> bool | None:
-    """True if ember's watermark is in the pixels, False if not, None if too small to carry one."""
-    if not can_watermark(pixels):
-        return None
-    from imwatermark import WatermarkDecoder
-
-    decoder = WatermarkDecoder("bytes", len(WATERMARK) * 8)
-    bgr = np.ascontiguousarray(pixels[:, :, ::-1])
-    return decoder.decode(bgr, "dwtDct") == WATERMARK

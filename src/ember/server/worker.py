@@ -287,7 +287,7 @@ class Worker:
         rows = []
         now = time.time()
         for index, image in enumerate(images):
-            record = marked_record(image.record, image.pixels, self.provenance)
+            record = marked_record(image.record, self.provenance)
             row = ImageRow(
                 id=new_id(), job_id=item.job_id, idx=index, width=int(image.pixels.shape[1]),
                 height=int(image.pixels.shape[0]), seed=record.params.seed,
