@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_generate(sub) -> None:
     from ember.provenance import add_provenance_args
-    from ember.settings import add_generation_args
+    from ember.settings import add_addon_dirs, add_generation_args
 
     p = sub.add_parser(
         "generate",
@@ -48,14 +48,7 @@ def add_generate(sub) -> None:
         "--model", help="a .safetensors file or diffusers folder (default: bundled model)"
     )
     p.add_argument("--config", help="architecture of a single file ember cannot detect (e.g. sd21)")
-    p.add_argument(
-        "--lora-dir", help="folder of LoRAs that --lora NAME and <lora:NAME:W> name "
-        "(default: the Lora folder in the models folder, $EMBER_MODELS/Lora)",
-    )  # fmt: skip
-    p.add_argument(
-        "--embeddings-dir", help="folder of textual-inversion embeddings, used by their file name "
-        "in a prompt (default: the embeddings folder in the models folder)",
-    )  # fmt: skip
+    add_addon_dirs(p)
     p.add_argument(
         "--vae", help="a replacement VAE: a full SD VAE (.safetensors or diffusers folder) or "
         "TAESD (the taesd_encoder/decoder pair or a diffusers AutoencoderTiny folder)",

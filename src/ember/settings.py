@@ -391,6 +391,20 @@ def add_generation_args(
     return parser
 
 
+def add_addon_dirs(parser: argparse.ArgumentParser) -> None:
+    """`--lora-dir` and `--embeddings-dir`: where `<lora:NAME>`/`--lora NAME` and embedding names in
+    prompts are looked up (the `ember generate` and `ember serve` flags; defaults in
+    `ember.catalog`)."""
+    parser.add_argument(
+        "--lora-dir", help="folder of LoRAs that --lora NAME, <lora:NAME:W> and the job API's "
+        "loras name (default: $EMBER_MODELS/Lora)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--embeddings-dir", help="folder of textual-inversion embeddings, used by file name in a "
+        "prompt (default: $EMBER_MODELS/embeddings)",
+    )  # fmt: skip
+
+
 def params_from_args(
     args: argparse.Namespace, base: GenerationParams | None = None
 ) -> GenerationParams:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.provenance import add_provenance_args, provenance_from_args
-from ember.settings import SERVER_LIMITS
+from ember.settings import SERVER_LIMITS, add_addon_dirs
 
 
 def default_data_dir() -> Path:
@@ -27,14 +27,7 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
     p.add_argument("--model", help="model file/folder to load at start (default: bundled model)")
     p.add_argument("--models-dir", help="folder of further models offered by /sdapi/v1/sd-models")
-    p.add_argument(
-        "--lora-dir", help="folder of LoRAs that <lora:NAME:W> and the job API's loras name "
-        "(default: the Lora folder in the models folder)",
-    )  # fmt: skip
-    p.add_argument(
-        "--embeddings-dir", help="folder of textual-inversion embeddings (default: the "
-        "embeddings folder in the models folder)",
-    )  # fmt: skip
+    add_addon_dirs(p)
     p.add_argument("--vae", help="a replacement VAE for every model (a full SD VAE or TAESD)")
     p.add_argument(
         "--preview-vae", help="decode live previews with this VAE, e.g. TAESD (default: the "
