@@ -90,10 +90,15 @@ def generators(seed: int, batch: int) -> list[torch.Generator]:
 
 @torch.no_grad()
 def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, L, D), with A1111 weighting and long-prompt chunking."""
-    from ember.prompts import encode_prompts
+    """(cond, uncond), each (1, L, D), with A1111 weighting and long-prompt chunking. Without
+    guidance (cfg <= 1) the negative prompt is not encoded, as diffusers does: uncond is cond."""
+    from ember.prompts import encode_prompt, encode_prompts, strip_extra_networks
 
     encoder = loaded.model.cond_stage_model
+    if params.cfg is not None and not guided(params.cfg):
+        text = strip_extra_networks(params.prompt)
+        cond = encode_prompt(text, loaded.tokenizer, encoder, params.clip_skip)
+        return cond, cond
     return encode_prompts(
         params.prompt, params.negative_prompt, loaded.tokenizer, encoder, clip_skip=params.clip_skip
     )

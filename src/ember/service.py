@@ -206,10 +206,11 @@ class GenerationService:
 
         if self._embeddings is None:
             return ()
+        from ember.pipeline import guided
+
         names = embeddings_used(params.prompt, self._embeddings)
-        names += [
-            n for n in embeddings_used(params.negative_prompt, self._embeddings) if n not in names
-        ]
+        negative = params.negative_prompt if guided(params.cfg) else ""  # unused at cfg <= 1
+        names += [n for n in embeddings_used(negative, self._embeddings) if n not in names]
         found = self._embeddings.embeddings
         return tuple(
             {"name": n, "path": found[n].path, "sha256": found[n].sha256,
