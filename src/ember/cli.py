@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except EmberError as exc:
         print(f"ember: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`ember info X | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # keeps interpreter shutdown quiet
+        return 0
     except OSError as exc:  # a file the user named cannot be read or written (permissions, disk)
         print(
             f"ember: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
