@@ -41,6 +41,7 @@ class FakeEngine:
             ModelInfo("fake-b", "/models/fake-b.safetensors", "b" * 64, "b" * 10),
         ]
         self._current = self._models[0]
+        self._vae: str | None = None
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.gate.set()
@@ -72,6 +73,17 @@ class FakeEngine:
 
     def refresh_loras(self) -> dict[str, Path]:
         return self.loras()
+
+    def vaes(self) -> dict[str, Path]:
+        return {"taesd": Path("/vae/taesd")}
+
+    def current_vae(self) -> str | None:
+        return self._vae
+
+    def select_vae(self, name: str | None) -> None:
+        if name is not None and name not in self.vaes():
+            raise EmberError(f"unknown VAE {name!r}")
+        self._vae = name
 
     def check_loras(self, params: GenerationParams) -> None:
         for choice in lora_selection(params):

@@ -307,3 +307,43 @@ def test_from_regenerates_taesd_trailing_cfg1_image_byte_for_byte(tmp_path, sd1_
     assert main(["generate", "--from", str(a), "-o", str(linspace), "-q",
                  "--timestep-spacing", "linspace"]) == 0  # fmt: skip
     assert not same_image(linspace, a)
+
+
+def test_a1111_sd_vae_option_decodes_with_taesd(tmp_path, sd1_folder, taesd, monkeypatch):
+    """POST /sdapi/v1/options {"sd_vae": NAME} (a VAE of $EMBER_MODELS/VAE) gives the image
+    `ember generate --vae` gives; "Automatic" goes back to the model's own VAE."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from ember.server.app import create_app
+    from ember.server.engine import ModelEngine
+    from server_support import make_settings
+
+    _, folder = taesd
+    models = tmp_path / "models"
+    (models / "VAE").mkdir(parents=True)
+    (models / "VAE" / "tiny-taesd").symlink_to(folder, target_is_directory=True)
+    monkeypatch.setenv("EMBER_MODELS", str(models))
+    cli = ember_png(tmp_path / "cli.png", "--model", str(sd1_folder), "--vae", str(folder),
+                    "--sampler", "euler", "--steps", "3", "--size", f"{SIZE}x{SIZE}")  # fmt: skip
+    own = ember_png(tmp_path / "own.png", "--model", str(sd1_folder), "--sampler", "euler",
+                    "--steps", "3", "--size", f"{SIZE}x{SIZE}")  # fmt: skip
+    assert max_diff(cli, own) > 10
+    engine = ModelEngine([], sd1_folder, dtype="fp32")
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": 3,
+            "sampler_name": "Euler", "cfg_scale": 7, "width": SIZE, "height": SIZE}  # fmt: skip
+    with TestClient(create_app(make_settings(tmp_path / "data"), engine)) as c:
+        assert [v["model_name"] for v in c.get("/sdapi/v1/sd-vae").json()] == ["tiny-taesd"]
+        assert c.post("/sdapi/v1/options", json={"sd_vae": "tiny-taesd"}).status_code == 200
+
+        def image() -> np.ndarray:
+            r = c.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            png = base64.b64decode(r.json()["images"][0])
+            return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+        assert max_diff(image(), cli) == 0
+        assert c.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+        assert max_diff(image(), own) == 0

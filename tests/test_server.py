@@ -487,3 +487,19 @@ def test_loras_listed_and_unknown_ones_refused_with_a_4xx(client):
     )
     assert r.status_code == 202
     assert r.json()["params"]["loras"] == [{"name": "style", "te_weight": 0.2, "unet_weight": 1.0}]
+
+
+def test_a1111_sd_vae_option_switches_the_vae_for_every_request(client):
+    assert client.get("/sdapi/v1/sd-vae").json() == [
+        {"model_name": "taesd", "filename": "/vae/taesd"}
+    ]
+    assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "taesd"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_vae"] == "taesd"
+    r = client.post("/sdapi/v1/options", json={"sd_vae": "nope"})
+    assert r.status_code == 422 and "nope" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1,
+                                               "override_settings": {"sd_vae": "Automatic"}})  # fmt: skip
+    assert r.status_code == 422 and "/sdapi/v1/options" in r.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_vae"] == "Automatic"

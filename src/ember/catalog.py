@@ -94,6 +94,23 @@ def embeddings_dir() -> Path:
     return models_dir() / "embeddings"
 
 
+def vae_dir() -> Path:
+    """Replacement VAEs offered by name (A1111's `sd_vae`): a `VAE` folder in the models folder."""
+    return models_dir() / "VAE"
+
+
+def find_vaes(folder: Path) -> dict[str, Path]:
+    """name -> replacement VAE: `.safetensors` files (by stem) and folders (a diffusers VAE or the
+    TAESD pair, by folder name)."""
+    if not folder.is_dir():
+        return {}
+    found = {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (sub / "config.json").exists() or any(sub.glob("taesd*_decoder.safetensors")):
+            found[sub.name] = sub
+    return found
+
+
 def find_loras(folder: Path) -> dict[str, Path]:
     """name (file stem, as `<lora:NAME>` names it) -> `.safetensors` file, searched recursively."""
     if not folder.is_dir():

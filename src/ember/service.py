@@ -82,6 +82,8 @@ class GenerationService:
         self.preview_vae_path = preview_vae
         self._preview_vae = None  # (vae_files.LoadedVAE) decodes previews, e.g. TAESD
         self._vae = None  # a replacement VAE in use (vae_files.LoadedVAE)
+        self._vae_path: str | None = None
+        self._vae_remove = None  # puts the model's own VAE back
         self._embeddings = None  # ember.embeddings.AppliedEmbeddings
         self.embedding_errors: dict[str, str] = {}  # embeddings of the folder that cannot be read
         self._loaded = None
@@ -111,19 +113,18 @@ class GenerationService:
         (a full SD VAE or TAESD), and the embeddings folder's embeddings join its vocabulary."""
         from ember.checkpoints import load_model
         from ember.embeddings import apply_embeddings, read_embeddings
-        from ember.vae_files import apply_vae, load_vae
+        from ember.vae_files import load_vae
 
-        key = (str(Path(path).resolve()), config, prediction, str(vae) if vae else None)
+        key = (str(Path(path).resolve()), config, prediction)
         if self._loaded is not None and key == self._key:
+            self.use_vae(vae)
             return self._loaded
         self._loaded = self._key = self._merged = self._vae = self._embeddings = None
+        self._vae_path = self._vae_remove = None
         self._lora_key, self._lora_records = (), ()  # the old weights are freed first
         loaded = load_model(
             path, config, dtype=self.dtype, progress=progress, prediction=prediction
         )
-        if vae is not None:
-            self._vae = load_vae(vae, loaded.dtype, base=loaded.config.vae)
-            apply_vae(loaded, self._vae)
         if self.preview_vae_path is not None:
             self._preview_vae = load_vae(
                 self.preview_vae_path, loaded.dtype, base=loaded.config.vae
@@ -131,7 +132,24 @@ class GenerationService:
         found, self.embedding_errors = read_embeddings(self.embeddings_dir)
         self._embeddings = apply_embeddings(loaded, found, self.embedding_errors)
         self._loaded, self._key = loaded, key
+        self.use_vae(vae)
         return loaded
+
+    def use_vae(self, path: str | Path | None) -> None:
+        """Decode (and encode img2img inputs) with the VAE at `path` (a full SD VAE or TAESD)
+        instead of the model's own; None: the model's own. Swapping costs one VAE load."""
+        from ember.vae_files import apply_vae, load_vae
+
+        path = None if path is None else str(path)
+        if path == self._vae_path:
+            return
+        if self._vae_remove is not None:
+            self._vae_remove()
+            self._vae = self._vae_path = self._vae_remove = None
+        if path is not None:
+            vae = load_vae(path, self.model.dtype, base=self.model.config.vae)
+            self._vae_remove = apply_vae(self.model, vae)
+            self._vae, self._vae_path = vae, path
 
     def use_loras(self, choices: tuple[LoraChoice, ...]) -> tuple[dict, ...]:
         """Merge exactly `choices` into the loaded model (unmerging any others first, which restores
@@ -250,7 +268,7 @@ class GenerationService:
             loras=loras,
             embeddings=embeddings,
             vae_name=self._vae.name if self._vae else None,
-            vae_path=str(self._key[3]) if self._vae else None,
+            vae_path=self._vae_path,
             vae_sha256=self._vae.sha256 if self._vae else None,
         )
 

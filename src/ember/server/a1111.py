@@ -179,6 +179,11 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
     _refuse_unsupported(req)
     overrides = req.override_settings or {}
     model = overrides.get("sd_model_checkpoint")
+    if "sd_vae" in overrides and _vae_name(overrides["sd_vae"]) != server.engine.current_vae():
+        raise EmberError(
+            "override_settings.sd_vae is not supported per request; set it with POST "
+            "/sdapi/v1/options (it applies to every request)"
+        )
     clip_skip = overrides.get("CLIP_stop_at_last_layers", 1)
     init = mask = None
     strength = 0.75
@@ -346,6 +351,24 @@ class LoraItem(BaseModel):
     metadata: dict[str, Any] = {}
 
 
+class VAEItem(BaseModel):
+    model_name: str
+    filename: str
+
+
+@router.get("/sd-vae", response_model=list[VAEItem])
+async def sd_vae(request: Request) -> list[dict[str, Any]]:
+    found = request.app.state.server.engine.vaes()
+    return [{"model_name": n, "filename": str(p)} for n, p in found.items()]
+
+
+def _vae_name(value: Any) -> str | None:
+    """A1111's `sd_vae` option: a VAE's name, or "Automatic" / "None" for each model's own."""
+    if not isinstance(value, str):
+        raise EmberError("sd_vae must be a VAE name from /sdapi/v1/sd-vae, or Automatic")
+    return None if value in ("Automatic", "None", "") else value
+
+
 @router.get("/loras", response_model=list[LoraItem])
 async def loras(request: Request) -> list[dict[str, Any]]:
     found = request.app.state.server.engine.loras()
@@ -389,6 +412,7 @@ async def get_options(request: Request) -> dict[str, Any]:
         "sd_checkpoint_hash": current.sha256,
         "samples_format": "png",
         "CLIP_stop_at_last_layers": server.options.get("CLIP_stop_at_last_layers", 1),
+        "sd_vae": server.engine.current_vae() or "Automatic",
     }
 
 
@@ -402,8 +426,10 @@ async def set_options(request: Request, options: dict[str, Any]) -> None:
         if not isinstance(title, str):
             raise EmberError("sd_model_checkpoint must be a model title from /sdapi/v1/sd-models")
         await run_in_threadpool(server.engine.select, title)
+    if "sd_vae" in options:
+        await run_in_threadpool(server.engine.select_vae, _vae_name(options["sd_vae"]))
     for key, value in options.items():
-        if key != "sd_model_checkpoint" and len(server.options) < 256:
+        if key not in ("sd_model_checkpoint", "sd_vae") and len(server.options) < 256:
             server.options[key] = value
 
 

@@ -15,7 +15,15 @@ from typing import Protocol
 
 import numpy as np
 
-from ember.catalog import ModelInfo, find_loras, find_models, lookup, resolve_lora_path
+from ember.catalog import (
+    ModelInfo,
+    find_loras,
+    find_models,
+    find_vaes,
+    lookup,
+    resolve_lora_path,
+    vae_dir,
+)
 from ember.config import ModelConfig
 from ember.errors import EmberError
 from ember.service import GeneratedImage, GenerationService, Request, StepFn
@@ -54,6 +62,9 @@ class Engine(Protocol):
     def loras(self) -> dict[str, Path]: ...
     def refresh_loras(self) -> dict[str, Path]: ...
     def check_loras(self, params: GenerationParams) -> None: ...
+    def vaes(self) -> dict[str, Path]: ...
+    def current_vae(self) -> str | None: ...
+    def select_vae(self, name: str | None) -> None: ...
     def run(self, items: list[WorkItem], on_step: StepFn) -> list[list[GeneratedImage]]: ...
 
 
@@ -74,6 +85,7 @@ class ModelEngine:
     ) -> None:
         self._paths = model_paths
         self._vae = vae
+        self._vae_dir = vae_dir()
         self._service = GenerationService(
             dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir, preview_vae=preview_vae
         )
@@ -87,6 +99,32 @@ class ModelEngine:
         if default is not None:
             chosen = next(m for m in self._models if Path(m.path).resolve() == default.resolve())
         self._load(chosen)
+
+    def vaes(self) -> dict[str, Path]:
+        """The replacement VAEs of the VAE folder, by name (and a `--vae` given at start)."""
+        found = find_vaes(self._vae_dir)
+        if self._vae is not None:
+            found.setdefault(Path(self._vae).stem, Path(self._vae))
+        return found
+
+    def current_vae(self) -> str | None:
+        """The name of the replacement VAE in use; None: each model's own."""
+        if self._vae is None:
+            return None
+        return next((n for n, p in self.vaes().items() if str(p) == str(self._vae)), None)
+
+    def select_vae(self, name: str | None) -> None:
+        """Use the VAE `name` of `vaes()` for every model; None: each model's own."""
+        path = None
+        if name is not None:
+            found = self.vaes()
+            if name not in found:
+                names = ", ".join(found) or "none"
+                raise EmberError(f"unknown VAE {name!r}; in {self._vae_dir}: {names}")
+            path = found[name]
+        with self._lock:
+            self._service.use_vae(path)
+            self._vae = path
 
     def _load(self, info: ModelInfo) -> None:
         self._service.load(info.path, vae=self._vae)
