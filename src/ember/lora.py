@@ -39,7 +39,7 @@ import torch
 
 from ember import keymaps
 from ember.errors import EmberError
-from ember.files import sha256_file
+from ember.files import safetensors_data_sha256, sha256_file
 from ember.safetensors_io import read_safetensors
 
 UNET_PART, TEXT_PART = "unet", "text"
@@ -110,7 +110,7 @@ class LoraFile:
     path: str
     name: str  # file stem: what prompts and requests call it
     sha256: str
-    short_hash: str  # first 12 hex digits, as A1111 shows LoRA hashes
+    a1111_hash: str  # A1111's `Lora hashes` entry: the tensor data's sha256, 12 hex digits
     adapters: tuple[Adapter, ...]
     metadata: Mapping[str, str] = field(default_factory=dict)
     # Set when the names say the file is for another architecture (e.g. "SDXL (two text
@@ -148,8 +148,8 @@ def read_lora(path: str | Path) -> LoraFile:
     tensors, metadata = read_safetensors(path)
     other = other_architecture(tensors)
     adapters = () if other else _parse(tensors, metadata, path.name)
-    digest = sha256_file(path)
-    lora = LoraFile(str(path), path.stem, digest, digest[:12], adapters, metadata, other)
+    digest, a1111 = sha256_file(path), safetensors_data_sha256(path)[:12]
+    lora = LoraFile(str(path), path.stem, digest, a1111, adapters, metadata, other)
     with _cache_lock:
         _cache[stamp] = lora
         while len(_cache) > _CACHE_SIZE:

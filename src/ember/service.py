@@ -87,7 +87,7 @@ class GenerationService:
         self._embeddings = None  # ember.embeddings.AppliedEmbeddings
         self.embedding_errors: dict[str, str] = {}  # embeddings of the folder that cannot be read
         self._loaded = None
-        self._key: tuple[str, str | None] | None = None
+        self._key: tuple | None = None  # (model path, config, prediction) of the loaded model
         self._merged = None  # the LoRAs merged into the loaded weights (ember.lora.MergedLoras)
         self._lora_key: tuple = ()
         self._lora_records: tuple[dict, ...] = ()
@@ -166,7 +166,6 @@ class GenerationService:
             self._merged, self._lora_key, self._lora_records = None, (), ()
         if not choices:
             return ()
-        from ember.files import safetensors_data_sha256
         from ember.lora import merge_loras, read_lora
 
         files = [read_lora(p) for p in paths]
@@ -177,7 +176,7 @@ class GenerationService:
         self._lora_key = key
         self._lora_records = tuple(
             {"name": f.name, "path": str(p), "sha256": f.sha256,
-             "a1111_hash": safetensors_data_sha256(p)[:12], "te_weight": c.te_weight,
+             "a1111_hash": f.a1111_hash, "te_weight": c.te_weight,
              "unet_weight": c.unet_weight}
             for f, p, c in zip(files, paths, choices, strict=True)
         )  # fmt: skip

@@ -234,16 +234,8 @@ def build_clip_tokenizer(cfg: TextConfig) -> Tokenizer:
             f"config says {cfg.bos_token_id}/{cfg.eos_token_id}"
         )
     pad_token = next(t for t, i in vocab.items() if i == cfg.pad_token_id)
-    backend = _clip_encoding_backend()
-    return Tokenizer(
-        lambda text: backend(text, add_special_tokens=False)["input_ids"],
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-        max_length=cfg.max_length,
-        export=lambda: _make_clip_tokenizer(pad_token, cfg.max_length),
-        kind="clip",
-    )
+    export = functools.partial(_make_clip_tokenizer, pad_token, cfg.max_length)
+    return _clip_tokenizer(_clip_encoding_backend(), cfg, export, builtin=True)
 
 
 def build_clip_tokenizer_from_folder(folder: str | Path, cfg: TextConfig) -> Tokenizer:
@@ -260,15 +252,23 @@ def build_clip_tokenizer_from_folder(folder: str | Path, cfg: TextConfig) -> Tok
     ids = (backend.bos_token_id, backend.eos_token_id, backend.pad_token_id)
     if ids != (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
         raise ValueError(f"{folder}: bos/eos/pad ids are {ids}, config says {cfg}")
+    export = functools.partial(
+        CLIPTokenizer.from_pretrained, folder, model_max_length=cfg.max_length
+    )
+    return _clip_tokenizer(backend, cfg, export, builtin=False)
+
+
+def _clip_tokenizer(backend: Any, cfg: TextConfig, export: Callable, *, builtin: bool) -> Tokenizer:
+    """A `Tokenizer` encoding with a transformers `CLIPTokenizer` (no bos/eos added)."""
     return Tokenizer(
         lambda text: backend(text, add_special_tokens=False)["input_ids"],
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
         max_length=cfg.max_length,
-        export=lambda: CLIPTokenizer.from_pretrained(folder, model_max_length=cfg.max_length),
+        export=export,
         kind="clip",
-        builtin=False,
+        builtin=builtin,
     )
 
 
