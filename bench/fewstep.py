@@ -14,7 +14,9 @@ same process): ember through `GenerationService`, diffusers through `StableDiffu
 its fastest CPU set-up (bf16 weights where the CPU has native bf16, else fp32; channels-last U-Net
 and VAE; `torch.inference_mode`), OpenVINO through `OVStableDiffusionPipeline` (static shapes,
 bf16 inference precision where the CPU has native bf16). "whole process" is process start to the
-PNG written: `ember generate ...` for ember, the same script's first image for the peers.
+PNG written: `ember generate ...` for ember, the same script's first image for the peers. Each
+recipe's second table splits the warm image into its stages (text encoder, U-Net calls, VAE
+decode, the rest), timed around the same calls on every side, to show where a gap lies.
 
 Every measurement runs in its own process and the sides are interleaved round by round. Weights,
 TAESD, the LoRA and the OpenVINO exports are made once into --cache. OpenVINO lives in its own venv
@@ -253,17 +255,50 @@ def worker_ember(a: argparse.Namespace) -> dict:
     )  # fmt: skip
     service.generate([Request(params)])
     first = _since_start(a)
-    return {"load": load, "first": first, "image": _timed(a.images, lambda: service.generate(
-        [Request(params)]))}  # fmt: skip
+    loaded, vae = service._loaded, service._vae
+    clock = StageClock({"text": (loaded.model.cond_stage_model, "forward"),
+                        "unet": (loaded.model.model.diffusion_model, "forward"),
+                        "vae": (vae.module if vae else loaded.model.first_stage_model, "decode")})  # fmt: skip
+    return {"load": load, "first": first,
+            **_timed(a.images, lambda: service.generate([Request(params)]), clock)}  # fmt: skip
 
 
-def _timed(n: int, fn) -> list[float]:
-    times = []
+STAGES = ("text", "unet", "vae")
+
+
+class StageClock:
+    """Seconds spent in each stage's calls (text encoder, U-Net, VAE decode) on any side: each
+    stage's callable is replaced on its instance by a timed wrapper."""
+
+    def __init__(self, parts: dict[str, tuple[object, str]]):
+        self.spent = dict.fromkeys(STAGES, 0.0)
+        self.unet_calls = 0
+        for stage, (obj, attr) in parts.items():
+            setattr(obj, attr, self._wrap(stage, getattr(obj, attr)))
+
+    def _wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.spent[stage] += time.perf_counter() - t
+            self.unet_calls += stage == "unet"
+            return out
+
+        return timed
+
+
+def _timed(n: int, fn, clock: StageClock) -> dict:
+    """`n` timed calls of `fn`: the wall time of each and the seconds in each stage."""
+    out = {"image": [], "unet_calls": [], **{s: [] for s in STAGES}}
     for _ in range(n):
+        clock.spent, clock.unet_calls = dict.fromkeys(STAGES, 0.0), 0
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return times
+        out["image"].append(time.perf_counter() - t)
+        out["unet_calls"].append(clock.unet_calls)
+        for stage in STAGES:
+            out[stage].append(clock.spent[stage])
+    return out
 
 
 def _schedulers(diffusers, r: Recipe, config):
@@ -274,7 +309,9 @@ def _schedulers(diffusers, r: Recipe, config):
     return diffusers.EulerDiscreteScheduler.from_config(config, timestep_spacing=r.spacing)
 
 
-def _run_peer(a: argparse.Namespace, pipe, r: Recipe, load: float) -> dict:
+def _run_peer(a: argparse.Namespace, pipe, r: Recipe, load: float, vae) -> dict:
+    """Load, one image saved, then the timed images; `vae` is the object whose `decode` (or
+    OpenVINO's `forward`) is the VAE decode stage."""
     import torch
 
     def run():
@@ -285,7 +322,9 @@ def _run_peer(a: argparse.Namespace, pipe, r: Recipe, load: float) -> dict:
     with torch.inference_mode():
         run().save(a.save)
         first = _since_start(a)
-        return {"load": load, "first": first, "image": _timed(a.images, run)}
+        clock = StageClock({"text": (pipe.text_encoder, "forward"), "unet": (pipe.unet, "forward"),
+                            "vae": (vae, "decode" if hasattr(vae, "decode") else "forward")})  # fmt: skip
+        return {"load": load, "first": first, **_timed(a.images, run, clock)}
 
 
 def worker_diffusers(a: argparse.Namespace) -> dict:
@@ -307,7 +346,7 @@ def worker_diffusers(a: argparse.Namespace) -> dict:
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
-    return _run_peer(a, pipe, r, time.perf_counter() - t)
+    return _run_peer(a, pipe, r, time.perf_counter() - t, pipe.vae)
 
 
 def worker_openvino(a: argparse.Namespace) -> dict:
@@ -334,7 +373,7 @@ def worker_openvino(a: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     if a.images < 0:  # compile only: fills the cache
         return {}
-    return _run_peer(a, pipe, r, time.perf_counter() - t)
+    return _run_peer(a, pipe, r, time.perf_counter() - t, pipe.vae_decoder)
 
 
 WORKERS = {
@@ -500,6 +539,23 @@ def report(
             f"| {peer} | {g:.2f} | {w:.2f} | {med(res[peer]['load']):.1f} | "
             f"{med(res[peer]['peak_rss_mb']):.0f} | {g / e_gen:.2f}x | {w / e_whole:.2f}x |"
         )
+    rows += [
+        "",
+        "Where a warm image's time goes (medians of the same timed images; U-Net = all its calls "
+        "in one image; rest = sampler, latents, casts and pixels outside the three models):",
+        "",
+        "| side | text encoder (s) | U-Net (s) | U-Net calls | per call (s) | VAE decode (s) "
+        "| rest (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for side in ["ember", *peers]:
+        x = res[side]
+        rest = [
+            i - sum(parts) for i, *parts in zip(x["image"], *(x[s] for s in STAGES), strict=True)
+        ]
+        unet, calls = med(x["unet"]), med(x["unet_calls"])
+        rows.append(f"| {side} | {med(x['text']):.3f} | {unet:.3f} | {calls:.0f} | "
+                    f"{unet / calls:.3f} | {med(x['vae']):.3f} | {med(rest):.3f} |")  # fmt: skip
     return [*rows, ""]
 
 
