@@ -1,4 +1,4 @@
-"""Provenance (issue 40): Content Credentials and the XMP source type in every PNG."""
+"""Provenance (issue 40): Content Credentials, the XMP source type and the watermark in every PNG."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ember.checkpoints import file_hashes
 from ember.cli import main
 from ember.images import png_bytes
 from ember.server.app import create_app
+from ember.watermark import add_watermark, detect_watermark
 from server_support import FakeEngine, make_settings, wait_for
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -159,6 +160,9 @@ def test_server_images_carry_credentials(tmp_path, on):
         assert r.status_code == 200, r.text
         png = base64.b64decode(r.json()["images"][0])
         assert P.read_credentials(png).state == ("valid" if on else "absent")
+        assert detect_watermark(np.asarray(Image.open(io.BytesIO(png)))).state == (
+            "present" if on else "absent"
+        )
         r = client.post("/v1/jobs", json={"prompt": "a blue square", "steps": 2})
         assert r.status_code in (200, 201, 202), r.text
         job = r.json()["id"]
@@ -166,4 +170,85 @@ def test_server_images_carry_credentials(tmp_path, on):
         (image,) = client.get(f"/v1/jobs/{job}").json()["images"]
         png = client.get(f"/v1/images/{image}").content
         assert P.read_credentials(png).state == ("valid" if on else "absent")
-        assert json.loads(Image.open(io.BytesIO(png)).text["ember"])["credentials"] is on
+        record = json.loads(Image.open(io.BytesIO(png)).text["ember"])
+        assert record["credentials"] is on and record["watermark"] is on
+        assert detect_watermark(np.asarray(Image.open(io.BytesIO(png)))).state == (
+            "present" if on else "absent"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the watermark
+
+
+def dead_leaves(side: int, seed: int = 0) -> np.ndarray:
+    """A picture with natural images' statistics (occluding objects of power-law sizes, a 1/f
+    spectrum; Lee, Mumford and Huang 2001) and a little sensor noise: random noise would be too
+    easy for a watermark detector, a flat image too hard for invisibility."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((side, side, 3)) + rng.uniform(0, 255, 3)
+    y, x = np.mgrid[:side, :side]
+    for r in side * 0.4 * rng.uniform(0.02, 1, 150) ** 2:
+        cy, cx = rng.uniform(0, side, 2)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 2, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def reencode(pixels: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
+    img = Image.fromarray(pixels)
+    if scale != 1.0:
+        size = (round(img.width * scale), round(img.height * scale))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return float(10 * np.log10(255**2 / mse))
+
+
+@pytest.mark.parametrize("side", [512, 64])
+def test_watermark_outlives_jpeg_and_at_512_a_half_size_copy(side):
+    picture = dead_leaves(side)
+    marked = add_watermark(picture)
+    assert psnr(picture, marked) > 40  # invisible: measured 43-46 dB
+    assert detect_watermark(reencode(marked, "PNG")).state == "present"
+    assert detect_watermark(reencode(marked, "JPEG")).state == "present"
+    assert detect_watermark(picture).state == "absent"
+    assert detect_watermark(reencode(picture, "JPEG")).state == "absent"
+    if side == 512:  # smaller images are marked by dither, which a resize scrambles (docs)
+        assert detect_watermark(reencode(marked, "JPEG", 0.5)).state == "present"
+        assert detect_watermark(reencode(picture, "PNG", 0.5)).state == "absent"
+    assert np.array_equal(add_watermark(picture), marked)  # deterministic: --from holds
+
+
+def test_watermark_too_small():
+    tiny = dead_leaves(24)
+    assert np.array_equal(add_watermark(tiny), tiny)
+    assert detect_watermark(tiny).state == "too small"
+
+
+def test_generated_images_carry_the_watermark_unless_turned_off(tmp_path, tiny_model_file, capsys):
+    out = tmp_path / "a.png"
+    assert gen(tiny_model_file, out) == 0
+    assert json.loads(Image.open(out).text["ember"])["watermark"] is True
+    jpeg = tmp_path / "a.jpg"
+    Image.open(out).convert("RGB").save(jpeg, quality=90)
+    capsys.readouterr()
+    for path in (out, jpeg):
+        assert main(["info", str(path)]) == 0
+        assert "watermark: present (made by ember" in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    assert gen(tiny_model_file, plain, "--no-watermark") == 0
+    assert json.loads(Image.open(plain).text["ember"])["watermark"] is False
+    assert main(["info", str(plain)]) == 0
+    assert "watermark: absent (the record says it was turned off)" in capsys.readouterr().out
+    # the watermark is the model's pixels plus the mark: nothing else changes
+    assert np.array_equal(add_watermark(np.asarray(Image.open(plain))), np.asarray(Image.open(out)))
+    # --from an unmarked image remakes it unmarked: the same pixels
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(plain), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(plain)))

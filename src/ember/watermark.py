@@ -21,8 +21,9 @@ holds the same coefficients (times one common factor) and detection needs no sea
   image without the mark, a sum of independent random signs: P(z >= t) <= exp(-t^2/2)
   (Hoeffding), whatever the picture. Index K_MAX = 128 sits at half the Nyquist frequency of a
   512x512 image halved, so the mark survives a 0.5x resize, and JPEG at quality 90.
-- Smaller images (from `MIN_SIDE`): a spread-spectrum score needs a mark as strong as the picture
-  when there are few coefficients (n near z^2), which shows on a 64x64 image. Their mark is
+- Smaller images (from `MIN_SIDE`): a spread-spectrum score needs a change of the order of the
+  picture's own band energy times z^2 / n, which shows below 512 pixels a side (35 dB PSNR on
+  256x256 photos, a visible mottle on 64x64 images). Their mark is
   dither modulation (Chen and Wornell, "Quantization index modulation", IEEE TIT 2001): each band
   coefficient, in grey levels per pixel, is moved to a keyed lattice of step `STEP`; the pixel
   change no longer depends on the picture. Its score, sum cos(2 pi r) / sqrt(n / 2) over the
@@ -43,9 +44,9 @@ import numpy as np
 
 KEY = 0x656D626572  # "ember": the seed of the signs and the dither; another key, another mark
 MIN_SIDE = 32  # smaller images have too few coefficients for a score
-SPREAD_SIDE = 256  # from this side up: spread spectrum (survives a resize); below: dither
+SPREAD_SIDE = 512  # from this side up spread spectrum (survives a resize), below it dither
 K_MAX = 128  # the band's edge: index 128, 64 cycles per image
-LOW = 0.4  # the band starts at 0.4 K: lower frequencies cost more change per unit of score
+LOW = 0.5  # the band starts at K / 2: lower frequencies cost more change per unit of score
 TARGET = 7.0  # the spread-spectrum score embedding aims for, on the band and its lowest quarter
 STEP = 0.3  # the dither lattice's step, grey levels per pixel (orthonormal coefficient / sqrt(HW))
 P_MAX = 1e-6  # "present" when an unmarked image scores this high with at most this probability
