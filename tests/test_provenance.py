@@ -19,6 +19,7 @@ from ember.cli import main
 from ember.images import png_bytes
 from ember.server.app import create_app
 from ember.watermark import add_watermark, detect_watermark
+from pictures import dead_leaves, psnr, reencode
 from server_support import FakeEngine, make_settings, wait_for
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -179,35 +180,6 @@ def test_server_images_carry_credentials(tmp_path, on):
 
 # ---------------------------------------------------------------------------------------------
 # the watermark
-
-
-def dead_leaves(side: int, seed: int = 0) -> np.ndarray:
-    """A picture with natural images' statistics (occluding objects of power-law sizes, a 1/f
-    spectrum; Lee, Mumford and Huang 2001) and a little sensor noise: random noise would be too
-    easy for a watermark detector, a flat image too hard for invisibility."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((side, side, 3)) + rng.uniform(0, 255, 3)
-    y, x = np.mgrid[:side, :side]
-    for r in side * 0.4 * rng.uniform(0.02, 1, 150) ** 2:
-        cy, cx = rng.uniform(0, side, 2)
-        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 2, img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def reencode(pixels: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
-    img = Image.fromarray(pixels)
-    if scale != 1.0:
-        size = (round(img.width * scale), round(img.height * scale))
-        img = img.resize(size, Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
-    return float(10 * np.log10(255**2 / mse))
 
 
 @pytest.mark.parametrize("side", [512, 64])

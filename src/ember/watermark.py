@@ -48,6 +48,7 @@ SPREAD_SIDE = 512  # from this side up spread spectrum (survives a resize), belo
 K_MAX = 128  # the band's edge: index 128, 64 cycles per image
 LOW = 0.5  # the band starts at K / 2: lower frequencies cost more change per unit of score
 TARGET = 7.0  # the spread-spectrum score embedding aims for, on the band and its lowest quarter
+MIN_RMS = 0.7  # the least spread-spectrum change, grey levels RMS per band: rounding keeps it
 STEP = 0.3  # the dither lattice's step, grey levels per pixel (orthonormal coefficient / sqrt(HW))
 P_MAX = 1e-6  # "present" when an unmarked image scores this high with at most this probability
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as JPEG's YCbCr
@@ -76,7 +77,7 @@ def add_watermark(pixels: np.ndarray) -> np.ndarray:
     out = pixels
     for _ in range(3):  # rounding and clipping at 0 and 255 eat part of the mark: top it up
         change = change_for(out.astype(np.float64) @ _LUMA)
-        if np.abs(change).max() < 0.5:
+        if change is None:
             break
         out = np.clip(np.rint(out + change[:, :, None]), 0, 255).astype(np.uint8)
     return out
@@ -100,7 +101,7 @@ def detect_watermark(pixels: np.ndarray) -> WatermarkReport:
 # spread spectrum
 
 
-def _spread_change(luma: np.ndarray) -> np.ndarray:
+def _spread_change(luma: np.ndarray) -> np.ndarray | None:
     """The luminance change (H, W) that brings the score to `TARGET` on the band and on its lowest
     quarter (what is left at the same place after a 0.5x resize)."""
     h, w = luma.shape
@@ -118,8 +119,14 @@ def _spread_change(luma: np.ndarray) -> np.ndarray:
         q = float(d @ unit)  # the picture's projection on the mark
         rest = math.sqrt(max(float(d @ d) - q * q, 0.0))
         wanted = TARGET * rest / math.sqrt(n - TARGET**2)  # z = TARGET with `rest` unchanged
-        if q < wanted:
-            delta[mask] += (wanted - q) * unit / weight[mask]
+        if q < wanted * 0.97:
+            step = (wanted - q) * unit / weight[mask]
+            # a band the picture leaves nearly empty (an upscaled image) needs little mark for
+            # the score, but a change under half a grey level would vanish in the rounding
+            floor = MIN_RMS * math.sqrt(h * w) / math.sqrt(float(step @ step))
+            delta[mask] += step * max(floor, 1.0)
+    if not delta.any():
+        return None
     return bh.T @ delta @ bw  # (H, W)
 
 
@@ -147,14 +154,15 @@ def _weights(coef: np.ndarray) -> np.ndarray:
 # dither modulation
 
 
-def _dither_change(luma: np.ndarray) -> np.ndarray:
+def _dither_change(luma: np.ndarray) -> np.ndarray | None:
     h, w = luma.shape
     kh, kw = _band_size(h, 4), _band_size(w, 4)
     bh, bw = _dct_basis(h, kh), _dct_basis(w, kw)
     scale = math.sqrt(h * w)  # orthonormal coefficient -> grey levels per pixel
     x = bh @ luma @ bw.T / scale / STEP - _dither(kh, kw)  # (kh, kw), in lattice steps
     delta = np.where(_band_mask(kh, kw), np.rint(x) - x, 0.0) * STEP * scale
-    return bh.T @ delta @ bw
+    change = bh.T @ delta @ bw
+    return change if np.abs(change).max() >= 0.5 else None  # on the lattice, to the rounding
 
 
 def _dither_score(luma: np.ndarray) -> float:
