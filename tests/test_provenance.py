@@ -213,6 +213,10 @@ def test_generated_images_carry_the_watermark_unless_turned_off(tmp_path, tiny_m
     for path in (out, jpeg):
         assert main(["info", str(path)]) == 0
         assert "watermark: present (made by ember" in capsys.readouterr().out
+    half = tmp_path / "half.png"  # a 64x64 image's mark does not outlive a resize: said, not hidden
+    Image.fromarray(reencode(np.asarray(Image.open(out)), scale=0.5)).save(half)
+    assert main(["info", str(half)]) == 0
+    assert "a resized copy of an ember image reads as absent" in capsys.readouterr().out
     plain = tmp_path / "plain.png"
     assert gen(tiny_model_file, plain, "--no-watermark") == 0
     assert json.loads(Image.open(plain).text["ember"])["watermark"] is False

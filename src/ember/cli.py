@@ -289,7 +289,7 @@ def print_provenance(path: Path, text: dict[str, str], rec: dict | None):
     mark = detect_watermark(I.load_image(path))
     line = mark.describe()
     if mark.state == "absent" and rec is not None and rec.get("watermark") is False:
-        line += " (the record says it was turned off)"
+        line = "watermark: absent (the record says it was turned off)"
     print(line)
     return report
 

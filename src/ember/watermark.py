@@ -5,7 +5,7 @@ refuses images under 256x256 (ember's default model makes 64x64 ones); on 512x51
 `dwtDct` mark read back whole from 15% of the PNGs and from none after a JPEG re-encode at quality
 90, and `dwtDctSvd` kept it through JPEG but lost it after any 0.5x resize (bit accuracy 0.53, i.e.
 chance), both at 38 dB PSNR with pixel changes up to 86/255; it also brings OpenCV (85 MB). The
-figures and their commands are in docs/provenance.md.
+figures, and this mark's, come from bench/watermark_detection.py (bench/watermark-detection.md).
 
 Two keyed marks in the DCT of the luminance, a band of K x K orthonormal DCT-II coefficients with K
 a quarter of each side. DCT index u is u/2 cycles per image whatever the size, so a resized image
@@ -59,6 +59,7 @@ class WatermarkReport:
     state: str  # "present" | "absent" | "too small"
     # log10 of the bound on the chance that an unmarked image scores as high (0 = no evidence)
     log10_p: float = 0.0
+    small: bool = False  # under SPREAD_SIDE: a resized copy of a marked image reads as absent
 
     def describe(self) -> str:
         if self.state == "too small":
@@ -66,6 +67,9 @@ class WatermarkReport:
         if self.state == "present":
             return (f"watermark: present (made by ember; an unmarked image scores this high with "
                     f"probability below 1e{math.floor(self.log10_p) + 1})")  # fmt: skip
+        if self.small:
+            return (f"watermark: absent (under {SPREAD_SIDE} pixels a side the mark does not "
+                    "outlive a resize: a resized copy of an ember image reads as absent)")  # fmt: skip
         return "watermark: absent"
 
 
@@ -94,7 +98,8 @@ def detect_watermark(pixels: np.ndarray) -> WatermarkReport:
     tests = [_spread_score(luma, div) ** 2 / 2 for div in (4, 2)]  # -ln P
     tests.append(_dither_score(luma) ** 2 / 4)
     log10_p = -max(max(tests), 0.0) / math.log(10)
-    return WatermarkReport("present" if log10_p <= math.log10(P_MAX) else "absent", log10_p)
+    state = "present" if log10_p <= math.log10(P_MAX) else "absent"
+    return WatermarkReport(state, log10_p, small=min(h, w) < SPREAD_SIDE)
 
 
 # ---------------------------------------------------------------------------------------------
