@@ -25,7 +25,7 @@ from ember import provenance as P
 from ember.errors import EmberError
 from ember.files import write_atomic
 from ember.settings import GenerationParams, params_from_dict
-from ember.watermark import add_watermark
+from ember.watermark import add_watermark, carries_watermark
 
 RECORD_KEY = "ember"
 INFOTEXT_KEY = "parameters"
@@ -192,7 +192,9 @@ def png_bytes(
 def marked_record(record: ImageRecord, provenance: P.Provenance) -> ImageRecord:
     """The record as `png_bytes` writes it: saying whether the file carries credentials and the
     watermark (whose pixels, deterministic, `--from` remakes too)."""
-    return replace(record, credentials=provenance.credentials, watermark=provenance.watermark)
+    p = record.params
+    marked = provenance.watermark and carries_watermark(p.width or 0, p.height or 0)
+    return replace(record, credentials=provenance.credentials, watermark=marked)
 
 
 def _encode(pixels: np.ndarray, info: PngImagePlugin.PngInfo) -> bytes:

@@ -7,31 +7,33 @@ refuses images under 256x256 (ember's default model makes 64x64 ones); on 512x51
 chance), both at 38 dB PSNR with pixel changes up to 86/255; it also brings OpenCV (85 MB). The
 figures, and this mark's, come from bench/watermark_detection.py (bench/watermark-detection.md).
 
-Two keyed marks in the DCT of the luminance, a band of K x K orthonormal DCT-II coefficients with K
-a quarter of each side. DCT index u is u/2 cycles per image whatever the size, so a resized image
-holds the same coefficients (times one common factor) and detection needs no search.
+Two keyed marks in the orthonormal DCT-II of the luminance. DCT index u is u/2 cycles per image
+whatever the size, so a resized image holds the same coefficients (times one common factor) and
+detection needs no search: it reads the band as written and the band a 0.5x resize moves it to.
 
-- Images of `SPREAD_SIDE` pixels a side and more: zero-bit spread spectrum (Cox et al., "Secure
-  spread spectrum watermarking for multimedia", IEEE TIP 1997), a fixed pseudo-random sign per
-  coefficient, with the image's own projection on the mark accounted for when embedding ("improved
-  spread spectrum", Malvar and Florencio, IEEE TSP 2003). Coefficients are weighted by
-  a = s^(-1/2), s the image's mean |coefficient| on the ring of the same radius: by Cauchy-Schwarz
-  the weighting that needs the least pixel change for a given score when magnitudes vary, so the
-  mark follows the picture's spectrum. The score z = sqrt(n) <a c, sign> / ||a c|| is, for an
-  image without the mark, a sum of independent random signs: P(z >= t) <= exp(-t^2/2)
-  (Hoeffding), whatever the picture. Index K_MAX = 128 sits at half the Nyquist frequency of a
-  512x512 image halved, so the mark survives a 0.5x resize, and JPEG at quality 90.
-- Smaller images (from `MIN_SIDE`): a spread-spectrum score needs a change of the order of the
-  picture's own band energy times z^2 / n, which shows below 512 pixels a side (35 dB PSNR on
-  256x256 photos, a visible mottle on 64x64 images). Their mark is
-  dither modulation (Chen and Wornell, "Quantization index modulation", IEEE TIT 2001): each band
-  coefficient, in grey levels per pixel, is moved to a keyed lattice of step `STEP`; the pixel
-  change no longer depends on the picture. Its score, sum cos(2 pi r) / sqrt(n / 2) over the
-  lattice residues r, is bounded alike: P(z >= t) <= exp(-t^2/4). It survives JPEG, not a resize:
-  resampling filters scale coefficients by a few per cent, more than the lattice tolerates.
+- From `SPREAD_SIDE` (512) pixels a side: zero-bit spread spectrum (Cox et al., "Secure spread
+  spectrum watermarking for multimedia", IEEE TIP 1997), a fixed pseudo-random sign per
+  coefficient of a band from K/2 to K, K a quarter of each side (at most `K_MAX`), with the image's
+  own projection on the mark accounted for when embedding ("improved spread spectrum", Malvar and
+  Florencio, IEEE TSP 2003). Coefficients are weighted by a = s^(-1/2), s the image's mean
+  |coefficient| on the ring of the same radius: by Cauchy-Schwarz the weighting that needs the
+  least pixel change for a given score when magnitudes vary, so the mark follows the picture's
+  spectrum. The score z = sqrt(n) <a c, sign> / ||a c|| is, for an image without the mark, a sum
+  of independent random signs: P(z >= t) <= exp(-t^2/2) (Hoeffding), whatever the picture.
+- Smaller images (from `MARK_SIDE`, 64): spread spectrum needs a change of the order of the
+  picture's band energy times z^2 / n, which shows when n is small (34 dB PSNR and a visible
+  mottle on the bundled model's 64x64 images). They get dither modulation (Chen and Wornell,
+  "Quantization index modulation", IEEE TIT 2001) instead: each coefficient of the band below an
+  eighth of each side, in grey levels per pixel, moves to a keyed lattice whose step gives a fixed
+  mean squared change, `DITHER_MSE`, whatever the picture. The band sits at a quarter of the
+  Nyquist frequency after a 0.5x resize, where Lanczos keeps amplitudes to within the lattice's
+  tolerance (bilinear resizing less so). Score: sum cos(2 pi r) / sqrt(n / 2) over the lattice
+  residues r, bounded alike: P(z >= t) <= exp(-t^2/4).
 
 Both marks change R, G and B alike (luminance only, no colour shift) and are deterministic: the
 same pixels in give the same pixels out, so `ember generate --from` still remakes an image exactly.
+Cropping, rotation and strong colour edits are not survived: the mark says "made by ember" to
+whoever asks, it does not resist someone set on removing it.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from functools import lru_cache
 import numpy as np
 
 KEY = 0x656D626572  # "ember": the seed of the signs and the dither; another key, another mark
-MIN_SIDE = 32  # smaller images have too few coefficients for a score
+MIN_SIDE = 32  # smaller images have too few coefficients for a score (a 64x64 image, halved)
+MARK_SIDE = 64  # smaller images are left unmarked: their dither band would be under 8 x 8
 SPREAD_SIDE = 512  # from this side up spread spectrum (survives a resize), below it dither
 K_MAX = 128  # the band's edge: index 128, 64 cycles per image
 LOW = 0.5  # the band starts at K / 2: lower frequencies cost more change per unit of score
 TARGET = 7.0  # the spread-spectrum score embedding aims for, on the band and its lowest quarter
 MIN_RMS = 0.7  # the least spread-spectrum change, grey levels RMS per band: rounding keeps it
-STEP = 0.3  # the dither lattice's step, grey levels per pixel (orthonormal coefficient / sqrt(HW))
+DITHER_MSE = 4.0  # the dither mark's mean squared change, grey levels^2 (42 dB PSNR)
 P_MAX = 1e-6  # "present" when an unmarked image scores this high with at most this probability
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as JPEG's YCbCr
 
@@ -59,7 +62,7 @@ class WatermarkReport:
     state: str  # "present" | "absent" | "too small"
     # log10 of the bound on the chance that an unmarked image scores as high (0 = no evidence)
     log10_p: float = 0.0
-    small: bool = False  # under SPREAD_SIDE: a resized copy of a marked image reads as absent
+    small: bool = False  # under SPREAD_SIDE: a resized copy of a marked image may read as absent
 
     def describe(self) -> str:
         if self.state == "too small":
@@ -68,14 +71,19 @@ class WatermarkReport:
             return (f"watermark: present (made by ember; an unmarked image scores this high with "
                     f"probability below 1e{math.floor(self.log10_p) + 1})")  # fmt: skip
         if self.small:
-            return (f"watermark: absent (under {SPREAD_SIDE} pixels a side the mark does not "
-                    "outlive a resize: a resized copy of an ember image reads as absent)")  # fmt: skip
+            return (f"watermark: absent (under {SPREAD_SIDE} pixels a side a resized copy of an "
+                    "ember image may read as absent)")  # fmt: skip
         return "watermark: absent"
 
 
+def carries_watermark(width: int, height: int) -> bool:
+    """Whether `add_watermark` marks an image of this size."""
+    return min(width, height) >= MARK_SIDE
+
+
 def add_watermark(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> the same image carrying ember's mark; unchanged under `MIN_SIDE`."""
-    if min(pixels.shape[:2]) < MIN_SIDE:
+    """(H, W, 3) uint8 -> the same image carrying ember's mark; unchanged under `MARK_SIDE`."""
+    if not carries_watermark(pixels.shape[1], pixels.shape[0]):
         return pixels
     change_for = _spread_change if min(pixels.shape[:2]) >= SPREAD_SIDE else _dither_change
     out = pixels
@@ -88,15 +96,15 @@ def add_watermark(pixels: np.ndarray) -> np.ndarray:
 
 
 def detect_watermark(pixels: np.ndarray) -> WatermarkReport:
-    """Look for ember's mark in (H, W, 3) uint8 pixels: the spread-spectrum mark on the bands of a
-    quarter and of half the sides (as written, or halved since), and the dither mark. Three tests:
-    the chance of a false "present" is at most 3 `P_MAX`."""
+    """Look for ember's mark in (H, W, 3) uint8 pixels, as written or halved since: the
+    spread-spectrum mark on the bands of a quarter and of half the sides, the dither mark on those
+    of an eighth and of a quarter. Four tests: a false "present" has a chance of at most 4 `P_MAX`."""
     h, w = pixels.shape[:2]
     if min(h, w) < MIN_SIDE:
         return WatermarkReport("too small")
     luma = pixels[:, :, :3].astype(np.float64) @ _LUMA
     tests = [_spread_score(luma, div) ** 2 / 2 for div in (4, 2)]  # -ln P
-    tests.append(_dither_score(luma) ** 2 / 4)
+    tests += [_dither_score(luma, div) ** 2 / 4 for div in (8, 4)]
     log10_p = -max(max(tests), 0.0) / math.log(10)
     state = "present" if log10_p <= math.log10(P_MAX) else "absent"
     return WatermarkReport(state, log10_p, small=min(h, w) < SPREAD_SIDE)
@@ -161,22 +169,36 @@ def _weights(coef: np.ndarray) -> np.ndarray:
 
 def _dither_change(luma: np.ndarray) -> np.ndarray | None:
     h, w = luma.shape
-    kh, kw = _band_size(h, 4), _band_size(w, 4)
+    kh, kw = h // 8, w // 8
     bh, bw = _dct_basis(h, kh), _dct_basis(w, kw)
-    scale = math.sqrt(h * w)  # orthonormal coefficient -> grey levels per pixel
-    x = bh @ luma @ bw.T / scale / STEP - _dither(kh, kw)  # (kh, kw), in lattice steps
-    delta = np.where(_band_mask(kh, kw), np.rint(x) - x, 0.0) * STEP * scale
+    mask, scale = _dither_mask(kh, kw), math.sqrt(h * w)  # orthonormal -> grey levels per pixel
+    step = _dither_step(mask)
+    x = bh @ luma @ bw.T / scale / step - _dither(kh, kw)  # (kh, kw), in lattice steps
+    delta = np.where(mask, np.rint(x) - x, 0.0) * step * scale
     change = bh.T @ delta @ bw
     return change if np.abs(change).max() >= 0.5 else None  # on the lattice, to the rounding
 
 
-def _dither_score(luma: np.ndarray) -> float:
+def _dither_score(luma: np.ndarray, div: int) -> float:
     h, w = luma.shape
-    kh, kw = _band_size(h, 4), _band_size(w, 4)
-    x = _dct_basis(h, kh) @ luma @ _dct_basis(w, kw).T / math.sqrt(h * w) / STEP
-    mask = _band_mask(kh, kw)
+    kh, kw = h // div, w // div
+    mask = _dither_mask(kh, kw)
+    if mask.sum() < 8:
+        return 0.0
+    x = _dct_basis(h, kh) @ luma @ _dct_basis(w, kw).T / math.sqrt(h * w) / _dither_step(mask)
     residue = (x - _dither(kh, kw))[mask]
     return float(np.cos(2 * np.pi * residue).sum()) / math.sqrt(residue.size / 2)
+
+
+def _dither_mask(kh: int, kw: int) -> np.ndarray:
+    v, u = np.mgrid[:kh, :kw]
+    return u + v >= 2
+
+
+def _dither_step(mask: np.ndarray) -> float:
+    """The lattice's step, grey levels per pixel: a uniform residue of step^2 / 12 on each of n
+    coefficients changes the pixels by n step^2 / 12 in mean square."""
+    return math.sqrt(12 * DITHER_MSE / mask.sum())
 
 
 # ---------------------------------------------------------------------------------------------
