@@ -200,6 +200,11 @@ def test_watermark_too_small():
     assert detect_watermark(dead_leaves(24)).state == "too small"
 
 
+def test_watermark_reads_any_size_and_shape():
+    for h, w in ((600, 532), (32, 700), (1100, 96)):
+        assert detect_watermark(np.full((h, w, 3), 128, np.uint8)).state == "absent"
+
+
 def test_generated_images_carry_the_watermark_unless_turned_off(tmp_path, tiny_model_file, capsys):
     out = tmp_path / "a.png"
     assert gen(tiny_model_file, out) == 0

@@ -169,7 +169,7 @@ def _weights(coef: np.ndarray) -> np.ndarray:
 
 def _dither_change(luma: np.ndarray) -> np.ndarray | None:
     h, w = luma.shape
-    kh, kw = h // 8, w // 8
+    kh, kw = _band_size(h, 8), _band_size(w, 8)
     bh, bw = _dct_basis(h, kh), _dct_basis(w, kw)
     mask, scale = _dither_mask(kh, kw), math.sqrt(h * w)  # orthonormal -> grey levels per pixel
     step = _dither_step(mask)
@@ -181,7 +181,7 @@ def _dither_change(luma: np.ndarray) -> np.ndarray | None:
 
 def _dither_score(luma: np.ndarray, div: int) -> float:
     h, w = luma.shape
-    kh, kw = h // div, w // div
+    kh, kw = _band_size(h, div), _band_size(w, div)
     mask = _dither_mask(kh, kw)
     if mask.sum() < 8:
         return 0.0
