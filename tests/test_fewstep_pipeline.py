@@ -82,8 +82,10 @@ def diffusers_image(
 
 
 def ember_png(path, *args: str, seed: bool = True) -> np.ndarray:
-    """`ember generate PROMPT --negative NEGATIVE ARGS -o PATH` in fp32 -> the PNG's pixels."""
-    argv = ["generate", PROMPT, "--negative", NEGATIVE, "--dtype", "fp32", "-q", "-o", str(path)]
+    """`ember generate PROMPT --negative NEGATIVE ARGS -o PATH` in fp32 -> the PNG's pixels, the
+    model's own (no watermark: they are compared with diffusers')."""
+    argv = ["generate", PROMPT, "--negative", NEGATIVE, "--dtype", "fp32", "-q", "-o", str(path),
+            "--no-watermark"]  # fmt: skip
     argv += ["--seed", str(SEED)] if seed else []
     assert main([*argv, *args]) == 0
     return np.asarray(Image.open(path).convert("RGB"))
