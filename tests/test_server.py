@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ember.provenance import Provenance
 from ember.server.app import create_app
 from ember.server.auth import AuthConfig, create_key
 from ember.server.jobs import Store
@@ -440,7 +441,9 @@ def test_jobs_differing_only_in_layout_guidance_all_succeed(tmp_path, tiny_model
             return super().run(items, on_step)
 
     engine = GatedEngine([], tiny_model_file)
-    settings = make_settings(tmp_path, batch_window=0.0, max_batch_images=8)
+    # the model's pixels, compared with the service's: no watermark on top
+    settings = make_settings(tmp_path, batch_window=0.0, max_batch_images=8,
+                             provenance=Provenance(watermark=False))  # fmt: skip
     prompt = "a red circle left of a blue square"
     with TestClient(create_app(settings, engine)) as c:
         blocker = c.post("/v1/jobs", json={"prompt": "b", "steps": 1}).json()["id"]
