@@ -15,6 +15,7 @@ scripts) are measured on the photographs too: why ember does not use it.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -194,13 +195,12 @@ picture: 4 tests x {P_MAX:g}).
 |{" --- |" * (len(ATTACKS) + 1)}
 {chr(10).join(unmarked)}
 """
-    import math
-
     scores = [detect_watermark(p).log10_p for p in unmarked_crops(a.false_positives)]
     hits = sum(x <= math.log10(P_MAX) for x in scores)
+    strongest = math.floor(min(scores))
     report += f"""
-Unmarked pictures of random sizes (`--false-positives {a.false_positives}`, 32 to 640 pixels a side,
-crops and resizes): {hits} read as marked; the strongest evidence any gave was p = 1e{max(-99, math.floor(min(scores)))}
+Unmarked pictures of random sizes (`--false-positives {a.false_positives}`, 32 to 640 pixels a
+side, crops and resizes): {hits} read as marked; the strongest evidence any gave was p = 1e{strongest}
 (present needs p <= {P_MAX:g}).
 """
     if photos is not None:

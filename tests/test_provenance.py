@@ -1,4 +1,4 @@
-"""Provenance (issue 40): Content Credentials, the XMP source type and the watermark in every PNG."""
+"""Provenance (issue 40): Content Credentials, XMP source type and watermark in every PNG."""
 
 from __future__ import annotations
 

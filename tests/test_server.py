@@ -19,6 +19,7 @@ from ember.server.app import create_app
 from ember.server.auth import AuthConfig, create_key
 from ember.server.jobs import Store
 from ember.settings import GenerationParams
+from ember.watermark import add_watermark
 from server_support import FakeEngine, make_settings, wait_for
 
 
@@ -67,7 +68,9 @@ def test_txt2img_a1111_shapes(client):
     # each image carries its infotext and is the one its seed gives
     assert decode(body["images"][1]).text["parameters"] == info["infotexts"][1]
     expected = FakeEngine.pixels(GenerationParams("a", seed=9, width=64, height=64))[0]
-    assert np.array_equal(np.asarray(decode(body["images"][2]).convert("RGB")), expected)
+    # the engine's pixels with ember's watermark (`ember.watermark`) on top
+    got = np.asarray(decode(body["images"][2]).convert("RGB"))
+    assert np.array_equal(got, add_watermark(expected))
 
 
 def test_a1111_defaults_and_refusals(client):
@@ -258,7 +261,8 @@ def test_batching_shares_a_batch_without_changing_images(tmp_path):
             image_id = c.get(f"/v1/jobs/{job_id}").json()["images"][0]
             png = Image.open(io.BytesIO(c.get(f"/v1/images/{image_id}").content)).convert("RGB")
             rng = np.random.default_rng(100 + i)
-            assert np.array_equal(np.asarray(png), rng.integers(0, 256, (64, 64, 3), np.uint8))
+            want = add_watermark(rng.integers(0, 256, (64, 64, 3), np.uint8))
+            assert np.array_equal(np.asarray(png), want)
 
 
 def test_queue_full_503_and_rate_limit_429(tmp_path):

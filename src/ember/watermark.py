@@ -98,7 +98,8 @@ def add_watermark(pixels: np.ndarray) -> np.ndarray:
 def detect_watermark(pixels: np.ndarray) -> WatermarkReport:
     """Look for ember's mark in (H, W, 3) uint8 pixels, as written or halved since: the
     spread-spectrum mark on the bands of a quarter and of half the sides, the dither mark on those
-    of an eighth and of a quarter. Four tests: a false "present" has a chance of at most 4 `P_MAX`."""
+    of an eighth and of a quarter. Four tests: a false "present" has a chance of at most
+    4 `P_MAX`."""
     h, w = pixels.shape[:2]
     if min(h, w) < MIN_SIDE:
         return WatermarkReport("too small")
