@@ -82,11 +82,15 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
     for model in (single, folder, last):
         out = tmp_path / f"{model.name}.png"
         args = ["generate", "a red circle left of a blue square", "--model", str(model)]
-        assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
+        assert (
+            main([*args, "--steps", "4", "--seed", "3", "-q", "--no-watermark", "-o", str(out)])
+            == 0
+        )
         images.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
     # The same image up to one rounding step: the folder's truncated encoder and the file's full one
     # round differently on some CPUs (seen on an AVX2-only EPYC), and layout guidance's backward
-    # pass can carry that into a pixel.
+    # pass can carry that into a pixel. The model's pixels: the watermark's lattice could turn one
+    # such step into a few grey levels.
     assert np.abs(images[0] - images[1]).max() <= 1
     assert np.abs(images[0] - images[2]).max() > 1, "the layer choice changed nothing"
     # A numbered layer (here the fourth) exports the four layers it uses.
@@ -102,7 +106,10 @@ def test_penultimate_minilm_model_round_trips_through_diffusers(tmp_path):
     for model in (fourth, folder4):
         out = tmp_path / f"{model.name}-4.png"
         args = ["generate", "a red circle left of a blue square", "--model", str(model)]
-        assert main([*args, "--steps", "4", "--seed", "3", "-q", "-o", str(out)]) == 0
+        assert (
+            main([*args, "--steps", "4", "--seed", "3", "-q", "--no-watermark", "-o", str(out)])
+            == 0
+        )
         pair.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
     assert np.abs(pair[0] - pair[1]).max() <= 1
     assert np.abs(pair[0] - images[0]).max() > 1

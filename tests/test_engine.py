@@ -63,7 +63,9 @@ def ember_image(tmp_path, model, sampler, *extra, name="e.png") -> np.ndarray:
     args = ["generate", PROMPT, "--negative", NEGATIVE, "--model", str(model), "--sampler", sampler]
     args += ["--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED)]
     # Parity with diffusers' fp32 reference is an fp32 property; bf16 has tests/test_bf16.py.
-    args += ["--size", f"{SIZE}x{SIZE}", "--dtype", "fp32", "-o", str(out), "-q", *extra]
+    # The model's pixels: no watermark (`ember.watermark`) on top.
+    args += ["--size", f"{SIZE}x{SIZE}", "--dtype", "fp32", "-o", str(out), "-q", "--no-watermark"]
+    args += extra
     assert main(args) == 0
     return np.asarray(Image.open(out).convert("RGB"))
 
@@ -99,7 +101,7 @@ def test_batch_images_match_diffusers_per_seed(tmp_path, sd1_folder):
     ref = diffusers_images(sd1_folder, "euler_a", batch=2)
     args = ["generate", PROMPT, "--negative", NEGATIVE, "--model", str(sd1_folder)]
     args += ["--sampler", "euler_a", "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED)]
-    args += ["--size", f"{SIZE}x{SIZE}", "--batch", "2", "--dtype", "fp32", "-q"]
+    args += ["--size", f"{SIZE}x{SIZE}", "--batch", "2", "--dtype", "fp32", "-q", "--no-watermark"]
     args += ["-o", str(tmp_path / "b.png")]
     assert main(args) == 0
     for i in range(2):

@@ -82,8 +82,10 @@ def diffusers_image(
 
 
 def ember_png(path, *args: str, seed: bool = True) -> np.ndarray:
-    """`ember generate PROMPT --negative NEGATIVE ARGS -o PATH` in fp32 -> the PNG's pixels."""
-    argv = ["generate", PROMPT, "--negative", NEGATIVE, "--dtype", "fp32", "-q", "-o", str(path)]
+    """`ember generate PROMPT --negative NEGATIVE ARGS -o PATH` in fp32 -> the PNG's pixels, the
+    model's own (no watermark: they are compared with diffusers')."""
+    argv = ["generate", PROMPT, "--negative", NEGATIVE, "--dtype", "fp32", "-q", "-o", str(path),
+            "--no-watermark"]  # fmt: skip
     argv += ["--seed", str(SEED)] if seed else []
     assert main([*argv, *args]) == 0
     return np.asarray(Image.open(path).convert("RGB"))
@@ -317,6 +319,7 @@ def test_a1111_sd_vae_option_decodes_with_taesd(tmp_path, sd1_folder, taesd, mon
 
     from fastapi.testclient import TestClient
 
+    from ember.provenance import Provenance
     from ember.server.app import create_app
     from ember.server.engine import ModelEngine
     from server_support import make_settings
@@ -334,7 +337,8 @@ def test_a1111_sd_vae_option_decodes_with_taesd(tmp_path, sd1_folder, taesd, mon
     engine = ModelEngine([], sd1_folder, dtype="fp32")
     body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": 3,
             "sampler_name": "Euler", "cfg_scale": 7, "width": SIZE, "height": SIZE}  # fmt: skip
-    with TestClient(create_app(make_settings(tmp_path / "data"), engine)) as c:
+    settings = make_settings(tmp_path / "data", provenance=Provenance(watermark=False))
+    with TestClient(create_app(settings, engine)) as c:  # the model's pixels, as ember_png's
         assert [v["model_name"] for v in c.get("/sdapi/v1/sd-vae").json()] == ["tiny-taesd"]
         assert c.post("/sdapi/v1/options", json={"sd_vae": "tiny-taesd"}).status_code == 200
 

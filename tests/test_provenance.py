@@ -1,4 +1,4 @@
-"""Provenance (issue 40): Content Credentials and the XMP source type in every PNG."""
+"""Provenance (issue 40): Content Credentials, XMP source type and watermark in every PNG."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from ember.checkpoints import file_hashes
 from ember.cli import main
 from ember.images import png_bytes
 from ember.server.app import create_app
+from ember.watermark import add_watermark, detect_watermark
+from pictures import dead_leaves, psnr, reencode
 from server_support import FakeEngine, make_settings, wait_for
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -159,6 +161,9 @@ def test_server_images_carry_credentials(tmp_path, on):
         assert r.status_code == 200, r.text
         png = base64.b64decode(r.json()["images"][0])
         assert P.read_credentials(png).state == ("valid" if on else "absent")
+        assert detect_watermark(np.asarray(Image.open(io.BytesIO(png)))).state == (
+            "present" if on else "absent"
+        )
         r = client.post("/v1/jobs", json={"prompt": "a blue square", "steps": 2})
         assert r.status_code in (200, 201, 202), r.text
         job = r.json()["id"]
@@ -166,4 +171,62 @@ def test_server_images_carry_credentials(tmp_path, on):
         (image,) = client.get(f"/v1/jobs/{job}").json()["images"]
         png = client.get(f"/v1/images/{image}").content
         assert P.read_credentials(png).state == ("valid" if on else "absent")
-        assert json.loads(Image.open(io.BytesIO(png)).text["ember"])["credentials"] is on
+        record = json.loads(Image.open(io.BytesIO(png)).text["ember"])
+        assert record["credentials"] is on and record["watermark"] is on
+        assert detect_watermark(np.asarray(Image.open(io.BytesIO(png)))).state == (
+            "present" if on else "absent"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the watermark
+
+
+@pytest.mark.parametrize("side", [512, 64])
+def test_watermark_outlives_jpeg_and_a_half_size_copy(side):
+    picture = dead_leaves(side)
+    marked = add_watermark(picture)
+    assert psnr(picture, marked) > 40  # invisible: measured 42-49 dB
+    for edit in ({}, {"fmt": "JPEG"}, {"scale": 0.5}):
+        assert detect_watermark(reencode(marked, **edit)).state == "present", edit
+        assert detect_watermark(reencode(picture, **edit)).state == "absent", edit
+    assert np.array_equal(add_watermark(picture), marked)  # deterministic: --from holds
+
+
+def test_watermark_too_small():
+    small = dead_leaves(48)  # under 64 pixels a side: left unmarked
+    assert np.array_equal(add_watermark(small), small)
+    assert detect_watermark(small).state == "absent"
+    assert detect_watermark(dead_leaves(24)).state == "too small"
+
+
+def test_watermark_reads_any_size_and_shape():
+    for h, w in ((600, 532), (32, 700), (1100, 96)):
+        assert detect_watermark(np.full((h, w, 3), 128, np.uint8)).state == "absent"
+
+
+def test_generated_images_carry_the_watermark_unless_turned_off(tmp_path, tiny_model_file, capsys):
+    out = tmp_path / "a.png"
+    assert gen(tiny_model_file, out) == 0
+    assert json.loads(Image.open(out).text["ember"])["watermark"] is True
+    jpeg = tmp_path / "a.jpg"
+    Image.open(out).convert("RGB").save(jpeg, quality=90)
+    capsys.readouterr()
+    for path in (out, jpeg):
+        assert main(["info", str(path)]) == 0
+        assert "watermark: present (made by ember" in capsys.readouterr().out
+    half = tmp_path / "half.png"
+    Image.fromarray(reencode(np.asarray(Image.open(out)), scale=0.5)).save(half)
+    assert main(["info", str(half)]) == 0
+    assert "watermark: present (made by ember" in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    assert gen(tiny_model_file, plain, "--no-watermark") == 0
+    assert json.loads(Image.open(plain).text["ember"])["watermark"] is False
+    assert main(["info", str(plain)]) == 0
+    assert "watermark: absent (the record says it was turned off)" in capsys.readouterr().out
+    # the watermark is the model's pixels plus the mark: nothing else changes
+    assert np.array_equal(add_watermark(np.asarray(Image.open(plain))), np.asarray(Image.open(out)))
+    # --from an unmarked image remakes it unmarked: the same pixels
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(plain), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(plain)))

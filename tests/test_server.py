@@ -14,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ember.provenance import Provenance
 from ember.server.app import create_app
 from ember.server.auth import AuthConfig, create_key
 from ember.server.jobs import Store
 from ember.settings import GenerationParams
+from ember.watermark import add_watermark
 from server_support import FakeEngine, make_settings, wait_for
 
 
@@ -66,7 +68,9 @@ def test_txt2img_a1111_shapes(client):
     # each image carries its infotext and is the one its seed gives
     assert decode(body["images"][1]).text["parameters"] == info["infotexts"][1]
     expected = FakeEngine.pixels(GenerationParams("a", seed=9, width=64, height=64))[0]
-    assert np.array_equal(np.asarray(decode(body["images"][2]).convert("RGB")), expected)
+    # the engine's pixels with ember's watermark (`ember.watermark`) on top
+    got = np.asarray(decode(body["images"][2]).convert("RGB"))
+    assert np.array_equal(got, add_watermark(expected))
 
 
 def test_a1111_defaults_and_refusals(client):
@@ -257,7 +261,8 @@ def test_batching_shares_a_batch_without_changing_images(tmp_path):
             image_id = c.get(f"/v1/jobs/{job_id}").json()["images"][0]
             png = Image.open(io.BytesIO(c.get(f"/v1/images/{image_id}").content)).convert("RGB")
             rng = np.random.default_rng(100 + i)
-            assert np.array_equal(np.asarray(png), rng.integers(0, 256, (64, 64, 3), np.uint8))
+            want = add_watermark(rng.integers(0, 256, (64, 64, 3), np.uint8))
+            assert np.array_equal(np.asarray(png), want)
 
 
 def test_queue_full_503_and_rate_limit_429(tmp_path):
@@ -440,7 +445,9 @@ def test_jobs_differing_only_in_layout_guidance_all_succeed(tmp_path, tiny_model
             return super().run(items, on_step)
 
     engine = GatedEngine([], tiny_model_file)
-    settings = make_settings(tmp_path, batch_window=0.0, max_batch_images=8)
+    # the model's pixels, compared with the service's: no watermark on top
+    settings = make_settings(tmp_path, batch_window=0.0, max_batch_images=8,
+                             provenance=Provenance(watermark=False))  # fmt: skip
     prompt = "a red circle left of a blue square"
     with TestClient(create_app(settings, engine)) as c:
         blocker = c.post("/v1/jobs", json={"prompt": "b", "steps": 1}).json()["id"]

@@ -98,6 +98,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise EmberError("--strength applies to img2img; pass --init-image too")
 
     provenance = P.provenance_from_args(args)
+    if args.from_image and not source.watermark:
+        # the same pixels again: an image recorded without the watermark (turned off, or made
+        # before ember had one) is remade without it
+        provenance = dataclasses.replace(provenance, watermark=False)
     vae = args.vae
     if args.from_image and vae is None and source.vae_path:
         vae = source.vae_path  # the same image again: the VAE it was decoded with
@@ -228,7 +232,11 @@ def load_with_progress(service, name: str | None, config: str | None, *, quiet: 
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="show the generation record and provenance of a PNG")
+    p = sub.add_parser(
+        "info",
+        help="show the generation record and provenance of an image "
+        "(the watermark also in a JPEG or a resized copy)",
+    )
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the full ember record as JSON")
     p.add_argument(
@@ -256,16 +264,18 @@ def run_info(args: argparse.Namespace) -> int:
                     "torch_version"):  # fmt: skip
             print(f"{key}: {rec.get(key)}")
     print()
-    report = print_provenance(Path(args.image), text)
+    report = print_provenance(Path(args.image), text, rec)
     if args.provenance:
         print()
         print_model_provenance(rec, report)
     return 0
 
 
-def print_provenance(path: Path, text: dict[str, str]):
-    """Credentials (valid / tampered / absent) and the digital source type."""
+def print_provenance(path: Path, text: dict[str, str], rec: dict | None):
+    """Credentials (valid / tampered / absent), the digital source type and the watermark."""
+    from ember import images as I
     from ember import provenance as P
+    from ember.watermark import detect_watermark
 
     report = P.read_credentials(path.read_bytes())
     line = f"credentials: {report.state}"
@@ -276,6 +286,11 @@ def print_provenance(path: Path, text: dict[str, str]):
     print(line)
     source = report.source_type or P.xmp_source_type(text.get(P.XMP_KEY))
     print(f"digital source type: {source or 'not stated'}")
+    mark = detect_watermark(I.load_image(path))
+    line = mark.describe()
+    if mark.state == "absent" and rec is not None and rec.get("watermark") is False:
+        line = "watermark: absent (the record says it was turned off)"
+    print(line)
     return report
 
 

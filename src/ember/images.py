@@ -3,9 +3,11 @@
 Each PNG holds two text chunks:
 - `parameters`: the A1111 infotext, so every existing PNG-info reader shows the settings;
 - `ember`: a JSON record with everything needed to regenerate the image's pixels exactly.
-PNG writing uses no timestamps or other varying chunks, so the same pixels and record give the same
-bytes, unless the image carries Content Credentials (`ember.provenance`): their signature and
-manifest id differ on every signing, while the pixels and record stay the same.
+An image with a record also carries ember's invisible watermark (`ember.watermark`, unless turned
+off), added to the model's pixels here, deterministically. PNG writing uses no timestamps or other
+varying chunks, so the same pixels and record give the same bytes, unless the image carries Content
+Credentials (`ember.provenance`): their signature and manifest id differ on every signing, while the
+pixels and record stay the same.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ember import provenance as P
 from ember.errors import EmberError
 from ember.files import write_atomic
 from ember.settings import GenerationParams, params_from_dict
+from ember.watermark import add_watermark, carries_watermark
 
 RECORD_KEY = "ember"
 INFOTEXT_KEY = "parameters"
@@ -73,6 +76,7 @@ class ImageRecord:
     vae_sha256: str | None = None
     # what the file carries beyond pixels and record (set when it is encoded; see png_bytes)
     credentials: bool = False  # a signed C2PA manifest and the XMP DigitalSourceType
+    watermark: bool = False  # the invisible mark (`ember.watermark`); False in older records
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -163,6 +167,8 @@ def png_bytes(
     if record is None:
         return _encode(pixels, PngImagePlugin.PngInfo())
     record = marked_record(record, provenance)
+    if provenance.watermark:
+        pixels = add_watermark(pixels)
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_KEY, format_infotext(record))
     info.add_itxt(RECORD_KEY, record.to_json())
@@ -184,8 +190,11 @@ def png_bytes(
 
 
 def marked_record(record: ImageRecord, provenance: P.Provenance) -> ImageRecord:
-    """The record as `png_bytes` writes it: saying whether the file carries credentials."""
-    return replace(record, credentials=provenance.credentials)
+    """The record as `png_bytes` writes it: saying whether the file carries credentials and the
+    watermark (whose pixels, deterministic, `--from` remakes too)."""
+    p = record.params
+    marked = provenance.watermark and carries_watermark(p.width or 0, p.height or 0)
+    return replace(record, credentials=provenance.credentials, watermark=marked)
 
 
 def _encode(pixels: np.ndarray, info: PngImagePlugin.PngInfo) -> bytes:

@@ -1,12 +1,14 @@
 """Provenance: every image says it was generated, by which model, trained on what (issue 40).
 
-Two marks, each readable by tools that know nothing of ember:
+Three marks, the first two readable by tools that know nothing of ember:
 - Content Credentials (C2PA 2.x, through `c2pa-python`): a signed manifest in the PNG with a
   `c2pa.created` action whose digitalSourceType is IPTC's `trainedAlgorithmicMedia`, the software
   (ember and its version), the model (name, sha256, and the licences and attributions of its model
   card) and, for img2img and inpainting, the input image as an ingredient. The manifest hashes the
   whole file, so any edit (one pixel) makes it read as tampered.
 - IPTC's DigitalSourceType in the PNG's XMP, for readers of plain metadata.
+- An invisible watermark in the pixels (`ember.watermark`), which outlives the metadata: a JPEG
+  re-encode, a screenshot's PNG, and at 512 pixels a side and more a resize.
 
 Signing uses the user's certificate chain and key (`--c2pa-cert`/`--c2pa-key`), else a local ES256
 chain (a root CA and a leaf) that ember makes once in its config folder. Readers then report the
@@ -39,12 +41,13 @@ class Provenance:
     """What an encoded PNG carries beyond its pixels and record."""
 
     credentials: bool = True  # C2PA manifest and XMP
+    watermark: bool = True  # the invisible mark in the pixels (`ember.watermark`)
     cert: Path | None = None  # PEM chain, leaf first; None: the local chain
     key: Path | None = None  # PEM private key of the leaf
 
 
-ON = Provenance()  # the default: every image carries both marks
-OFF = Provenance(credentials=False)
+ON = Provenance()  # the default: every image carries every mark
+OFF = Provenance(credentials=False, watermark=False)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ def add_provenance_args(p) -> None:
         "(default: a local chain made in $EMBER_CONFIG or ~/.config/ember)",
     )
     p.add_argument("--c2pa-key", help="PEM private key of --c2pa-cert's first certificate")
+    p.add_argument(
+        "--no-watermark",
+        action="store_true",
+        help="no invisible watermark in the pixels (the PNG record says so)",
+    )
 
 
 def provenance_from_args(args) -> Provenance:
@@ -101,6 +109,7 @@ def provenance_from_args(args) -> Provenance:
         raise EmberError("--c2pa-cert and --c2pa-key go together: give both or neither")
     return Provenance(
         credentials=not args.no_credentials,
+        watermark=not args.no_watermark,
         cert=Path(args.c2pa_cert) if args.c2pa_cert else None,
         key=Path(args.c2pa_key) if args.c2pa_key else None,
     )  # fmt: skip
