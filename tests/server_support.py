@@ -179,7 +179,9 @@ def start_server(data_dir: Path, *, model: Path | None = None, step_delay: float
 
     port = free_port()
     cmd = [sys.executable, __file__, str(data_dir), str(port), str(model or ""), str(step_delay)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # the tests folder for this module, and whatever PYTHONPATH names the ember being tested
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
 

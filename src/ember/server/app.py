@@ -28,9 +28,17 @@ from ember.provenance import Provenance
 from ember.server import a1111
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed
 from ember.server.engine import Engine
-from ember.server.jobs import FINAL, IdempotencyConflict, Job, QueueFull, Store
+from ember.server.jobs import (
+    FINAL,
+    IdempotencyConflict,
+    Job,
+    QueueFull,
+    StoreUnavailable,
+    open_store,
+)
+from ember.server.ops import Metrics
 from ember.server.uploads import decode_base64, decode_image
-from ember.server.worker import Broker, Worker
+from ember.server.worker import Broker, Worker, job_batch_key, new_worker_id
 from ember.settings import (
     FIELD_TYPES,
     FIELDS,
@@ -60,6 +68,10 @@ class Settings:
     max_batch_images: int = 8
     options: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = Provenance()  # what every image carries (`ember.provenance`)
+    queue: str | None = (
+        None  # None: SQLite in data_dir; postgresql://...: a queue shared by workers
+    )
+    lease: float = 30.0  # seconds a worker holds a job without renewing (shared queue)
 
 
 class ServiceUnavailable(Exception):
@@ -79,15 +91,20 @@ class Server:
         self.settings = settings
         self.limits = settings.limits
         self.engine = engine
-        self.store = Store(settings.data_dir)
+        self.store = open_store(settings.queue, settings.data_dir)
         self.store.recover()
         self.broker = Broker()
+        if self.store.shared:
+            self.broker.relay = self.store.publish
+        worker_id = new_worker_id()
+        self.metrics = Metrics(self.store, worker_id)
         self.worker = Worker(
             self.store, engine, self.broker, batching=settings.batching,
             batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
-            provenance=settings.provenance,
+            provenance=settings.provenance, lease=settings.lease, worker_id=worker_id,
+            metrics=self.metrics,
         )  # fmt: skip
-        self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst)
+        self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst, self.store)
         self.options: dict[str, Any] = dict(settings.options)
         self.lifespans = 0
 
@@ -132,6 +149,7 @@ class Server:
             job, created = self.store.submit(
                 owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
                 idem_key=idem_key, body_hash=body_hash, max_queued=self.settings.max_queue,
+                batch_key=job_batch_key(title, kind, params),
             )  # fmt: skip
         except QueueFull:
             raise ServiceUnavailable("the queue is full; retry later", 5) from None
@@ -140,13 +158,16 @@ class Server:
         return job
 
     async def wait(self, job_id: str) -> Job:
-        """Until the job reaches a final state."""
+        """Until the job reaches a final state, wherever it runs; a database outage only delays
+        the answer (the job's row is durable)."""
         q = self.broker.subscribe(job_id)
         try:
             while True:
-                job = self.store.get(job_id)
-                assert job is not None
-                if job.status in FINAL:
+                try:
+                    job = await asyncio.to_thread(self.store.get, job_id)
+                except StoreUnavailable:
+                    job = None
+                if job is not None and job.status in FINAL:
                     return job
                 try:
                     await asyncio.wait_for(q.get(), timeout=1.0)
@@ -213,7 +234,13 @@ class Guard:
                     (b"access-control-max-age", b"600"),
                 ])  # fmt: skip
                 return
-        who = check_credentials(headers.get("authorization"), server.store, server.settings.auth)
+        try:
+            who = check_credentials(
+                headers.get("authorization"), server.store, server.settings.auth
+            )
+        except StoreUnavailable as exc:
+            await _reject(send, 503, str(exc), cors + _retry_after(exc))
+            return
         if who is None:
             challenge = b'Basic realm="ember", charset="UTF-8"'
             await _reject(send, 401, "missing or invalid credentials",
@@ -251,6 +278,10 @@ class Guard:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _retry_after(exc: StoreUnavailable) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(exc.retry_after).encode())]
 
 
 async def _reject(send, status: int, detail: str | None, headers: list | None = None) -> None:
@@ -390,6 +421,11 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=status,
                             headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_away(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
@@ -501,14 +537,15 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/v1/images/{image_id}", tags=["gallery"],
              responses={200: {"content": {"image/png": {}}}, 404: {"description": "no image"}})  # fmt: skip
-    async def get_image(image_id: str) -> FileResponse:
+    async def get_image(image_id: str) -> Response:
         if len(image_id) != 24 or any(c not in "0123456789abcdef" for c in image_id):
             raise HTTPException(404, "no such image")
         row = server.store.image(image_id)
-        if row is None:
+        data = server.store.image_bytes(image_id) if row is not None else None
+        if data is None:
             raise HTTPException(404, "no such image")
-        return FileResponse(server.store.image_path(row.id), media_type="image/png",
-                            headers={"X-Ember-Infotext": _header_safe(row.infotext)})  # fmt: skip
+        return Response(data, media_type="image/png",
+                        headers={"X-Ember-Infotext": _header_safe(row.infotext)})  # fmt: skip
 
     @app.get("/v1/images/{image_id}/info", response_model=ImageView, tags=["gallery"])
     async def get_image_info(image_id: str) -> dict[str, Any]:
@@ -519,7 +556,32 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/healthz", tags=["meta"])
     async def health() -> dict[str, Any]:
-        return {"ok": True, "model": server.engine.current().title, "queue": server.store.counts()}
+        """Liveness: this process answers (the queue's counts when its database does too)."""
+        try:
+            queue = server.store.counts()
+        except StoreUnavailable:
+            queue = None
+        return {"ok": True, "model": server.engine.current().title, "queue": queue,
+                "worker": server.worker.id}  # fmt: skip
+
+    @app.get("/readyz", tags=["meta"], responses={503: {"description": "not ready"}})
+    async def ready() -> JSONResponse:
+        """Readiness for a load balancer: the queue database answers and the worker runs."""
+        try:
+            server.store.ping()
+        except StoreUnavailable as exc:
+            return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+        if server.lifespans and not server.worker.alive():
+            return JSONResponse({"ready": False, "reason": "the worker thread stopped"}, 503)
+        return JSONResponse({"ready": True, "worker": server.worker.id})
+
+    @app.get("/metrics", tags=["meta"], responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text format: jobs by state, queue depth, this worker's images, batches and
+        step latency."""
+        body = await asyncio.to_thread(server.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
