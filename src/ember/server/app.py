@@ -239,8 +239,10 @@ class Guard:
                 headers.get("authorization"), server.store, server.settings.auth
             )
         except StoreUnavailable as exc:
-            await _reject(send, 503, str(exc), cors + _retry_after(exc))
-            return
+            if scope["path"] != "/healthz":
+                await _reject(send, 503, str(exc), cors + _retry_after(exc))
+                return
+            who = "unverified"  # liveness must not depend on the database; /readyz does
         if who is None:
             challenge = b'Basic realm="ember", charset="UTF-8"'
             await _reject(send, 401, "missing or invalid credentials",

@@ -46,7 +46,9 @@ from ember.server.jobs import (
 
 log = logging.getLogger("ember.server")
 CHANNEL = "ember_events"
-NOW = "extract(epoch from clock_timestamp())"  # the database's clock, shared by every worker
+NOW = (
+    "extract(epoch from clock_timestamp())::float8"  # the database's clock, shared by every worker
+)
 MIGRATION_LOCK = 0x656D626572  # pg_advisory_xact_lock key: "ember"
 
 
@@ -97,13 +99,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _db(method):
-    """Connection trouble -> StoreUnavailable, so a handler answers 503 and the worker retries."""
+    """Connection trouble -> StoreUnavailable, so a handler answers 503 and the worker retries.
+
+    After a failure the store answers StoreUnavailable at once for `PgStore.backoff` seconds instead
+    of making every request wait for the pool's timeout (the handlers run on the event loop)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kw):
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("the queue database is unavailable; retrying")
         try:
             return method(self, *args, **kw)
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            self._down_until = time.monotonic() + self.backoff
             raise StoreUnavailable(
                 f"the queue database is unavailable: {_first_line(exc)}"
             ) from None
@@ -115,10 +123,12 @@ class PgStore:
     """The queue, gallery, keys and rate limits in one PostgreSQL database shared by every worker."""
 
     shared = True
+    backoff = 0.5  # seconds of fast 503s after a connection failure
 
-    def __init__(self, url: str, *, pool_size: int = 8, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 8, timeout: float = 2.0) -> None:
         upgrade(url)
         self.url = url
+        self._down_until = 0.0
         self.origin = new_id()  # tags this process's notifications so it skips its own
         self._pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, timeout=timeout, open=True,
@@ -339,7 +349,7 @@ class PgStore:
         with self._pool.connection() as conn, conn.transaction():
             cur = conn.execute(
                 "UPDATE jobs SET status='done', images=%s, finished=%s, lease_until=NULL "
-                "WHERE id=%s AND status='running' AND (worker=%s OR %s IS NULL)",
+                "WHERE id=%s AND status='running' AND (worker=%s OR %s::text IS NULL)",
                 (json.dumps([r.id for r, _ in images]), time.time(), job_id, worker, worker),
             )
             if not cur.rowcount:

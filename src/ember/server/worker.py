@@ -362,7 +362,13 @@ class Worker:
         if self.metrics is not None:
             self.metrics.batches.inc()
         for item, images in zip(group, outputs, strict=True):
-            self._save(item, images)
+            try:
+                self._save(item, images)
+            except StoreUnavailable:
+                raise  # the job keeps its lease; another worker re-runs it if this one gives up
+            except Exception as exc:  # noqa: BLE001 - a job whose images cannot be written fails
+                log.error("job=%s cannot save:\n%s", item.job_id, traceback.format_exc())
+                self._fail([item.job_id], f"cannot save the images: {exc}")
 
     def _hand_back(self, ids: list[str]) -> None:
         try:
