@@ -11,7 +11,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from ember.cli import main

@@ -25,7 +25,7 @@ from ember.catalog import lookup
 from ember.errors import EmberError
 from ember.images import image_array
 from ember.provenance import Provenance
-from ember.server import a1111
+from ember.server import a1111, ops
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed
 from ember.server.engine import Engine
 from ember.server.jobs import (
@@ -36,7 +36,6 @@ from ember.server.jobs import (
     StoreUnavailable,
     open_store,
 )
-from ember.server.ops import Metrics
 from ember.server.uploads import decode_base64, decode_image
 from ember.server.worker import Broker, Worker, job_batch_key, new_worker_id
 from ember.settings import (
@@ -97,7 +96,7 @@ class Server:
         if self.store.shared:
             self.broker.relay = self.store.publish
         worker_id = new_worker_id()
-        self.metrics = Metrics(self.store, worker_id)
+        self.metrics = ops.Metrics(self.store, worker_id)
         self.worker = Worker(
             self.store, engine, self.broker, batching=settings.batching,
             batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
@@ -435,6 +434,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"detail": errors}, status_code=422)
 
     app.include_router(a1111.router)
+    app.include_router(ops.router)
     app.add_middleware(Guard, server=server)
 
     @app.post("/v1/jobs", response_model=JobView, status_code=202, tags=["jobs"],
@@ -555,35 +555,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         if row is None:
             raise HTTPException(404, "no such image")
         return _image_view(row)
-
-    @app.get("/healthz", tags=["meta"])
-    async def health() -> dict[str, Any]:
-        """Liveness: this process answers (the queue's counts when its database does too)."""
-        try:
-            queue = server.store.counts()
-        except StoreUnavailable:
-            queue = None
-        return {"ok": True, "model": server.engine.current().title, "queue": queue,
-                "worker": server.worker.id}  # fmt: skip
-
-    @app.get("/readyz", tags=["meta"], responses={503: {"description": "not ready"}})
-    async def ready() -> JSONResponse:
-        """Readiness for a load balancer: the queue database answers and the worker runs."""
-        try:
-            server.store.ping()
-        except StoreUnavailable as exc:
-            return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503,
-                                headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
-        if server.lifespans and not server.worker.alive():
-            return JSONResponse({"ready": False, "reason": "the worker thread stopped"}, 503)
-        return JSONResponse({"ready": True, "worker": server.worker.id})
-
-    @app.get("/metrics", tags=["meta"], responses={200: {"content": {"text/plain": {}}}})
-    async def metrics() -> Response:
-        """Prometheus text format: jobs by state, queue depth, this worker's images, batches and
-        step latency."""
-        body = await asyncio.to_thread(server.metrics.render)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -1,4 +1,4 @@
-"""Operations: Prometheus metrics and structured (logfmt) logs.
+"""Operations: /healthz, /readyz, /metrics (Prometheus text format) and structured logs.
 
 Each server gets its own `CollectorRegistry`, so several apps in one process (tests) never share
 counters. The queue's gauges are read from the store at scrape time, so every worker reports the
@@ -7,13 +7,18 @@ whole queue; the counters (images, batches, step latency) are this worker's, lab
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from ember.server.jobs import StoreUnavailable
 
+router = APIRouter(tags=["meta"])
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 
 
@@ -88,3 +93,37 @@ def configure_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+@router.get("/healthz")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: this process answers (with the queue's counts when its database does too)."""
+    server = request.app.state.server
+    try:
+        queue = server.store.counts()
+    except StoreUnavailable:
+        queue = None
+    return {"ok": True, "model": server.engine.current().title, "queue": queue,
+            "worker": server.worker.id}  # fmt: skip
+
+
+@router.get("/readyz", responses={503: {"description": "not ready"}})
+async def ready(request: Request) -> JSONResponse:
+    """Readiness for a load balancer: the queue database answers and the worker runs."""
+    server = request.app.state.server
+    try:
+        server.store.ping()
+    except StoreUnavailable as exc:
+        return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+    if server.lifespans and not server.worker.alive():
+        return JSONResponse({"ready": False, "reason": "the worker thread stopped"}, 503)
+    return JSONResponse({"ready": True, "worker": server.worker.id})
+
+
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: jobs by state and queue depth (the whole queue), and this worker's
+    images, batches and step latency (labelled with its id)."""
+    body = await asyncio.to_thread(request.app.state.server.metrics.render)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
