@@ -9,6 +9,7 @@ picture than it asked for.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -170,6 +171,11 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
             )
 
 
+def _read_images(store, image_ids: list[str], with_png: bool) -> tuple[list, list[bytes]]:
+    rows = [store.image(i) for i in image_ids]
+    return rows, [store.image_bytes(r.id) for r in rows] if with_png else []
+
+
 def _sampler(req: Txt2ImgRequest) -> str:
     return req.sampler_name or req.sampler_index or "Euler"
 
@@ -219,10 +225,8 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
     job = await server.wait(job.id)
     if job.status != "done" and job.status != "interrupted":
         raise EmberError(f"generation {job.status}: {job.error}")
-    rows = [server.store.image(i) for i in job.images]
-    images = []
-    if req.send_images:
-        images = [base64.b64encode(server.store.image_bytes(r.id)).decode() for r in rows]
+    rows, pngs = await asyncio.to_thread(_read_images, server.store, job.images, req.send_images)
+    images = [base64.b64encode(png).decode() for png in pngs]
     params = job.params
     seeds = [r.seed for r in rows] or [params["seed"] + i for i in range(params["batch"])]
     infotexts = [r.infotext for r in rows]
@@ -283,7 +287,7 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
 
 
 @router.get("/progress", response_model=ProgressResponse)
-async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
     """The caller's job (its oldest running, else queued, one), wherever it runs: step and preview
     come from the job's progress events, which every worker receives."""
     server = request.app.state.server
@@ -331,13 +335,13 @@ def _control(request: Request, action: str) -> None:
 
 
 @router.post("/interrupt")
-async def interrupt(request: Request) -> dict[str, Any]:
+def interrupt(request: Request) -> dict[str, Any]:
     _control(request, "interrupt")
     return {}
 
 
 @router.post("/skip")
-async def skip(request: Request) -> dict[str, Any]:
+def skip(request: Request) -> dict[str, Any]:
     _control(request, "skip")
     return {}
 

@@ -125,7 +125,7 @@ class Server:
         body_hash: str | None,
     ) -> Job:
         who = request.state.who
-        wait = self.rate.take(who)
+        wait = await asyncio.to_thread(self.rate.take, who)
         if wait > 0:
             raise TooManyRequests(f"rate limit exceeded for {who}", int(wait) + 1)
         params = self.params(params)
@@ -145,8 +145,8 @@ class Server:
             title = lookup(self.engine.models(), model).title
         record = dataclasses.asdict(params)
         try:
-            job, created = self.store.submit(
-                owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
+            job, created = await asyncio.to_thread(
+                self.store.submit, owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
                 idem_key=idem_key, body_hash=body_hash, max_queued=self.settings.max_queue,
                 batch_key=job_batch_key(title, kind, params),
             )  # fmt: skip
@@ -233,9 +233,9 @@ class Guard:
                     (b"access-control-max-age", b"600"),
                 ])  # fmt: skip
                 return
-        try:
-            who = check_credentials(
-                headers.get("authorization"), server.store, server.settings.auth
+        try:  # off the event loop: the store may be a database across the network
+            who = await asyncio.to_thread(
+                check_credentials, headers.get("authorization"), server.store, server.settings.auth
             )
         except StoreUnavailable as exc:
             if scope["path"] != "/healthz":
@@ -466,17 +466,17 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             raise HTTPException(
                 422, "Idempotency-Key was already used with a different request body"
             ) from None
-        return JSONResponse(server.job_view(job), status_code=202)
+        return JSONResponse(await asyncio.to_thread(server.job_view, job), status_code=202)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-    async def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: str) -> dict[str, Any]:
         job = server.store.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return server.job_view(job)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-    async def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> dict[str, Any]:
         before = server.store.cancel(job_id)
         job = server.store.get(job_id)
         if job is None:
@@ -489,7 +489,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return server.job_view(job)
 
     @app.post("/v1/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"])
-    async def retry_job(job_id: str) -> dict[str, Any]:
+    def retry_job(job_id: str) -> dict[str, Any]:
         if not server.store.retry(job_id):
             job = server.store.get(job_id)
             if job is None:
@@ -502,21 +502,21 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
              responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
     async def job_events(job_id: str) -> StreamingResponse:
-        if server.store.get(job_id) is None:
+        if await asyncio.to_thread(server.store.get, job_id) is None:
             raise HTTPException(404, f"no job {job_id}")
 
         async def stream():
             q = server.broker.subscribe(job_id)
             try:
                 while True:
-                    job = server.store.get(job_id)
+                    job = await asyncio.to_thread(server.store.get, job_id)
                     if job is None or job.status in FINAL:
-                        view = server.job_view(job) if job else {}
+                        view = await asyncio.to_thread(server.job_view, job) if job else {}
                         yield f"event: {job.status if job else 'gone'}\ndata: {json.dumps(view)}\n\n"
                         return
                     latest = server.broker.latest.get(job_id)
                     if job.status == "queued":
-                        pos = server.store.position(job)
+                        pos = await asyncio.to_thread(server.store.position, job)
                         yield f"event: queued\ndata: {json.dumps({'position': pos})}\n\n"
                     elif latest is not None:
                         yield f"event: progress\ndata: {json.dumps(latest)}\n\n"
@@ -531,7 +531,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/v1/images", response_model=ImagePage, tags=["gallery"])
-    async def list_images(
+    def list_images(
         limit: int = Query(20, ge=1, le=100), before: int | None = Query(None, ge=0, le=2**62)
     ) -> dict[str, Any]:
         rows, cursor = server.store.images(limit, before)
@@ -539,7 +539,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/v1/images/{image_id}", tags=["gallery"],
              responses={200: {"content": {"image/png": {}}}, 404: {"description": "no image"}})  # fmt: skip
-    async def get_image(image_id: str) -> Response:
+    def get_image(image_id: str) -> Response:
         if len(image_id) != 24 or any(c not in "0123456789abcdef" for c in image_id):
             raise HTTPException(404, "no such image")
         row = server.store.image(image_id)
@@ -550,7 +550,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                         headers={"X-Ember-Infotext": _header_safe(row.infotext)})  # fmt: skip
 
     @app.get("/v1/images/{image_id}/info", response_model=ImageView, tags=["gallery"])
-    async def get_image_info(image_id: str) -> dict[str, Any]:
+    def get_image_info(image_id: str) -> dict[str, Any]:
         row = server.store.image(image_id) if len(image_id) == 24 else None
         if row is None:
             raise HTTPException(404, "no such image")
