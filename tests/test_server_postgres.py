@@ -11,9 +11,11 @@ import threading
 import time
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from ember.cli import main
+from ember.errors import EmberError
 from ember.server.app import create_app
 from ember.server.auth import AuthConfig
 from ember.server.jobs import LOST_TWICE
@@ -105,6 +107,31 @@ def test_any_worker_follows_cancels_and_reports_a_job(pg_url, tmp_path):
         assert final(runner, quick)["status"] == "done"
         assert time.monotonic() - start < 3  # not the 4.5 s the cancelled job would have taken
         assert runner.get(f"/v1/jobs/{long}").json()["status"] == "cancelled"
+
+        # A1111's /interrupt through the bystander stops the caller's job on the runner
+        long = a.post("/v1/jobs", json={"prompt": "w", "steps": 150}).json()["id"]
+        wait_for(lambda: b.get(f"/v1/jobs/{long}").json()["status"] == "running")
+        runner, bystander = (a, b) if any(long in x for x in ea.batches) else (b, a)
+        assert bystander.post("/sdapi/v1/interrupt").json() == {}
+        assert final(runner, long, timeout=3)["status"] == "interrupted"
+
+
+def test_each_worker_claims_only_the_models_it_advertises(pg_url, tmp_path):
+    ea, eb = FakeEngine(), FakeEngine()
+    with (
+        worker(pg_url, tmp_path / "a", ea, claim_models=("fake-a",)) as a,
+        worker(pg_url, tmp_path / "b", eb, claim_models=("fake-b",)) as b,
+    ):
+        ids = {model: [(a, b)[i].post("/v1/jobs", json={"prompt": "x", "steps": 1 + i,
+                                                         "model": model}).json()["id"]
+                       for i in range(2)]
+               for model in ("fake-a", "fake-b")}  # fmt: skip
+        for job_id in ids["fake-a"] + ids["fake-b"]:
+            assert final(a, job_id)["status"] == "done"
+        assert sorted(sum(ea.batches, [])) == sorted(ids["fake-a"])
+        assert sorted(sum(eb.batches, [])) == sorted(ids["fake-b"])
+    with pytest.raises(EmberError, match="none of this worker's models"):
+        create_app(make_settings(tmp_path / "c", queue=pg_url, claim_models=("nope",)), ea)
 
 
 def test_killed_workers_job_runs_on_the_other_after_its_lease(pg_url, tmp_path):

@@ -71,6 +71,7 @@ class Settings:
         None  # None: SQLite in data_dir; postgresql://...: a queue shared by workers
     )
     lease: float = 30.0  # seconds a worker holds a job without renewing (shared queue)
+    claim_models: tuple[str, ...] = ()  # the models whose jobs this worker claims (): all it has
 
 
 class ServiceUnavailable(Exception):
@@ -101,7 +102,7 @@ class Server:
             self.store, engine, self.broker, batching=settings.batching,
             batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
             provenance=settings.provenance, lease=settings.lease, worker_id=worker_id,
-            metrics=self.metrics,
+            metrics=self.metrics, claim_models=settings.claim_models,
         )  # fmt: skip
         self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst, self.store)
         self.options: dict[str, Any] = dict(settings.options)

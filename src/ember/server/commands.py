@@ -57,6 +57,9 @@ def add_serve(sub) -> None:
     )  # fmt: skip
     p.add_argument("--data-dir", help=f"queue database and gallery (default {default_data_dir()})")
     add_queue_arg(p)
+    p.add_argument("--models", type=lambda v: tuple(n for n in v.split(",") if n), default=(),
+                   metavar="NAME,...", help="on a shared queue, claim only jobs for these of this "
+                   "worker's models (names, file names or hashes; default: every model it has)")  # fmt: skip
     p.add_argument("--lease", type=float, default=30.0,
                    help="seconds a worker holds a job on a shared queue without renewing it; a "
                    "dead worker's job runs elsewhere after this (default %(default)s)")  # fmt: skip
@@ -133,6 +136,7 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
         provenance=provenance_from_args(args),
         queue=args.queue,
         lease=args.lease,
+        claim_models=args.models,
     )
 
 

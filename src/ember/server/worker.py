@@ -151,11 +151,16 @@ class Worker:
         lease: float = 30.0,
         worker_id: str | None = None,
         metrics=None,
+        claim_models: tuple[str, ...] = (),
     ) -> None:
         self.store, self.engine, self.broker = store, engine, broker
         self.id = worker_id or new_worker_id()
         self.lease = lease
         self.metrics = metrics
+        self.claim_models = claim_models
+        for name in claim_models:  # a typo must not leave a worker idle forever
+            if not any(m.matches(name) for m in engine.models()):
+                raise EmberError(f"--models {name!r} is none of this worker's models")
         self.provenance = provenance
         self.batching = batching
         self.batch_window = batch_window
@@ -269,9 +274,13 @@ class Worker:
         self.store.listen(self.receive, self._stop)
 
     def _models(self) -> list[str] | None:
-        """On a shared queue a worker claims only the models it has; alone, it runs every job
-        (and fails, clearly, one whose model has gone)."""
-        return [m.title for m in self.engine.models()] if self.store.shared else None
+        """On a shared queue a worker claims only the models it has (or those of them `--models`
+        names); alone, it runs every job (and fails, clearly, one whose model has gone)."""
+        if not self.store.shared:
+            return None
+        names = self.claim_models
+        return [m.title for m in self.engine.models()
+                if not names or any(m.matches(n) for n in names)]  # fmt: skip
 
     def _run_next(self) -> bool:
         """Claim and run one batch; False when the queue is empty."""
