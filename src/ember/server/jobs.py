@@ -345,13 +345,16 @@ class SqliteStore:
         ).fetchone()
         return _job(row) if row else None
 
-    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
-        """Set a final status on an unfinished job; False if it had already finished."""
+    def finish(
+        self, job_id: str, status: str, error: str | None = None, worker: str | None = None
+    ) -> bool:
+        """Set a final status on an unfinished job; False if it had already finished. With
+        `worker`, only while that worker holds it running (not after it lost its lease)."""
         assert status in FINAL and status != "done"
+        held = "status='running' AND worker=?" if worker else "status IN ('queued','running')"
         cur = self._tx(
-            "UPDATE jobs SET status=?, error=?, finished=? WHERE id=? AND status IN "
-            "('queued','running')",
-            (status, error, time.time(), job_id),
+            f"UPDATE jobs SET status=?, error=?, finished=? WHERE id=? AND {held}",
+            (status, error, time.time(), job_id, *([worker] if worker else [])),
         )
         return cur.rowcount > 0
 

@@ -308,23 +308,31 @@ class PgStore:
         return _job(row) if row else None
 
     @_db
-    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
-        return bool(
-            self._count(
+    def finish(
+        self, job_id: str, status: str, error: str | None = None, worker: str | None = None
+    ) -> bool:
+        held = "status='running' AND worker=%s" if worker else "status IN ('queued','running')"
+        with self._pool.connection() as conn:
+            n = conn.execute(
                 "UPDATE jobs SET status=%s, error=%s, finished=%s, lease_until=NULL WHERE id=%s "
-                "AND status IN ('queued','running')",
-                (status, error, time.time(), job_id),
-            )
-        )
+                f"AND {held}",
+                (status, error, time.time(), job_id, *([worker] if worker else [])),
+            ).rowcount
+            if n:
+                conn.execute("DELETE FROM job_progress WHERE job_id=%s", (job_id,))
+        return n > 0
 
     @_db
     def cancel(self, job_id: str) -> str | None:
-        row = self._one(
-            "UPDATE jobs AS j SET status='cancelled', error='cancelled', finished=%s, "
-            "lease_until=NULL FROM (SELECT id, status FROM jobs WHERE id=%s FOR UPDATE) AS old "
-            "WHERE j.id = old.id AND old.status IN ('queued','running') RETURNING old.status",
-            (time.time(), job_id),
-        )
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "UPDATE jobs AS j SET status='cancelled', error='cancelled', finished=%s, "
+                "lease_until=NULL FROM (SELECT id, status FROM jobs WHERE id=%s FOR UPDATE) AS old "
+                "WHERE j.id = old.id AND old.status IN ('queued','running') RETURNING old.status",
+                (time.time(), job_id),
+            ).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM job_progress WHERE job_id=%s", (job_id,))
         return row["status"] if row else None
 
     @_db
@@ -445,7 +453,11 @@ class PgStore:
             return wait
 
     def _payload(self, job_id: str, kind: str, **extra: Any) -> str:
-        return json.dumps({"job": job_id, "type": kind, "origin": self.origin, **extra})
+        """A notification (under PostgreSQL's 8000 bytes: a long error is left to the job's row)."""
+        payload = json.dumps({"job": job_id, "type": kind, "origin": self.origin, **extra})
+        if len(payload) > 7000:
+            payload = json.dumps({"job": job_id, "type": kind, "origin": self.origin})
+        return payload
 
     @_db
     def publish(self, job_id: str, event: dict[str, Any]) -> None:

@@ -205,7 +205,8 @@ class Worker:
     def cancel(self, job_id: str) -> None:
         """The store already says cancelled; stop sampling if it was alone in its batch."""
         with self._lock:
-            self._cancelled.add(job_id)
+            if job_id in self.progress.job_ids:  # any other job is none of this worker's
+                self._cancelled.add(job_id)
 
     def interrupt(self) -> None:
         self.progress.interrupted = True
@@ -300,7 +301,7 @@ class Worker:
             try:
                 group.append(work_item(job))
             except Exception as exc:  # noqa: BLE001 - a corrupt stored job fails alone
-                self.store.finish(job.id, "failed", f"unreadable job: {exc}")
+                self.store.finish(job.id, "failed", f"unreadable job: {exc}", self.id)
                 self.broker.publish(job.id, {"type": "failed", "error": str(exc)})
         if group:
             log.info("worker=%s claimed jobs=%s", self.id, ",".join(i.job_id for i in group))
@@ -309,9 +310,9 @@ class Worker:
 
     def _run(self, group: list[WorkItem]) -> None:
         ids = [i.job_id for i in group]
-        self.progress = Progress(job_ids=ids, total=group[0].params.steps, started=time.time())
-        with self._lock:
-            self._cancelled -= set(ids)
+        with self._lock:  # together, so that a cancel arriving now is not lost
+            self._cancelled.clear()
+            self.progress = Progress(job_ids=ids, total=group[0].params.steps, started=time.time())
         counts = [i.params.batch for i in group]
 
         last_step = [time.perf_counter()]
@@ -349,10 +350,10 @@ class Worker:
                 return
             why = "skipped" if self.progress.skipped else "interrupted"
             for job_id in ids:
-                if self.store.finish(job_id, "interrupted", why):
+                # a job that is no longer this worker's (cancelled, or re-queued after a lost
+                # lease) is left as it is: whoever changed it told its followers
+                if self.store.finish(job_id, "interrupted", why, self.id):
                     self.broker.publish(job_id, {"type": "interrupted", "error": why})
-                else:
-                    self.broker.publish(job_id, {"type": "cancelled"})
             return
         except EmberError as exc:
             if len(group) > 1:  # one bad request must not sink its batch-mates
@@ -389,8 +390,8 @@ class Worker:
 
     def _fail(self, ids: list[str], message: str) -> None:
         for job_id in ids:
-            self.store.finish(job_id, "failed", message)
-            self.broker.publish(job_id, {"type": "failed", "error": message})
+            if self.store.finish(job_id, "failed", message, self.id):
+                self.broker.publish(job_id, {"type": "failed", "error": message})
 
     def _save(self, item: WorkItem, images: list[GeneratedImage]) -> None:
         rows = []
@@ -409,8 +410,7 @@ class Worker:
                 self.metrics.images.inc(len(rows))
             log.info("job=%s worker=%s done images=%d", item.job_id, self.id, len(rows))
             self.broker.publish(item.job_id, {"type": "done", "images": [r.id for r, _ in rows]})
-        else:
-            self.broker.publish(item.job_id, {"type": "cancelled"})
+        # else it was cancelled, or re-queued after a lost lease: not this worker's to announce
 
     def _complete(self, job_id: str, rows: list[tuple[ImageRow, bytes]]) -> bool:
         """Record a finished job, waiting out a database outage while the lease would still hold
