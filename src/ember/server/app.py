@@ -98,12 +98,16 @@ class Server:
             self.broker.relay = self.store.publish
         worker_id = new_worker_id()
         self.metrics = ops.Metrics(self.store, worker_id)
-        self.worker = Worker(
-            self.store, engine, self.broker, batching=settings.batching,
-            batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
-            provenance=settings.provenance, lease=settings.lease, worker_id=worker_id,
-            metrics=self.metrics, claim_models=settings.claim_models,
-        )  # fmt: skip
+        try:
+            self.worker = Worker(
+                self.store, engine, self.broker, batching=settings.batching,
+                batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
+                provenance=settings.provenance, lease=settings.lease, worker_id=worker_id,
+                metrics=self.metrics, claim_models=settings.claim_models,
+            )  # fmt: skip
+        except EmberError:
+            self.store.close()
+            raise
         self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst, self.store)
         self.options: dict[str, Any] = dict(settings.options)
         self.lifespans = 0
@@ -409,6 +413,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             server.lifespans -= 1
             if server.lifespans == 0:
                 server.worker.stop()
+                server.store.close()  # a database pool's connections, the SQLite file
 
     app = FastAPI(title="ember", version="1", lifespan=lifespan, responses=ERRORS)
     app.state.server = server

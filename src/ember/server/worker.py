@@ -175,6 +175,7 @@ class Worker:
         self._listener = threading.Thread(target=self._listen, name="ember-events", daemon=True)
         self.batches_run = 0
         self.images_made = 0
+        self._renewed = time.monotonic()  # when the running batch's lease was last taken
 
     def start(self) -> None:
         if self._thread.is_alive():
@@ -253,9 +254,10 @@ class Worker:
     def _heartbeat(self) -> None:
         """Renew the running batch's lease; re-queue (or fail) the jobs of workers that died."""
         while not self._stop.wait(self.lease / 3):
+            ids = list(self.progress.job_ids)
             try:
-                ids = list(self.progress.job_ids)
                 held = set(self.store.renew(self.id, ids, self.lease))
+                self._renewed = time.monotonic()
                 for job_id in ids:
                     if job_id not in held:  # cancelled, or reaped after a long outage
                         self.cancel(job_id)
@@ -267,7 +269,13 @@ class Worker:
                         self.broker.publish(job_id, {"type": "queued"})
                         self.wake()
             except StoreUnavailable:
-                pass  # the loop logs it; the lease outlives a short outage
+                # The lease outlives a short outage. Past it, another worker may run the batch
+                # (this one may be the one cut off): stop, so that no job runs twice at once.
+                if ids and time.monotonic() - self._renewed > self.lease:
+                    log.warning("worker=%s lease lost (database away): stopping jobs=%s",
+                                self.id, ",".join(ids))  # fmt: skip
+                    for job_id in ids:
+                        self.cancel(job_id)
             except Exception:  # noqa: BLE001
                 log.error("lease renewal error:\n%s", traceback.format_exc())
 
@@ -310,6 +318,7 @@ class Worker:
 
     def _run(self, group: list[WorkItem]) -> None:
         ids = [i.job_id for i in group]
+        self._renewed = time.monotonic()  # the claim took the lease
         with self._lock:  # together, so that a cancel arriving now is not lost
             self._cancelled.clear()
             self.progress = Progress(job_ids=ids, total=group[0].params.steps, started=time.time())
@@ -390,6 +399,7 @@ class Worker:
 
     def _fail(self, ids: list[str], message: str) -> None:
         for job_id in ids:
+            log.warning("job=%s worker=%s failed: %s", job_id, self.id, message)
             if self.store.finish(job_id, "failed", message, self.id):
                 self.broker.publish(job_id, {"type": "failed", "error": message})
 
