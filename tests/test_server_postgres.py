@@ -238,6 +238,20 @@ def test_database_restart_while_workers_run(postgres, pg_url, tmp_path):
         assert len(images) == 12 and sorted(x["id"] for x in gallery) == sorted(images)
 
 
+def test_a_worker_cut_off_past_its_lease_stops_its_batch(postgres, pg_url, tmp_path):
+    engine = FakeEngine(step_delay=0.05)
+    with worker(pg_url, tmp_path / "a", engine, lease=1.0) as a:
+        job = a.post("/v1/jobs", json={"prompt": "x", "steps": 60}).json()["id"]
+        wait_for(lambda: a.get(f"/v1/jobs/{job}").json()["status"] == "running")
+        postgres.stop()
+        try:  # the lease expires meanwhile: another worker may take the job, so this one stops
+            wait_for(lambda: not a.app.state.server.worker.progress.job_ids, timeout=5)
+        finally:
+            postgres.start()
+        assert final(a, job)["status"] == "done"  # re-queued once its lease expired, then run
+        assert engine.batches == [[job], [job]]
+
+
 def test_db_upgrade_is_idempotent_and_refuses_bad_urls(pg_url, capsys):
     assert main(["db", "upgrade", pg_url]) == 0
     assert main(["db", "upgrade", pg_url]) == 0

@@ -176,6 +176,7 @@ class Worker:
         self.batches_run = 0
         self.images_made = 0
         self._renewed = time.monotonic()  # when the running batch's lease was last taken
+        self._lease_lost = False  # set by the heartbeat: the batch is no longer surely ours
 
     def start(self) -> None:
         if self._thread.is_alive():
@@ -274,8 +275,7 @@ class Worker:
                 if ids and time.monotonic() - self._renewed > self.lease:
                     log.warning("worker=%s lease lost (database away): stopping jobs=%s",
                                 self.id, ",".join(ids))  # fmt: skip
-                    for job_id in ids:
-                        self.cancel(job_id)
+                    self._lease_lost = True
             except Exception:  # noqa: BLE001
                 log.error("lease renewal error:\n%s", traceback.format_exc())
 
@@ -319,6 +319,7 @@ class Worker:
     def _run(self, group: list[WorkItem]) -> None:
         ids = [i.job_id for i in group]
         self._renewed = time.monotonic()  # the claim took the lease
+        self._lease_lost = False
         with self._lock:  # together, so that a cancel arriving now is not lost
             self._cancelled.clear()
             self.progress = Progress(job_ids=ids, total=group[0].params.steps, started=time.time())
@@ -333,7 +334,7 @@ class Worker:
                 now = time.perf_counter()
                 self.metrics.step_seconds.observe(now - last_step[0])
                 last_step[0] = now
-            if pr.interrupted or pr.skipped or self._stop.is_set():
+            if pr.interrupted or pr.skipped or self._stop.is_set() or self._lease_lost:
                 raise Aborted()
             with self._lock:
                 if all(i in self._cancelled for i in ids):
@@ -354,8 +355,9 @@ class Worker:
         try:
             outputs = self.engine.run(group, on_step)
         except Aborted:
-            if self._stop.is_set() and not (self.progress.interrupted or self.progress.skipped):
-                self._hand_back(ids)
+            stopping = self._stop.is_set() or self._lease_lost
+            if stopping and not (self.progress.interrupted or self.progress.skipped):
+                self._hand_back(ids)  # to the queue, to run again from the start
                 return
             why = "skipped" if self.progress.skipped else "interrupted"
             for job_id in ids:
@@ -392,10 +394,10 @@ class Worker:
     def _hand_back(self, ids: list[str]) -> None:
         try:
             n = self.store.release(self.id, ids)
-            log.info("worker=%s stopping: handed back jobs=%s (%d)", self.id, ",".join(ids), n)
+            log.info("worker=%s handed back jobs=%s (%d)", self.id, ",".join(ids), n)
         except StoreUnavailable:
-            log.warning("worker=%s stopping: database away; jobs=%s re-queue when their lease "
-                        "expires", self.id, ",".join(ids))  # fmt: skip
+            log.warning("worker=%s database away; jobs=%s re-queue when their lease expires",
+                        self.id, ",".join(ids))  # fmt: skip
 
     def _fail(self, ids: list[str], message: str) -> None:
         for job_id in ids:
