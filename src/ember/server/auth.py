@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from ember.errors import EmberError
+from ember.server.jobs import JobStore
 
 KEY_PREFIX = "ember_"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -22,7 +23,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(store, name: str) -> tuple[str, str]:
+def create_key(store: JobStore, name: str) -> tuple[str, str]:
     """-> (key id, the secret key). Only the hash is stored."""
     if not name or len(name) > 100:
         raise EmberError("a key name must be 1 to 100 characters")
@@ -51,7 +52,7 @@ class AuthConfig:
     required: bool = False
 
 
-def check_credentials(header: str | None, store, config: AuthConfig) -> str | None:
+def check_credentials(header: str | None, store: JobStore, config: AuthConfig) -> str | None:
     """The caller's identity ("key:<id>", "basic:<user>", "anonymous") or None if refused.
 
     Accepted: `Bearer <key>`; HTTP Basic with the --api-auth user and password (A1111 clients);
@@ -102,7 +103,7 @@ class RateLimiter:
     """Token bucket per identity: `rate` generation requests per minute, bursts up to `burst`.
     The buckets live in the store, so on a shared queue the limit holds across every worker."""
 
-    def __init__(self, per_minute: float, burst: int | None = None, store=None) -> None:
+    def __init__(self, per_minute: float, burst: int | None, store: JobStore) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst if burst is not None else max(1, int(per_minute)))
         self.store = store

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from ember.server.jobs import StoreUnavailable
+from ember.server.jobs import JobStore, StoreUnavailable
 
 router = APIRouter(tags=["meta"])
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -25,7 +25,7 @@ STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 class Metrics:
     """The metrics of one worker; `render()` is the /metrics body (Prometheus text format)."""
 
-    def __init__(self, store, worker_id: str) -> None:
+    def __init__(self, store: JobStore, worker_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"worker": worker_id}
         self.images = Counter(
@@ -47,7 +47,7 @@ class Metrics:
 class _QueueCollector:
     """Jobs by state and the queue depth, read from the (shared) store when scraped."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.store = store
 
     def describe(self):

@@ -31,7 +31,7 @@ from ember.errors import EmberError
 from ember.images import format_infotext, image_array, marked_record, png_bytes
 from ember.provenance import ON, Provenance
 from ember.server.engine import Engine, WorkItem
-from ember.server.jobs import ImageRow, Job, StoreUnavailable, new_id
+from ember.server.jobs import ImageRow, Job, JobStore, StoreUnavailable, new_id
 from ember.service import GeneratedImage
 from ember.settings import GenerationParams, params_from_dict
 
@@ -140,7 +140,7 @@ class Worker:
 
     def __init__(
         self,
-        store,
+        store: JobStore,
         engine: Engine,
         broker: Broker,
         *,
