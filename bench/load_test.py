@@ -1,8 +1,12 @@
 """Bounded load test of `ember serve` on loopback: N concurrent clients, a fixed number of requests.
 
 Starts the server (tiny random model unless --model) with and without cross-request batching and
-reports throughput, p50/p99 latency, 5xx count, lost jobs and the server's peak RSS.
-Usage: .venv/bin/python bench/load_test.py [--clients 50] [--requests 200] [--steps 4]
+reports throughput, p50/p99 latency, 5xx count, lost jobs and the servers' peak RSS (summed).
+With --postgres it instead compares 1 and 2 workers (batching on) sharing one PostgreSQL queue (a
+throwaway server from tests/pg_support.py, or --postgres-url); the clients take turns between the
+workers, as a round-robin load balancer would, and each A1111 request waits for its job wherever it
+runs. On one machine the workers share its cores: real scaling is across machines.
+Usage: .venv/bin/python bench/load_test.py [--clients 50] [--requests 200] [--steps 4] [--postgres]
 """
 
 from __future__ import annotations
@@ -31,14 +35,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def run_load(url: str, clients: int, total: int, steps: int, pid: int) -> dict:
+async def run_load(urls: list[str], clients: int, total: int, steps: int, pids: list[int]) -> dict:
     latencies: list[float] = []
     codes: dict[int, int] = {}
     jobs: set[str] = set()
-    peak = [rss_mb(pid)]
+    peak = [sum(rss_mb(pid) for pid in pids)]
     counter = iter(range(total))
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, url: str) -> None:
         for i in counter:
             body = {"prompt": f"shape {i % 7}", "seed": i, "steps": steps, "width": 64,
                     "height": 64, "sampler_name": "Euler a"}  # fmt: skip
@@ -57,13 +61,13 @@ async def run_load(url: str, clients: int, total: int, steps: int, pid: int) -> 
 
     async def sample_rss() -> None:
         while True:
-            peak[0] = max(peak[0], rss_mb(pid))
+            peak[0] = max(peak[0], sum(rss_mb(pid) for pid in pids))
             await asyncio.sleep(0.2)
 
     sampler = asyncio.create_task(sample_rss())
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client(http, urls[k % len(urls)]) for k in range(clients)))
     wall = time.perf_counter() - t0
     sampler.cancel()
     latencies.sort()
@@ -87,17 +91,20 @@ import uvicorn
 from server_support import make_settings
 from ember.server.app import create_app
 from ember.server.engine import ModelEngine
-data, batching, max_batch, model, port = sys.argv[2:7]
+data, batching, max_batch, model, port, queue = sys.argv[2:8]
 s = make_settings(Path(data), batching=batching == "1", batch_window=0.02,
-                  max_batch_images=int(max_batch), max_queue=256)
+                  max_batch_images=int(max_batch), max_queue=256, queue=queue or None)
 engine = ModelEngine([], Path(model), preview_every=0)
 uvicorn.run(create_app(s, engine), host="127.0.0.1", port=int(port), log_level="warning")
 """
 
 
-def serve(model: Path, data: Path, batching: bool, max_batch: int) -> tuple[subprocess.Popen, str]:
+def serve(
+    model: Path, data: Path, batching: bool, max_batch: int, queue: str | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [str(TESTS), str(data), str(int(batching)), str(max_batch), str(model), str(port)]
+    args = [str(TESTS), str(data), str(int(batching)), str(max_batch), str(model), str(port),
+            queue or ""]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", SERVE, *args])
     url = f"http://127.0.0.1:{port}"
 
@@ -111,6 +118,27 @@ def serve(model: Path, data: Path, batching: bool, max_batch: int) -> tuple[subp
     return proc, url
 
 
+def report(label: str, res: dict) -> None:
+    print(f"{label:12} " + "  ".join(
+        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))  # fmt: skip
+
+
+def measure(args, model: Path, datas: list[Path], batching: bool, queue: str | None) -> dict:
+    procs, urls = [], []
+    try:
+        for data in datas:
+            proc, url = serve(model, data, batching, args.max_batch, queue)
+            procs.append(proc)
+            urls.append(url)
+        pids = [p.pid for p in procs]
+        return asyncio.run(run_load(urls, args.clients, args.requests, args.steps, pids))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clients", type=int, default=50)
@@ -118,19 +146,28 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--model", type=Path)
+    ap.add_argument("--postgres", action="store_true", help="1 vs 2 workers on one PostgreSQL")
+    ap.add_argument("--postgres-url", help="use this (empty) database instead of a throwaway one")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ember-load-"))
     model = args.model or make_tiny_model(root / "tiny.safetensors")
-    for batching in (False, True):
-        proc, url = serve(model, root / f"data-{batching}", batching, args.max_batch)
-        try:
-            res = asyncio.run(run_load(url, args.clients, args.requests, args.steps, proc.pid))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        label = "batching" if batching else "no batching"
-        print(f"{label:12} " + "  ".join(
-            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))  # fmt: skip
+    if not (args.postgres or args.postgres_url):
+        for batching in (False, True):
+            res = measure(args, model, [root / f"data-{batching}"], batching, None)
+            report("batching" if batching else "no batching", res)
+        return 0
+    from pg_support import PgServer, find_bindir
+
+    pg = None if args.postgres_url else PgServer(find_bindir())
+    try:
+        for workers in (1, 2):
+            queue = args.postgres_url or pg.new_database()
+            datas = [root / f"pg{workers}-{k}" for k in range(workers)]
+            res = measure(args, model, datas, True, queue)
+            report(f"{workers} worker{'s' if workers > 1 else ''}", res)
+    finally:
+        if pg is not None:
+            pg.close()
     return 0
 
 

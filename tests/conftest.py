@@ -94,3 +94,23 @@ def tiny_model_file(tmp_path_factory):
 def _ember_config(tmp_path_factory):
     """Content Credentials' local signing chain goes to a test folder, never the user's."""
     os.environ["EMBER_CONFIG"] = str(tmp_path_factory.mktemp("ember-config"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the whole session (`pg_support.PgServer`), or a skip
+    naming the missing package."""
+    from pg_support import PgServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (bash scripts/install-postgres.sh installs it)")
+    server = PgServer(bindir)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """A fresh database on the session's PostgreSQL server: each test gets an empty queue."""
+    return postgres.new_database()

@@ -169,8 +169,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, *, model: Path | None = None, step_delay: float = 0.0):
-    """`ember serve` in a subprocess (real engine with `model`, else FakeEngine) -> (proc, url)."""
+def start_server(
+    data_dir: Path,
+    *,
+    model: Path | None = None,
+    step_delay: float = 0.0,
+    queue: str | None = None,
+    lease: float = 30.0,
+):
+    """`ember serve` in a subprocess (real engine with `model`, else FakeEngine) -> (proc, url);
+    `queue` a shared queue's URL, `lease` its lease in seconds."""
     import os
     import subprocess
     import sys
@@ -178,8 +186,11 @@ def start_server(data_dir: Path, *, model: Path | None = None, step_delay: float
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, __file__, str(data_dir), str(port), str(model or ""), str(step_delay)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, __file__, str(data_dir), str(port), str(model or ""), str(step_delay),
+           queue or "", str(lease)]  # fmt: skip
+    # the tests folder for this module, and whatever PYTHONPATH names the ember being tested
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
 
@@ -195,7 +206,7 @@ def start_server(data_dir: Path, *, model: Path | None = None, step_delay: float
     return proc, url
 
 
-def _serve(data_dir: str, port: str, model: str, step_delay: str) -> None:
+def _serve(data_dir: str, port: str, model: str, step_delay: str, queue: str, lease: str) -> None:
     import uvicorn
 
     from ember.server.app import create_app
@@ -204,11 +215,13 @@ def _serve(data_dir: str, port: str, model: str, step_delay: str) -> None:
     engine = (
         ModelEngine([], Path(model), preview_every=2) if model else FakeEngine(float(step_delay))
     )
-    settings = make_settings(Path(data_dir), batch_window=0.02)
+    settings = make_settings(
+        Path(data_dir), batch_window=0.02, queue=queue or None, lease=float(lease)
+    )
     uvicorn.run(create_app(settings, engine), host="127.0.0.1", port=int(port), log_level="warning")
 
 
 if __name__ == "__main__":
     import sys
 
-    _serve(*sys.argv[1:5])
+    _serve(*sys.argv[1:7])

@@ -39,3 +39,21 @@ def test_queue_survives_sigkill(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_stopping_hands_the_running_job_back(tmp_path):
+    """SIGTERM runs the app's shutdown: the running job goes back to the queue, not to
+    `interrupted`, and runs from the start after a restart."""
+    from fastapi.testclient import TestClient
+
+    from ember.server.app import create_app
+    from server_support import FakeEngine, make_settings
+
+    with TestClient(create_app(make_settings(tmp_path), FakeEngine(step_delay=0.05))) as c:
+        job = c.post("/v1/jobs", json={"prompt": "x", "steps": 100}).json()["id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job}").json()["status"] == "running")
+    engine = FakeEngine()
+    with TestClient(create_app(make_settings(tmp_path), engine)) as c:
+        assert c.get(f"/v1/jobs/{job}").json()["status"] in ("queued", "running", "done")
+        wait_for(lambda: c.get(f"/v1/jobs/{job}").json()["status"] == "done")
+        assert engine.batches == [[job]]

@@ -459,10 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     from ember.data.commands import add_data
     from ember.eval.commands import add_eval
-    from ember.server.commands import add_keys, add_serve
+    from ember.server.commands import add_db, add_keys, add_serve
 
     for add in (add_generate, add_info, add_models, add_convert, add_data, add_train, add_eval,
-                add_serve, add_keys):  # fmt: skip
+                add_serve, add_keys, add_db):  # fmt: skip
         add(sub)
     return parser
 

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,23 @@ def local_signing_files() -> tuple[Path, Path]:
     chain, key = folder / "ember-local-chain.pem", folder / "ember-local-key.pem"
     if chain.is_file() and key.is_file():
         return chain, key
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # Two workers (threads or processes) making the pair at once would leave one's chain beside
+    # the other's key: make it under a lock, and only if nobody did meanwhile.
+    with _LOCAL_LOCK, open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if chain.is_file() and key.is_file():
+            return chain, key
+        _make_local_signing_files(folder, chain, key)
+    return chain, key
+
+
+_LOCAL_LOCK = threading.Lock()  # flock locks a process, not its threads
+
+
+def _make_local_signing_files(folder: Path, chain: Path, key: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -219,7 +237,6 @@ def local_signing_files() -> tuple[Path, Path]:
     root = cert("ember local root", name("ember local root"), root_key.public_key(), root_key, True)
     leaf = cert("ember local signer", root.subject, leaf_key.public_key(), root_key, False)
     pem = serialization.Encoding.PEM
-    folder.mkdir(parents=True, exist_ok=True)
     write_atomic(chain, leaf.public_bytes(pem) + root.public_bytes(pem))
     private = leaf_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -228,7 +245,6 @@ def local_signing_files() -> tuple[Path, Path]:
     key.chmod(0o600)
     print(f"ember: made a local signing certificate for Content Credentials in {folder} "
           "(pass --c2pa-cert/--c2pa-key to sign as yourself)", file=sys.stderr)  # fmt: skip
-    return chain, key
 
 
 def _signing_pems(options: Provenance) -> tuple[bytes, bytes]:

@@ -9,6 +9,7 @@ picture than it asked for.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -170,6 +171,11 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
             )
 
 
+def _read_images(store, image_ids: list[str], with_png: bool) -> tuple[list, list[bytes]]:
+    rows = [store.image(i) for i in image_ids]
+    return rows, [store.image_bytes(r.id) for r in rows] if with_png else []
+
+
 def _sampler(req: Txt2ImgRequest) -> str:
     return req.sampler_name or req.sampler_index or "Euler"
 
@@ -219,12 +225,8 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
     job = await server.wait(job.id)
     if job.status != "done" and job.status != "interrupted":
         raise EmberError(f"generation {job.status}: {job.error}")
-    rows = [server.store.image(i) for i in job.images]
-    images = []
-    if req.send_images:
-        images = [
-            base64.b64encode(server.store.image_path(r.id).read_bytes()).decode() for r in rows
-        ]
+    rows, pngs = await asyncio.to_thread(_read_images, server.store, job.images, req.send_images)
+    images = [base64.b64encode(png).decode() for png in pngs]
     params = job.params
     seeds = [r.seed for r in rows] or [params["seed"] + i for i in range(params["batch"])]
     infotexts = [r.infotext for r in rows]
@@ -285,45 +287,62 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
 
 
 @router.get("/progress", response_model=ProgressResponse)
-async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    """The caller's job (its oldest running, else queued, one), wherever it runs: step and preview
+    come from the job's progress events, which every worker receives."""
     server = request.app.state.server
-    pr = server.worker.progress
+    job = server.store.active_job(request.state.who)
     queued = server.store.counts().get("queued", 0)
-    running = bool(pr.job_ids)
-    fraction = pr.step / pr.total if running and pr.total else 0.0
-    elapsed = time.time() - pr.started if running else 0.0
+    running = job is not None and job.status == "running"
+    latest = server.broker.latest.get(job.id, {}) if running else {}
+    step, total = latest.get("step", 0), latest.get("total", job.params["steps"] if job else 0)
+    fraction = step / total if running and total else 0.0
+    elapsed = time.time() - job.started if running and job.started else 0.0
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     image = None
-    if running and pr.preview is not None and not skip_current_image:
-        image = base64.b64encode(pr.preview).decode()
+    if running and "preview" in latest and not skip_current_image:
+        image = latest["preview"].partition(",")[2]  # a data URL's base64 JPEG
+    local = server.worker.progress
     return {
         "progress": fraction,
         "eta_relative": eta,
         "state": {
-            "skipped": pr.skipped,
-            "interrupted": pr.interrupted,
-            "job": ",".join(pr.job_ids),
+            "skipped": running and job.id in local.job_ids and local.skipped,
+            "interrupted": running and job.id in local.job_ids and local.interrupted,
+            "job": job.id if job else "",
             "job_count": queued + (1 if running else 0),
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(pr.started or 0)),
+            "job_timestamp": time.strftime(
+                "%Y%m%d%H%M%S", time.localtime(job.created if job else 0)
+            ),
             "job_no": 0,
-            "sampling_step": pr.step if running else 0,
-            "sampling_steps": pr.total if running else 0,
+            "sampling_step": step if running else 0,
+            "sampling_steps": total if running else 0,
         },
         "current_image": image,
         "textinfo": None,
-        "current_task": pr.job_ids[0] if running else None,
+        "current_task": job.id if job else None,
     }
 
 
+def _control(request: Request, action: str) -> None:
+    """Interrupt or skip the caller's running job, on whichever worker runs it."""
+    server = request.app.state.server
+    job = server.store.active_job(request.state.who)
+    if job is None or job.status != "running":
+        return
+    if not server.worker.control(job.id, action):
+        server.broker.publish(job.id, {"type": action})
+
+
 @router.post("/interrupt")
-async def interrupt(request: Request) -> dict[str, Any]:
-    request.app.state.server.worker.interrupt()
+def interrupt(request: Request) -> dict[str, Any]:
+    _control(request, "interrupt")
     return {}
 
 
 @router.post("/skip")
-async def skip(request: Request) -> dict[str, Any]:
-    request.app.state.server.worker.skip()
+def skip(request: Request) -> dict[str, Any]:
+    _control(request, "skip")
     return {}
 
 

@@ -25,12 +25,19 @@ from ember.catalog import lookup
 from ember.errors import EmberError
 from ember.images import image_array
 from ember.provenance import Provenance
-from ember.server import a1111
+from ember.server import a1111, ops
 from ember.server.auth import AuthConfig, RateLimiter, check_credentials, origin_allowed
 from ember.server.engine import Engine
-from ember.server.jobs import FINAL, IdempotencyConflict, Job, QueueFull, Store
+from ember.server.jobs import (
+    FINAL,
+    IdempotencyConflict,
+    Job,
+    QueueFull,
+    StoreUnavailable,
+    open_store,
+)
 from ember.server.uploads import decode_base64, decode_image
-from ember.server.worker import Broker, Worker
+from ember.server.worker import Broker, Worker, job_batch_key, new_worker_id
 from ember.settings import (
     FIELD_TYPES,
     FIELDS,
@@ -60,6 +67,11 @@ class Settings:
     max_batch_images: int = 8
     options: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = Provenance()  # what every image carries (`ember.provenance`)
+    queue: str | None = (
+        None  # None: SQLite in data_dir; postgresql://...: a queue shared by workers
+    )
+    lease: float = 30.0  # seconds a worker holds a job without renewing (shared queue)
+    claim_models: tuple[str, ...] = ()  # the models whose jobs this worker claims (): all it has
 
 
 class ServiceUnavailable(Exception):
@@ -79,15 +91,24 @@ class Server:
         self.settings = settings
         self.limits = settings.limits
         self.engine = engine
-        self.store = Store(settings.data_dir)
+        self.store = open_store(settings.queue, settings.data_dir)
         self.store.recover()
         self.broker = Broker()
-        self.worker = Worker(
-            self.store, engine, self.broker, batching=settings.batching,
-            batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
-            provenance=settings.provenance,
-        )  # fmt: skip
-        self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst)
+        if self.store.shared:
+            self.broker.relay = self.store.publish
+        worker_id = new_worker_id()
+        self.metrics = ops.Metrics(self.store, worker_id)
+        try:
+            self.worker = Worker(
+                self.store, engine, self.broker, batching=settings.batching,
+                batch_window=settings.batch_window, max_batch_images=settings.max_batch_images,
+                provenance=settings.provenance, lease=settings.lease, worker_id=worker_id,
+                metrics=self.metrics, claim_models=settings.claim_models,
+            )  # fmt: skip
+        except EmberError:
+            self.store.close()
+            raise
+        self.rate = RateLimiter(settings.rate_per_minute, settings.rate_burst, self.store)
         self.options: dict[str, Any] = dict(settings.options)
         self.lifespans = 0
 
@@ -109,7 +130,7 @@ class Server:
         body_hash: str | None,
     ) -> Job:
         who = request.state.who
-        wait = self.rate.take(who)
+        wait = await asyncio.to_thread(self.rate.take, who)
         if wait > 0:
             raise TooManyRequests(f"rate limit exceeded for {who}", int(wait) + 1)
         params = self.params(params)
@@ -129,9 +150,10 @@ class Server:
             title = lookup(self.engine.models(), model).title
         record = dataclasses.asdict(params)
         try:
-            job, created = self.store.submit(
-                owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
+            job, created = await asyncio.to_thread(
+                self.store.submit, owner=who, kind=kind, model=title, params=record, init=init_png, mask=mask_png,
                 idem_key=idem_key, body_hash=body_hash, max_queued=self.settings.max_queue,
+                batch_key=job_batch_key(title, kind, params),
             )  # fmt: skip
         except QueueFull:
             raise ServiceUnavailable("the queue is full; retry later", 5) from None
@@ -140,13 +162,16 @@ class Server:
         return job
 
     async def wait(self, job_id: str) -> Job:
-        """Until the job reaches a final state."""
+        """Until the job reaches a final state, wherever it runs; a database outage only delays
+        the answer (the job's row is durable)."""
         q = self.broker.subscribe(job_id)
         try:
             while True:
-                job = self.store.get(job_id)
-                assert job is not None
-                if job.status in FINAL:
+                try:
+                    job = await asyncio.to_thread(self.store.get, job_id)
+                except StoreUnavailable:
+                    job = None
+                if job is not None and job.status in FINAL:
                     return job
                 try:
                     await asyncio.wait_for(q.get(), timeout=1.0)
@@ -213,7 +238,15 @@ class Guard:
                     (b"access-control-max-age", b"600"),
                 ])  # fmt: skip
                 return
-        who = check_credentials(headers.get("authorization"), server.store, server.settings.auth)
+        try:  # off the event loop: the store may be a database across the network
+            who = await asyncio.to_thread(
+                check_credentials, headers.get("authorization"), server.store, server.settings.auth
+            )
+        except StoreUnavailable as exc:
+            if scope["path"] != "/healthz":
+                await _reject(send, 503, str(exc), cors + _retry_after(exc))
+                return
+            who = "unverified"  # liveness must not depend on the database; /readyz does
         if who is None:
             challenge = b'Basic realm="ember", charset="UTF-8"'
             await _reject(send, 401, "missing or invalid credentials",
@@ -251,6 +284,10 @@ class Guard:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _retry_after(exc: StoreUnavailable) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(exc.retry_after).encode())]
 
 
 async def _reject(send, status: int, detail: str | None, headers: list | None = None) -> None:
@@ -376,6 +413,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             server.lifespans -= 1
             if server.lifespans == 0:
                 server.worker.stop()
+                server.store.close()  # a database pool's connections, the SQLite file
 
     app = FastAPI(title="ember", version="1", lifespan=lifespan, responses=ERRORS)
     app.state.server = server
@@ -390,6 +428,11 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=status,
                             headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_away(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
@@ -397,6 +440,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"detail": errors}, status_code=422)
 
     app.include_router(a1111.router)
+    app.include_router(ops.router)
     app.add_middleware(Guard, server=server)
 
     @app.post("/v1/jobs", response_model=JobView, status_code=202, tags=["jobs"],
@@ -428,17 +472,17 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             raise HTTPException(
                 422, "Idempotency-Key was already used with a different request body"
             ) from None
-        return JSONResponse(server.job_view(job), status_code=202)
+        return JSONResponse(await asyncio.to_thread(server.job_view, job), status_code=202)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-    async def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: str) -> dict[str, Any]:
         job = server.store.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return server.job_view(job)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-    async def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> dict[str, Any]:
         before = server.store.cancel(job_id)
         job = server.store.get(job_id)
         if job is None:
@@ -451,7 +495,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return server.job_view(job)
 
     @app.post("/v1/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"])
-    async def retry_job(job_id: str) -> dict[str, Any]:
+    def retry_job(job_id: str) -> dict[str, Any]:
         if not server.store.retry(job_id):
             job = server.store.get(job_id)
             if job is None:
@@ -464,21 +508,21 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
              responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
     async def job_events(job_id: str) -> StreamingResponse:
-        if server.store.get(job_id) is None:
+        if await asyncio.to_thread(server.store.get, job_id) is None:
             raise HTTPException(404, f"no job {job_id}")
 
         async def stream():
             q = server.broker.subscribe(job_id)
             try:
                 while True:
-                    job = server.store.get(job_id)
+                    job = await asyncio.to_thread(server.store.get, job_id)
                     if job is None or job.status in FINAL:
-                        view = server.job_view(job) if job else {}
+                        view = await asyncio.to_thread(server.job_view, job) if job else {}
                         yield f"event: {job.status if job else 'gone'}\ndata: {json.dumps(view)}\n\n"
                         return
                     latest = server.broker.latest.get(job_id)
                     if job.status == "queued":
-                        pos = server.store.position(job)
+                        pos = await asyncio.to_thread(server.store.position, job)
                         yield f"event: queued\ndata: {json.dumps({'position': pos})}\n\n"
                     elif latest is not None:
                         yield f"event: progress\ndata: {json.dumps(latest)}\n\n"
@@ -493,7 +537,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.get("/v1/images", response_model=ImagePage, tags=["gallery"])
-    async def list_images(
+    def list_images(
         limit: int = Query(20, ge=1, le=100), before: int | None = Query(None, ge=0, le=2**62)
     ) -> dict[str, Any]:
         rows, cursor = server.store.images(limit, before)
@@ -501,25 +545,22 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/v1/images/{image_id}", tags=["gallery"],
              responses={200: {"content": {"image/png": {}}}, 404: {"description": "no image"}})  # fmt: skip
-    async def get_image(image_id: str) -> FileResponse:
+    def get_image(image_id: str) -> Response:
         if len(image_id) != 24 or any(c not in "0123456789abcdef" for c in image_id):
             raise HTTPException(404, "no such image")
         row = server.store.image(image_id)
-        if row is None:
+        data = server.store.image_bytes(image_id) if row is not None else None
+        if data is None:
             raise HTTPException(404, "no such image")
-        return FileResponse(server.store.image_path(row.id), media_type="image/png",
-                            headers={"X-Ember-Infotext": _header_safe(row.infotext)})  # fmt: skip
+        return Response(data, media_type="image/png",
+                        headers={"X-Ember-Infotext": _header_safe(row.infotext)})  # fmt: skip
 
     @app.get("/v1/images/{image_id}/info", response_model=ImageView, tags=["gallery"])
-    async def get_image_info(image_id: str) -> dict[str, Any]:
+    def get_image_info(image_id: str) -> dict[str, Any]:
         row = server.store.image(image_id) if len(image_id) == 24 else None
         if row is None:
             raise HTTPException(404, "no such image")
         return _image_view(row)
-
-    @app.get("/healthz", tags=["meta"])
-    async def health() -> dict[str, Any]:
-        return {"ok": True, "model": server.engine.current().title, "queue": server.store.counts()}
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -10,12 +10,10 @@ import base64
 import hashlib
 import hmac
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 
 from ember.errors import EmberError
-from ember.server.jobs import Store
+from ember.server.jobs import JobStore
 
 KEY_PREFIX = "ember_"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -25,7 +23,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(store: Store, name: str) -> tuple[str, str]:
+def create_key(store: JobStore, name: str) -> tuple[str, str]:
     """-> (key id, the secret key). Only the hash is stored."""
     if not name or len(name) > 100:
         raise EmberError("a key name must be 1 to 100 characters")
@@ -54,7 +52,7 @@ class AuthConfig:
     required: bool = False
 
 
-def check_credentials(header: str | None, store: Store, config: AuthConfig) -> str | None:
+def check_credentials(header: str | None, store: JobStore, config: AuthConfig) -> str | None:
     """The caller's identity ("key:<id>", "basic:<user>", "anonymous") or None if refused.
 
     Accepted: `Bearer <key>`; HTTP Basic with the --api-auth user and password (A1111 clients);
@@ -102,29 +100,19 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
 
 
 class RateLimiter:
-    """Token bucket per identity: `rate` generation requests per minute, bursts up to `burst`."""
+    """Token bucket per identity: `rate` generation requests per minute, bursts up to `burst`.
+    The buckets live in the store, so on a shared queue the limit holds across every worker."""
 
-    def __init__(self, per_minute: float, burst: int | None = None) -> None:
+    def __init__(self, per_minute: float, burst: int | None, store: JobStore) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst if burst is not None else max(1, int(per_minute)))
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
+        self.store = store
 
     def take(self, who: str) -> float:
         """0 if allowed, else seconds until a request would be."""
         if self.rate <= 0:
             return 0.0
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(who, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[who] = (tokens - 1, now)
-                return 0.0
-            self._buckets[who] = (tokens, now)
-            if len(self._buckets) > 10_000:  # bound memory: forget idle identities
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 600}
-            return (1 - tokens) / self.rate
+        return self.store.take_token(who, self.rate, self.burst)
 
 
 def is_loopback(host: str) -> bool:

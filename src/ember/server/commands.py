@@ -1,4 +1,5 @@
-"""`ember serve` and `ember keys`: argparse subcommands wired into ember's parser by `cli.py`."""
+"""`ember serve`, `ember keys` and `ember db`: argparse subcommands wired into ember's parser by
+`cli.py`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,27 @@ from ember.settings import SERVER_LIMITS, add_addon_dirs
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("EMBER_DATA", Path.home() / ".local" / "share" / "ember" / "server"))
+
+
+def add_queue_arg(p) -> None:
+    p.add_argument(
+        "--queue", default=os.environ.get("EMBER_QUEUE"),
+        help="where jobs, images, keys and rate limits live: postgresql://USER@HOST:PORT/DB, "
+        "shared by every worker started with the same URL, or sqlite:///DIR (default: SQLite in "
+        "the data dir; also $EMBER_QUEUE)",
+    )  # fmt: skip
+
+
+def open_queue(args: argparse.Namespace):
+    """The store of `--queue` / `--data-dir` (a data dir is made only for SQLite)."""
+    from ember.server.jobs import open_store
+
+    if args.queue is not None and args.data_dir and args.queue.startswith("sqlite:"):
+        raise EmberError("give either --queue sqlite:///DIR or --data-dir, not both")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if args.queue is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    return open_store(args.queue, data_dir)
 
 
 def add_serve(sub) -> None:
@@ -34,6 +56,13 @@ def add_serve(sub) -> None:
         "model's own VAE)",
     )  # fmt: skip
     p.add_argument("--data-dir", help=f"queue database and gallery (default {default_data_dir()})")
+    add_queue_arg(p)
+    p.add_argument("--models", type=lambda v: tuple(n for n in v.split(",") if n), default=(),
+                   metavar="NAME,...", help="on a shared queue, claim only jobs for these of this "
+                   "worker's models (names, file names or hashes; default: every model it has)")  # fmt: skip
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="seconds a worker holds a job on a shared queue without renewing it; a "
+                   "dead worker's job runs elsewhere after this (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--dtype",
         choices=["auto", "fp32", "bf16"],
@@ -73,10 +102,12 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
     for name in ("max_queue", "max_batch", "max_steps", "max_pixels"):
         if getattr(args, name) < 1:
             raise EmberError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.lease <= 3600:
+        raise EmberError(f"--lease {args.lease} is not allowed: use 1 to 3600 seconds")
     basic = parse_basic(args.api_auth)
-    from ember.server.jobs import Store
+    from ember.server.jobs import open_store
 
-    store = Store(data_dir)
+    store = open_store(args.queue, data_dir)
     has_keys = store.has_keys()
     store.close()
     loopback = is_loopback(args.host)
@@ -103,6 +134,9 @@ def build_settings(args: argparse.Namespace, data_dir: Path):
         batching=not args.no_batching,
         max_batch_images=args.max_batch,
         provenance=provenance_from_args(args),
+        queue=args.queue,
+        lease=args.lease,
+        claim_models=args.models,
     )
 
 
@@ -112,10 +146,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from ember.catalog import models_dir, resolve_model_path
     from ember.server.app import create_app
     from ember.server.engine import ModelEngine
+    from ember.server.ops import configure_logging
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if args.queue is not None and args.data_dir and args.queue.startswith("sqlite:"):
+        raise EmberError("give either --queue sqlite:///DIR or --data-dir, not both")
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = build_settings(args, data_dir)
+    configure_logging()
     extra = Path(args.models_dir) if args.models_dir else models_dir()
     engine = ModelEngine(
         [extra] if extra.exists() else [], resolve_model_path(args.model), dtype=args.dtype,
@@ -134,6 +172,7 @@ def _path(value: str | None) -> Path | None:
 def add_keys(sub) -> None:
     p = sub.add_parser("keys", help="create, list and revoke the server's API keys")
     p.add_argument("--data-dir", help=f"the server's data dir (default {default_data_dir()})")
+    add_queue_arg(p)
     actions = p.add_subparsers(dest="keys_action", metavar="ACTION", parser_class=type(p))
     c = actions.add_parser("create", help="create a key (shown once; only its hash is stored)")
     c.add_argument("name", help="who or what the key is for")
@@ -147,11 +186,8 @@ def run_keys(args: argparse.Namespace) -> int:
     import time
 
     from ember.server.auth import create_key
-    from ember.server.jobs import Store
 
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(data_dir)
+    store = open_queue(args)
     try:
         action = getattr(args, "keys_action", None)
         if action == "create":
@@ -173,3 +209,35 @@ def run_keys(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def add_db(sub) -> None:
+    p = sub.add_parser("db", help="create or migrate a shared queue database")
+    actions = p.add_subparsers(dest="db_action", metavar="ACTION", parser_class=type(p))
+    u = actions.add_parser(
+        "upgrade", help="create the schema or apply the migrations it lacks (idempotent)"
+    )
+    u.add_argument("url", help="postgresql://USER@HOST:PORT/DB or sqlite:///DIR")
+    p.set_defaults(run=run_db)
+
+
+def run_db(args: argparse.Namespace) -> int:
+    if getattr(args, "db_action", None) != "upgrade":
+        raise EmberError("give an action: ember db upgrade URL")
+    url = args.url
+    if url.startswith(("postgresql://", "postgres://")):
+        from ember.server.pgstore import upgrade
+
+        before, after = upgrade(url)
+        print(f"schema version {after}" + (f" (was {before})" if before != after else ""))
+        return 0
+    if url.startswith("sqlite:///"):
+        from ember.server.jobs import open_store
+
+        Path(url.removeprefix("sqlite://")).mkdir(parents=True, exist_ok=True)
+        open_store(url, Path()).close()  # SQLite's schema is brought up to date on opening
+        print(f"schema up to date in {url}")
+        return 0
+    raise EmberError(
+        f"{url!r} is not a queue URL: use postgresql://USER@HOST:PORT/DB or sqlite:///DIR"
+    )

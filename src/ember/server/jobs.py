@@ -1,4 +1,9 @@
-"""The durable job queue and image gallery: one SQLite database (WAL) in the data dir.
+"""The durable job queue and image gallery: the storage interface and its embedded backend.
+
+`open_store(queue, data_dir)` picks the backend: `SqliteStore`, one SQLite database (WAL) in the data
+dir (the default, for one machine), or `ember.server.pgstore.PgStore`, a PostgreSQL database that
+several `ember serve` workers share. Both have the same methods; the server above them does not
+know which it has (`shared` only tells the worker to claim the models it has and to renew leases).
 
 Invariants a crash cannot break:
 - a job is `done` only in the same transaction that records its images, and an image row is written
@@ -15,10 +20,12 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from ember.errors import EmberError
 from ember.files import write_atomic
 
 SCHEMA = """
@@ -38,7 +45,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     images TEXT NOT NULL DEFAULT '[]',
     created REAL NOT NULL,
     started REAL,
-    finished REAL
+    finished REAL,
+    batch_key TEXT,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
@@ -84,6 +94,9 @@ class Job:
     finished: float | None
     idem_key: str | None = None
     body_hash: str | None = None
+    batch_key: str | None = None
+    worker: str | None = None
+    attempts: int = 0
 
 
 @dataclass
@@ -107,8 +120,94 @@ class IdempotencyConflict(Exception):
     """The same Idempotency-Key was sent before with a different request body."""
 
 
-class Store:
+class StoreUnavailable(EmberError):
+    """The queue database cannot be reached right now (answered 503 with Retry-After)."""
+
+    retry_after = 2
+
+
+# A worker that lost its lease twice on the same job (killed, machine lost) fails it for good.
+MAX_ATTEMPTS = 2
+LOST_TWICE = "its worker stopped responding twice (lease expired); not retried again"
+
+
+class JobStore(Protocol):
+    """The storage interface the server is written against (`SqliteStore`, `PgStore`). Every
+    method is one short transaction; a backend that cannot reach its database raises
+    StoreUnavailable. `shared`: other workers use the same store (claim by model, renew leases)."""
+
+    shared: bool
+
+    def close(self) -> None: ...
+    def recover(self) -> int: ...
+    def submit(self, *, owner: str, kind: str, model: str, params: dict[str, Any],
+               init: bytes | None, mask: bytes | None, idem_key: str | None,
+               body_hash: str | None, max_queued: int,
+               batch_key: str | None = None) -> tuple[Job, bool]: ...  # fmt: skip
+    def get(self, job_id: str) -> Job | None: ...
+    def position(self, job: Job) -> int | None: ...
+    def counts(self) -> dict[str, int]: ...
+    def has_queued(self) -> bool: ...
+    def claim_next(self, worker: str, *, models: list[str] | None, max_images: int,
+                   lease: float) -> list[Job]: ...  # fmt: skip
+    def renew(self, worker: str, job_ids: list[str], lease: float) -> list[str]: ...
+    def release(self, worker: str, job_ids: list[str]) -> int: ...
+    def reap(self) -> list[tuple[str, str, str | None]]: ...
+    def active_job(self, owner: str) -> Job | None: ...
+    def finish(self, job_id: str, status: str, error: str | None = None,
+               worker: str | None = None) -> bool: ...  # fmt: skip
+    def cancel(self, job_id: str) -> str | None: ...
+    def retry(self, job_id: str) -> bool: ...
+    def complete(self, job_id: str, images: list[tuple[ImageRow, bytes]],
+                 worker: str | None = None) -> bool: ...  # fmt: skip
+    def image(self, image_id: str) -> ImageRow | None: ...
+    def image_bytes(self, image_id: str) -> bytes | None: ...
+    def images(
+        self, limit: int, before: int | None = None
+    ) -> tuple[list[ImageRow], int | None]: ...
+    def add_key(self, key_id: str, name: str, digest: str) -> None: ...
+    def key_by_hash(self, digest: str) -> Any: ...  # a row: ["id"], ["name"], ...
+    def list_keys(self) -> list[Any]: ...
+    def revoke_key(self, key_id: str) -> bool: ...
+    def has_keys(self) -> bool: ...
+    def take_token(self, who: str, rate: float, burst: float) -> float: ...
+    def publish(self, job_id: str, event: dict[str, Any]) -> None: ...
+    def listen(self, deliver: Callable[[str, dict[str, Any]], None],
+               stop: threading.Event) -> None: ...  # fmt: skip
+    def ping(self) -> None: ...
+
+
+def open_store(queue: str | None, data_dir: Path) -> JobStore:
+    """The store a `--queue` URL names: None or sqlite:///DIR -> SqliteStore, postgresql://... ->
+    PgStore (the schema is brought up to date first, under a lock, so workers may start together)."""
+    if queue is None:
+        return SqliteStore(data_dir)
+    if queue.startswith("sqlite:///"):
+        return SqliteStore(Path(queue.removeprefix("sqlite://")))
+    if queue.startswith(("postgresql://", "postgres://")):
+        from ember.server.pgstore import PgStore
+
+        return PgStore(queue)
+    raise EmberError(
+        f"--queue {queue!r} is not a queue URL: use postgresql://USER@HOST:PORT/DB or sqlite:///DIR"
+    )
+
+
+def take_token(bucket: tuple[float, float] | None, now: float, rate: float, burst: float):
+    """One token bucket step -> (new (tokens, time), seconds to wait; 0 = allowed).
+
+    `rate` tokens per second refill up to `burst`; a new bucket starts full."""
+    tokens, last = bucket if bucket is not None else (burst, now)
+    tokens = min(burst, tokens + max(0.0, now - last) * rate)
+    if tokens >= 1:
+        return (tokens - 1, now), 0.0
+    return (tokens, now), (1 - tokens) / rate
+
+
+class SqliteStore:
     """Thread-safe access to the database; every method is one short transaction."""
+
+    shared = False  # one process owns the file: no leases to renew, every model is this worker's
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -122,6 +221,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in ("batch_key TEXT", "worker TEXT", "attempts INTEGER NOT NULL DEFAULT 0"):
+            if column.split()[0] not in have:  # a data dir from before these columns
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -154,6 +258,7 @@ class Store:
         idem_key: str | None,
         body_hash: str | None,
         max_queued: int,
+        batch_key: str | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job -> (job, created). An idempotent retry returns the first job, not a new one.
 
@@ -180,9 +285,9 @@ class Store:
                 job_id = new_id()
                 self._db.execute(
                     "INSERT INTO jobs (id, owner, idem_key, body_hash, kind, model, params, init, "
-                    "mask, status, created) VALUES (?,?,?,?,?,?,?,?,?,'queued',?)",
+                    "mask, status, created, batch_key) VALUES (?,?,?,?,?,?,?,?,?,'queued',?,?)",
                     (job_id, owner, idem_key, body_hash, kind, model, json.dumps(params), init,
-                     mask, time.time()),
+                     mask, time.time(), batch_key),
                 )  # fmt: skip
                 row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
                 self._db.execute("COMMIT")
@@ -208,35 +313,95 @@ class Store:
         rows = self._tx("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
         return {r["status"]: r["n"] for r in rows}
 
-    def queued(self, limit: int = 256) -> list[Job]:
-        rows = self._tx(
-            "SELECT * FROM jobs WHERE status='queued' ORDER BY seq LIMIT ?", (limit,)
-        ).fetchall()
-        return [_job(r) for r in rows]
+    def has_queued(self) -> bool:
+        return self._tx("SELECT 1 FROM jobs WHERE status='queued' LIMIT 1").fetchone() is not None
 
-    def claim(self, job_ids: list[str]) -> list[str]:
-        """Mark queued jobs running; returns the ids actually claimed (a cancel may have won)."""
-        claimed = []
-        now = time.time()
+    def claim_next(
+        self, worker: str, *, models: list[str] | None, max_images: int, lease: float
+    ) -> list[Job]:
+        """Claim the oldest queued job and the queued jobs that may share its U-Net batch (same
+        batch key) while their images fit in `max_images` -> the claimed jobs, marked running."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            for job_id in job_ids:
-                cur = self._db.execute(
-                    "UPDATE jobs SET status='running', started=? WHERE id=? AND status='queued'",
-                    (now, job_id),
-                )
-                if cur.rowcount:
-                    claimed.append(job_id)
-            self._db.execute("COMMIT")
-        return claimed
+            try:
+                where, args = "status='queued'", ()
+                if models is not None:
+                    where += f" AND model IN ({','.join('?' * len(models))})"
+                    args = tuple(models)
+                head = self._db.execute(
+                    f"SELECT * FROM jobs WHERE {where} ORDER BY seq LIMIT 1", args
+                ).fetchone()
+                if head is None:
+                    self._db.execute("COMMIT")
+                    return []
+                mates = []
+                if head["batch_key"] is not None and max_images > 0:
+                    mates = self._db.execute(
+                        "SELECT * FROM jobs WHERE status='queued' AND batch_key=? AND seq>? "
+                        "ORDER BY seq LIMIT 256",
+                        (head["batch_key"], head["seq"]),
+                    ).fetchall()
+                group = batch_group(_job(head), [_job(r) for r in mates], max_images)
+                now = time.time()
+                for job in group:
+                    self._db.execute(
+                        "UPDATE jobs SET status='running', started=?, worker=?, "
+                        "attempts=attempts+1 WHERE id=?",
+                        (now, worker, job.id),
+                    )
+                    job.status, job.started, job.worker = "running", now, worker
+                self._db.execute("COMMIT")
+                return group
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
-        """Set a final status on an unfinished job; False if it had already finished."""
+    def renew(self, worker: str, job_ids: list[str], lease: float) -> list[str]:
+        """-> the ids this worker still holds (a cancelled job is no longer held)."""
+        if not job_ids:
+            return []
+        rows = self._tx(
+            f"SELECT id FROM jobs WHERE status='running' AND worker=? AND id IN "
+            f"({','.join('?' * len(job_ids))})",
+            (worker, *job_ids),
+        ).fetchall()
+        return [r["id"] for r in rows]
+
+    def release(self, worker: str, job_ids: list[str]) -> int:
+        """Hand running jobs back to the queue (a stopping worker), keeping their place."""
+        n = 0
+        for job_id in job_ids:
+            n += self._tx(
+                "UPDATE jobs SET status='queued', started=NULL, worker=NULL, "
+                "attempts=MAX(attempts-1, 0) WHERE id=? AND status='running' AND worker=?",
+                (job_id, worker),
+            ).rowcount
+        return n
+
+    def reap(self) -> list[tuple[str, str, str | None]]:
+        """Jobs whose worker's lease expired; one process owns a SQLite file, so none (`recover`
+        handles the jobs a killed process left running)."""
+        return []
+
+    def active_job(self, owner: str) -> Job | None:
+        """The caller's oldest running (else queued) job, for A1111's /progress."""
+        row = self._tx(
+            "SELECT * FROM jobs WHERE owner=? AND status IN ('running','queued') "
+            "ORDER BY status='queued', seq LIMIT 1",
+            (owner,),
+        ).fetchone()
+        return _job(row) if row else None
+
+    def finish(
+        self, job_id: str, status: str, error: str | None = None, worker: str | None = None
+    ) -> bool:
+        """Set a final status on an unfinished job; False if it had already finished. With
+        `worker`, only while that worker holds it running (not after it lost its lease)."""
         assert status in FINAL and status != "done"
+        held = "status='running' AND worker=?" if worker else "status IN ('queued','running')"
         cur = self._tx(
-            "UPDATE jobs SET status=?, error=?, finished=? WHERE id=? AND status IN "
-            "('queued','running')",
-            (status, error, time.time(), job_id),
+            f"UPDATE jobs SET status=?, error=?, finished=? WHERE id=? AND {held}",
+            (status, error, time.time(), job_id, *([worker] if worker else [])),
         )
         return cur.rowcount > 0
 
@@ -267,7 +432,7 @@ class Store:
             self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             cols = [k for k in row.keys() if k != "seq"]
             values = {**dict(row), "status": "queued", "error": None, "started": None,
-                      "finished": None}  # fmt: skip
+                      "finished": None, "worker": None, "attempts": 0}  # fmt: skip
             self._db.execute(
                 f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 tuple(values[c] for c in cols),
@@ -275,7 +440,9 @@ class Store:
             self._db.execute("COMMIT")
             return True
 
-    def complete(self, job_id: str, images: list[tuple[ImageRow, bytes]]) -> bool:
+    def complete(
+        self, job_id: str, images: list[tuple[ImageRow, bytes]], worker: str | None = None
+    ) -> bool:
         """Write the PNGs durably, then record them and mark the job done in one transaction.
 
         Returns False (and removes the files) if the job was cancelled meanwhile.
@@ -315,6 +482,13 @@ class Store:
         row = self._tx("SELECT * FROM images WHERE id=?", (image_id,)).fetchone()
         return _image(row) if row else None
 
+    def image_bytes(self, image_id: str) -> bytes | None:
+        """The PNG file of a recorded image."""
+        try:
+            return self.image_path(image_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def images(self, limit: int, before: int | None = None) -> tuple[list[ImageRow], int | None]:
         """Newest first; `before` is the cursor returned by the previous page."""
         rows = self._tx(
@@ -351,22 +525,58 @@ class Store:
             self._tx("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
         )
 
+    # -- rate limits, events, health -------------------------------------------------------------
+
+    def take_token(self, who: str, rate: float, burst: float) -> float:
+        """The per-identity token bucket (`take_token`) -> seconds to wait (0 = allowed). One
+        process owns a SQLite store, so the buckets live in memory and restart full."""
+        now = time.monotonic()
+        with self._lock:
+            self._buckets[who], wait = take_token(self._buckets.get(who), now, rate, burst)
+            if len(self._buckets) > 10_000:  # bound memory: forget idle identities
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 600}
+        return wait
+
+    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        """Send a job event to the other workers: there are none."""
+
+    def listen(self, deliver, stop: threading.Event) -> None:
+        """Events from other workers: none, so return at once."""
+
+    def ping(self) -> None:
+        self._tx("SELECT 1").fetchone()
+
 
 class QueueFull(Exception):
     """The bounded queue is full; the client should retry later."""
 
 
-def _job(row: sqlite3.Row) -> Job:
+def batch_group(head: Job, candidates: list[Job], max_images: int) -> list[Job]:
+    """`head` and, in order, the candidates whose images still fit in `max_images`."""
+    group, images = [head], head.params.get("batch", 1)
+    for job in candidates:
+        n = job.params.get("batch", 1)
+        if images + n <= max_images:
+            group.append(job)
+            images += n
+    return group
+
+
+Store = SqliteStore  # the embedded default, under its historical name
+
+
+def _job(row) -> Job:
     return Job(
         id=row["id"], seq=row["seq"], owner=row["owner"], kind=row["kind"], model=row["model"],
         params=json.loads(row["params"]), init=row["init"], mask=row["mask"],
         status=row["status"], error=row["error"], images=json.loads(row["images"]),
         created=row["created"], started=row["started"], finished=row["finished"],
-        idem_key=row["idem_key"], body_hash=row["body_hash"],
+        idem_key=row["idem_key"], body_hash=row["body_hash"], batch_key=row["batch_key"],
+        worker=row["worker"], attempts=row["attempts"],
     )  # fmt: skip
 
 
-def _image(row: sqlite3.Row) -> ImageRow:
+def _image(row) -> ImageRow:
     return ImageRow(
         id=row["id"], job_id=row["job_id"], idx=row["idx"], width=row["width"],
         height=row["height"], seed=row["seed"], infotext=row["infotext"],
