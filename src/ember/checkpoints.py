@@ -25,6 +25,7 @@ from ember.errors import EmberError
 from ember.files import sha256_files, write_atomic
 from ember.keymaps import IGNORED_PREFIXES, IGNORED_SUFFIXES, TEXT, UNET, VAE
 from ember.safetensors_io import check_safetensors, read_safetensors, save_safetensors
+from ember.sdxl_files import detect_sdxl_config, internal_to_sgm, is_sgm, sgm_to_internal
 
 CONFIG_KEY = "ember_config"
 OPENCLIP = TEXT + "model."
@@ -43,6 +44,12 @@ class LoadedModel:
     sha256: str
     short_hash: str
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    tokenizer_2: object | None = None  # SDXL base: the bigG encoder's (pads with "!")
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder, in `model.text_encoders` order."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,8 +100,8 @@ def describe_other_model(keys: Iterable[str]) -> str | None:
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
 
-    if has("conditioner.embedders."):  # sgm's layout: base has CLIP-L and bigG, the refiner bigG
-        return "an SDXL " + ("base" if has("conditioner.embedders.1.") else "refiner") + " model"
+    if has("conditioner.embedders."):  # sgm's layout (SDXL): read by ember.sdxl_files
+        return None if has(UNET) else "SDXL text encoders without a U-Net"
     if has(UNET + "label_emb."):
         return "a U-Net with a class or size embedding (label_emb: SDXL or SD unCLIP)"
     if has(UNET + "joint_blocks.", "text_encoders.t5xxl."):
@@ -125,6 +132,14 @@ def detect_config(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> C.Mo
     other = describe_other_model(sd)
     if other:
         raise EmberError(f"the file is {other}; {SUPPORTED}")
+    if is_sgm(sd):
+        try:
+            return detect_sdxl_config(sd)
+        except (EmberError, KeyError, IndexError) as exc:  # a tensor missing or misshapen
+            reason = str(exc) if isinstance(exc, EmberError) else f"no tensor {exc}"
+            raise EmberError(
+                f"an SDXL-layout file ember cannot read: {reason}; {SUPPORTED}"
+            ) from None
     probe = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     first = UNET + "input_blocks.0.0.weight"
     if probe not in sd or first not in sd or sd[probe].ndim != 2 or sd[first].ndim != 4:
@@ -289,6 +304,11 @@ def load_model(
             other = describe_other_model(k for k in header if k != "__metadata__")
             if other:
                 raise EmberError(f"{path.name} is {other}; {SUPPORTED}")
+            if config is not None and is_sgm(header) and not config.sdxl:
+                raise EmberError(
+                    f"{path.name} is an SDXL model (conditioner.embedders.*); --config "
+                    f"{config.name} describes another architecture"
+                )
         raw, metadata = read_safetensors(path)
         try:
             cfg = config or detect_config(raw, metadata)
@@ -307,6 +327,13 @@ def load_model(
     try:
         # refuses ids outside its vocabulary; a folder brings its own tokenizer
         tokenizer = read_tokenizer(path, cfg.text) if path.is_dir() else build_tokenizer(cfg.text)
+        tokenizer_2 = None
+        if cfg.text_2 is not None:
+            tokenizer_2 = (
+                read_tokenizer(path, cfg.text_2, "tokenizer_2")
+                if path.is_dir()
+                else build_tokenizer(cfg.text_2)
+            )
         model = build_model(cfg, sd, dtype=dtype)
     except ValueError as exc:  # EmberError is a ValueError
         raise EmberError(f"{path.name}: {exc}") from None
@@ -322,7 +349,7 @@ def load_model(
     sha, short = file_hashes(path)
     name = path.stem if not path.is_dir() else path.name
     note("ready")
-    return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra)
+    return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra, tokenizer_2)
 
 
 def _metadata_of(path: Path) -> dict:
@@ -337,7 +364,7 @@ def build_model(
     from ember.models.text import build_text_encoder
 
     with torch.device("meta"):
-        model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+        model = LatentDiffusion(cfg, *[build_text_encoder(t) for t in cfg.text_encoders()])
     if cfg.text.kind == "minilm" and not any(k.startswith(TEXT) for k in sd):
         # ember's own models use the pretrained all-MiniLM-L6-v2 as is: its weights come from the
         # installed package rather than being copied into every model file.
@@ -377,6 +404,10 @@ def ldm_to_internal(
     from ember.models.text import openclip_to_hf
 
     sd, extra, openclip = {}, {}, {}
+    if cfg.sdxl:
+        kept = {k: v for k, v in raw.items()
+                if not (k.startswith(IGNORED_PREFIXES) or k.endswith(IGNORED_SUFFIXES))}  # fmt: skip
+        return sgm_to_internal(kept, extra), extra
     for key, value in raw.items():
         if key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES):
             continue
@@ -400,6 +431,8 @@ def internal_to_ldm(
     """Inverse of `ldm_to_internal`: SD 2.x text model back to OpenCLIP names."""
     from ember.models.text import hf_to_openclip
 
+    if cfg.sdxl:
+        return internal_to_sgm(sd, cfg, extra)
     out = dict(sd)
     out.update({k: v for k, v in extra.items() if not k.startswith(OPENCLIP)})
     if cfg.text.kind == "clip" and cfg.unet.context_dim == 1024 and cfg.text.hidden_size == 1024:

@@ -12,8 +12,10 @@ the same picture as diffusers and A1111.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,20 +90,37 @@ def generators(seed: int, batch: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
 
 
+class EncodedText(NamedTuple):
+    """A request's text conditioning: (cond, uncond) contexts, each (1, L, D), and for SDXL the
+    pooled embeddings (1, P) of each."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, L, D), with A1111 weighting and long-prompt chunking. Without
-    guidance (cfg <= 1) the negative prompt is not encoded, as diffusers does: uncond is cond."""
+def encode_text(loaded, params: GenerationParams) -> EncodedText:
+    """(cond, uncond, ...) with A1111 weighting and long-prompt chunking. Without guidance
+    (cfg <= 1) the negative prompt is not encoded, as diffusers does: uncond is cond."""
     from ember.prompts import encode_prompt, encode_prompts, strip_extra_networks
 
+    unguided = params.cfg is not None and not guided(params.cfg)
+    if loaded.config.sdxl:
+        from ember.conditioning import encode_sdxl_prompts
+
+        return EncodedText(*encode_sdxl_prompts(
+            loaded, params.prompt, params.negative_prompt, params.clip_skip, guided=not unguided
+        ))  # fmt: skip
     encoder = loaded.model.cond_stage_model
-    if params.cfg is not None and not guided(params.cfg):
+    if unguided:
         text = strip_extra_networks(params.prompt)
         cond = encode_prompt(text, loaded.tokenizer, encoder, params.clip_skip)
-        return cond, cond
-    return encode_prompts(
+        return EncodedText(cond, cond)
+    return EncodedText(*encode_prompts(
         params.prompt, params.negative_prompt, loaded.tokenizer, encoder, clip_skip=params.clip_skip
-    )
+    ))  # fmt: skip
 
 
 def generate(
@@ -136,8 +155,8 @@ def generate_batch(
     texts = [encode_text(loaded, p) for p in requests]
     # Prompts of different token lengths cannot share one cross-attention batch unchanged.
     groups: dict[tuple[int, int], list[int]] = {}
-    for n, (c, u) in enumerate(texts):
-        groups.setdefault((c.shape[1], u.shape[1]), []).append(n)
+    for n, text in enumerate(texts):
+        groups.setdefault((text.cond.shape[1], text.uncond.shape[1]), []).append(n)
     out: list[torch.Tensor | None] = [None] * len(requests)
     for members in groups.values():
         images = _generate_group(
@@ -153,10 +172,10 @@ def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Ten
     first = requests[0]
     counts = [p.batch for p in requests]
     gens = [g for p in requests for g in generators(p.seed, p.batch)]
-    cond = encode_conditioning(loaded, texts, counts, first.cfg)
+    cond = encode_conditioning(loaded, texts, counts, first.cfg, requests)
     latents = initial_latents(loaded, first, inputs, counts, gens)
     if latents.concat is not None:
-        cond = D.Conditioning(cond.context, cond.uncond_context, latents.concat)
+        cond = dataclasses.replace(cond, concat=latents.concat)
     denoiser = build_guided_denoiser(loaded, requests, counts, latents)
     x = sample(loaded, denoiser, latents, cond, first, gens, callback)
     if not torch.isfinite(x).all():
@@ -172,17 +191,42 @@ def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Ten
 
 
 def encode_conditioning(
-    loaded, texts: list[tuple[torch.Tensor, torch.Tensor]], counts: list[int], cfg: float
+    loaded,
+    texts: list[EncodedText],
+    counts: list[int],
+    cfg: float,
+    requests: list[GenerationParams] | None = None,
 ) -> D.Conditioning:
-    """Stage 1: each request's (cond, uncond) text context repeated for its images, stacked."""
+    """Stage 1: each request's (cond, uncond) text context repeated for its images, stacked; for
+    SDXL with its vectors (pooled text and the request's micro-conditioning, `ember.conditioning`)."""
     dtype = loaded.dtype
     cond = torch.cat(
-        [c.to(dtype).expand(n, -1, -1) for (c, _), n in zip(texts, counts, strict=True)]
+        [t.cond.to(dtype).expand(n, -1, -1) for t, n in zip(texts, counts, strict=True)]
     )
     uncond = torch.cat(
-        [u.to(dtype).expand(n, -1, -1) for (_, u), n in zip(texts, counts, strict=True)]
+        [t.uncond.to(dtype).expand(n, -1, -1) for t, n in zip(texts, counts, strict=True)]
     )
-    return D.Conditioning(context=cond, uncond_context=uncond if guided(cfg) else None)
+    vector = uncond_vector = None
+    if loaded.config.sdxl:
+        from ember.conditioning import micro_conditions, sdxl_vector
+
+        model_cfg = loaded.config
+        assert requests is not None, "SDXL conditioning needs the requests' sizes"
+
+        def vectors(pooled: str, negative: bool) -> torch.Tensor:
+            return torch.cat([
+                sdxl_vector(model_cfg, getattr(t, pooled), micro_conditions(
+                    model_cfg, p, negative=negative
+                )).to(dtype).expand(n, -1)
+                for t, p, n in zip(texts, requests, counts, strict=True)
+            ])  # fmt: skip
+
+        vector = vectors("pooled", False)
+        uncond_vector = vectors("uncond_pooled", True) if guided(cfg) else None
+    return D.Conditioning(
+        context=cond, uncond_context=uncond if guided(cfg) else None, vector=vector,
+        uncond_vector=uncond_vector,
+    )  # fmt: skip
 
 
 def initial_latents(
@@ -229,8 +273,10 @@ def build_guided_denoiser(
     dtype = loaded.dtype
     unet = loaded.model.model.diffusion_model
 
-    def unet_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(dtype), t.to(dtype), context).float()
+    def unet_fn(
+        x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return unet(x.to(dtype), t.to(dtype), context, y).float()
 
     first = requests[0]
     base = D.build_denoiser(unet_fn, loaded.config.schedule)

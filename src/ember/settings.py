@@ -156,6 +156,16 @@ class GenerationParams:
         None, "image height in pixels; default: the model's", lo=SIZE_MULTIPLE, limit="max_side",
         shared=True, flag=None,
     )  # fmt: skip
+    original_width: int | None = _setting(
+        None, "SDXL micro-conditioning: the original image width the model is told; default: the "
+        "width", lo=1, hi=16384,
+    )  # fmt: skip
+    original_height: int | None = _setting(
+        None, "SDXL micro-conditioning: the original image height; default: the height", lo=1,
+        hi=16384,
+    )  # fmt: skip
+    crop_left: int = _setting(0, "SDXL micro-conditioning: crop left, in pixels", lo=0, hi=16384)
+    crop_top: int = _setting(0, "SDXL micro-conditioning: crop top, in pixels", lo=0, hi=16384)
     batch: int = _setting(1, "images to make", lo=1, limit="max_batch")
     strength: float = _setting(0.75, "img2img/inpaint: how much to change", lo=0, hi=1, shared=True)
     clip_skip: int = _setting(1, "use the text encoder's N-th last layer", lo=1, hi=12)
