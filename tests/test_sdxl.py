@@ -215,3 +215,118 @@ def test_prompt_syntax_reaches_both_encoders(loaded):
     # An empty negative is zeros, context and pooled.
     _, zeros, _, zero_pooled = encode_sdxl_prompts(loaded, "a cat", "")
     assert not zeros.any() and not zero_pooled.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: kohya's SDXL names through the one loader
+
+# (ldm module, out, in, conv kernel) of the tiny SDXL U-Net, as kohya's sd-scripts name SDXL's.
+LORA_UNET = [
+    ("input_blocks.4.1.transformer_blocks.1.attn1.to_q", 128, 128, None),
+    ("input_blocks.5.1.transformer_blocks.0.attn2.to_k", 128, 192, None),
+    ("middle_block.1.transformer_blocks.0.attn2.to_out.0", 128, 128, None),
+    ("output_blocks.1.1.transformer_blocks.1.ff.net.0.proj", 1024, 128, None),
+    ("input_blocks.4.1.proj_in", 128, 128, None),
+    ("input_blocks.1.0.in_layers.2", 32, 32, (3, 3)),
+]
+# diffusers 0.42 renames text-encoder attention LoRAs to modules transformers 5 lacks (see
+# tests/test_lora.py): both encoders are compared on their MLPs.
+LORA_TEXT = [
+    ("lora_te1_", "encoder.layers.0.mlp.fc1", 37, 64),
+    ("lora_te2_", "encoder.layers.1.mlp.fc2", 128, 37),
+]
+
+
+def kohya_sdxl_lora(alpha: float = 2.0, rank: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    sd = {}
+    modules = [("lora_unet_", m, o, i, k) for m, o, i, k in LORA_UNET]
+    modules += [(p, "text_model." + m, o, i, None) for p, m, o, i in LORA_TEXT]
+    for prefix, module, out, inp, kernel in modules:
+        name = prefix + module.replace(".", "_")
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, inp, *(kernel or ()), generator=gen)
+        up = (out, rank, 1, 1) if kernel else (out, rank)
+        sd[f"{name}.lora_up.weight"] = torch.randn(up, generator=gen) * 0.3
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def test_kohya_lora_matches_diffusers(tmp_path, sdxl_folder, loaded):
+    from ember.images import tensor_to_uint8
+    from ember.lora import merge_loras, read_lora
+    from ember.pipeline import generate
+    from ember.settings import GenerationParams
+
+    path = tmp_path / "xl-lora.safetensors"
+    save_file(kohya_sdxl_lora(), str(path))
+    scale = 0.8
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="linspace"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=scale)
+    ref = _uint8(pipe(
+        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+        generator=torch.Generator("cpu").manual_seed(SEED), height=HEIGHT, width=WIDTH,
+        output_type="np",
+    ).images[0])  # fmt: skip
+    params = GenerationParams(
+        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
+        width=WIDTH, height=HEIGHT,
+    )  # fmt: skip
+    base = tensor_to_uint8(generate(loaded, params))[0]
+    lora = read_lora(path)
+    merged = merge_loras(loaded, [(lora, scale, scale)])
+    try:
+        got = tensor_to_uint8(generate(loaded, params))[0]
+        touched = merged.touched
+    finally:
+        merged.remove()
+    assert any(".embedders.0." in k for k in touched) and any(".embedders.1." in k for k in touched)
+    assert np.abs(ref.astype(int) - base.astype(int)).max() > 10, "the LoRA changes nothing"
+    assert_close(got, ref, "LoRA")
+    assert (tensor_to_uint8(generate(loaded, params))[0] == base).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the refiner
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory):
+    from conftest import build_sdxl_folder
+
+    return build_sdxl_folder(tmp_path_factory.mktemp("refiner") / "tiny-refiner", refiner=True)
+
+
+def test_base_and_refiner_match_diffusers(tmp_path, sdxl_folder, refiner_folder):
+    """ember's --refiner/--refiner-switch-at 0.8 hands over where diffusers' denoising_end /
+    denoising_start do (below timestep 200), with the refiner's bigG-only conditioning and
+    aesthetic score, and decodes with the refiner's VAE."""
+    steps = 10
+
+    def scheduled(pipe):
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="linspace"
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    base = scheduled(diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder))
+    refiner = scheduled(diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder))
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                  guidance_scale=CFG, generator=gen)  # fmt: skip
+    latents = base(
+        **common, height=HEIGHT, width=WIDTH, denoising_end=0.8, output_type="latent"
+    ).images
+    ref = _uint8(refiner(**common, image=latents, denoising_start=0.8, output_type="np").images[0])
+    args = ["--refiner", str(refiner_folder), "--refiner-switch-at", "0.8", "--steps", str(steps)]
+    got = ember_image(tmp_path, sdxl_folder, "euler", *args)
+    assert_close(got, ref, "base + refiner")
+    alone = ember_image(tmp_path, sdxl_folder, "euler", "--steps", str(steps), name="alone.png")
+    assert np.abs(alone.astype(int) - got.astype(int)).max() > 2, "the refiner changed nothing"
+    info = Image.open(tmp_path / "e.png").text["parameters"]
+    assert "Refiner: tiny-refiner [" in info and "Refiner switch at: 0.8" in info

@@ -292,6 +292,7 @@ def load_model(
         except ValueError as exc:
             raise EmberError(str(exc)) from None
     note = progress or (lambda _msg: None)
+    _check_memory(path, dtype)
     if path.is_dir():
         note("reading diffusers folder")
         sd, cfg, extra = read_diffusers(path)
@@ -350,6 +351,18 @@ def load_model(
     name = path.stem if not path.is_dir() else path.name
     note("ready")
     return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra, tokenizer_2)
+
+
+def _check_memory(path: Path, dtype: torch.dtype) -> None:
+    """Refuse a model whose weights cannot fit this machine's free memory, before reading them."""
+    from ember.device import check_memory
+    from ember.safetensors_io import memory_to_load
+
+    files = sorted(path.glob("*/*.safetensors")) if path.is_dir() else [path]
+    if not path.is_dir():
+        check_safetensors(path)  # a clear line for a file that is not safetensors at all
+    width = torch.finfo(dtype).bits // 8
+    check_memory(memory_to_load(files, width), path.name, dtype)
 
 
 def _metadata_of(path: Path) -> dict:

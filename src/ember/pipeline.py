@@ -129,9 +129,10 @@ def generate(
     inputs: Inputs = Inputs(),
     *,
     callback: Callback | None = None,
+    refiner=None,
 ) -> torch.Tensor:
     """Generate `params.batch` images -> (B, 3, H, W) float32 in [0, 1]."""
-    return generate_batch(loaded, [params], [inputs], callback=callback)[0]
+    return generate_batch(loaded, [params], [inputs], callback=callback, refiner=refiner)[0]
 
 
 @torch.no_grad()
@@ -141,8 +142,12 @@ def generate_batch(
     inputs: list[Inputs] | None = None,
     *,
     callback: Callback | None = None,
+    refiner=None,
 ) -> list[torch.Tensor]:
     """Run requests that share a `batch_key` and mode as one U-Net batch per prompt length.
+
+    `refiner` (a loaded model, for requests that name one) takes over below the noise level of
+    `refiner_switch_at` and decodes the result.
 
     Each request keeps its own prompts, seeds and noise, so its images are those it would get alone
     (up to float summation order in batched kernels). Returns one (B_i, 3, H, W) tensor per request.
@@ -161,14 +166,14 @@ def generate_batch(
     for members in groups.values():
         images = _generate_group(
             loaded, [requests[n] for n in members], [inputs[n] for n in members],
-            [texts[n] for n in members], callback,
+            [texts[n] for n in members], callback, refiner,
         )  # fmt: skip
         for n, image in zip(members, images, strict=True):
             out[n] = image
     return out  # type: ignore[return-value]
 
 
-def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Tensor]:
+def _generate_group(loaded, requests, inputs, texts, callback, refiner) -> list[torch.Tensor]:
     first = requests[0]
     counts = [p.batch for p in requests]
     gens = [g for p in requests for g in generators(p.seed, p.batch)]
@@ -177,10 +182,14 @@ def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Ten
     if latents.concat is not None:
         cond = dataclasses.replace(cond, concat=latents.concat)
     denoiser = build_guided_denoiser(loaded, requests, counts, latents)
+    decoder = loaded
+    if refiner is not None and first.refiner_switch_at < 1:
+        denoiser = _with_refiner(loaded, refiner, denoiser, requests, counts, latents)
+        decoder = refiner
     x = sample(loaded, denoiser, latents, cond, first, gens, callback)
     if not torch.isfinite(x).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
-    images = decode_latents(loaded, x)
+    images = decode_latents(decoder, x)
     if not torch.isfinite(images).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
     return list(images.split(counts))
@@ -348,6 +357,35 @@ def _with_layout_guidance(loaded, denoiser, cond_denoiser, requests, counts, sha
         denoiser, cond_denoiser, guided_layers(unet), per_image, strength=first.layout_guidance,
         sigma_stop=stop, latent_hw=(shape[2], shape[3]),
     )  # fmt: skip
+
+
+def _with_refiner(loaded, refiner, denoiser, requests, counts, latents):
+    """`denoiser` handing over to the refiner's below training timestep
+    `round(T * (1 - refiner_switch_at))`: the rule of diffusers' `denoising_end` and of A1111
+    (which switches by timestep by default), so 0.8 gives the refiner t < 200."""
+    from ember.diffusion.schedules import sigma_to_t, train_sigmas
+
+    if refiner.config.vae.embed_dim != loaded.config.vae.embed_dim:
+        raise EmberError(
+            f"refiner {refiner.name} works on {refiner.config.vae.embed_dim}-channel latents, "
+            f"the model on {loaded.config.vae.embed_dim}"
+        )
+    if latents.concat is not None:
+        raise EmberError("a refiner cannot follow an inpainting model (9-channel U-Net)")
+    first = requests[0]
+    texts = [encode_text(refiner, p) for p in requests]
+    if len({(t.cond.shape, t.uncond.shape) for t in texts}) > 1:
+        raise EmberError("requests sharing a batch with a refiner must encode to equal lengths")
+    cond = encode_conditioning(refiner, texts, counts, first.cfg, requests)
+    second = build_guided_denoiser(refiner, requests, counts, latents)
+    schedule = loaded.config.schedule
+    cutoff = round(schedule.num_train_timesteps * (1 - first.refiner_switch_at))
+    table = train_sigmas(schedule)
+
+    def use_refiner(sigma: torch.Tensor) -> bool:
+        return bool(sigma_to_t(sigma.max().cpu(), table).round() < cutoff)
+
+    return D.SwitchDenoiser(denoiser, second, cond, use_refiner)
 
 
 class MaskBlendDenoiser:

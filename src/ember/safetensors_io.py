@@ -81,6 +81,21 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
+def memory_to_load(paths: list[Path], width: int) -> int:
+    """Bytes of memory loading these files' tensors takes at most, floats converted to `width`
+    bytes each, one tensor at a time (so the larger of the file's size and the converted size)."""
+    stored = converted = 0
+    for path in paths:
+        for name, info in check_safetensors(path).items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            stored += end - begin
+            count = (end - begin) // SAFETENSORS_DTYPES[info["dtype"]]
+            converted += count * width if info["dtype"].startswith(("F", "BF")) else end - begin
+    return max(stored, converted)
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Validated read of all tensors and the string metadata."""
     header = check_safetensors(path)

@@ -180,6 +180,14 @@ class GenerationParams:
         None, "noise of ancestral and SDE samplers; default 1 (0 for ddim)", lo=0, hi=10,
         shared=True,
     )  # fmt: skip
+    refiner: str | None = _setting(
+        None, "SDXL: a refiner model (a file, a diffusers folder or a name in the models folder) "
+        "that takes over from the model for the last steps", shared=True, max_length=4096,
+    )  # fmt: skip
+    refiner_switch_at: float = _setting(
+        0.8, "with --refiner: the fraction of the noise schedule after which the refiner takes "
+        "over (A1111's 'Refiner switch at', diffusers' denoising_end)", lo=0, hi=1, shared=True,
+    )  # fmt: skip
     loras: tuple[LoraChoice, ...] = _setting(
         (),
         "merge a LoRA: PATH_OR_NAME[:WEIGHT] or PATH_OR_NAME:TE_WEIGHT:UNET_WEIGHT, NAME looked up "

@@ -154,3 +154,24 @@ class CFGDenoiser:
                 2
             )
         return uncond + self.scale * (positive - uncond)
+
+
+class SwitchDenoiser:
+    """One denoiser for the high noise levels, another below them: SDXL's refiner (Podell et al.
+    2023, section 2.5), which takes over the same sampler run with its own conditioning, as A1111
+    and diffusers' `denoising_end` / `denoising_start` hand over."""
+
+    def __init__(
+        self,
+        first: Denoiser,
+        second: Denoiser,
+        second_cond: Conditioning,
+        use_second: Callable[[torch.Tensor], bool],
+    ):
+        self.first, self.second, self.second_cond = first, second, second_cond
+        self.use_second = use_second
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.use_second(per_image_sigma(sigma, x)):
+            return self.second(x, sigma, self.second_cond)
+        return self.first(x, sigma, cond)
