@@ -4,6 +4,8 @@ and from its single-file conversion."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,7 +141,7 @@ def test_single_file_round_trip_gives_the_same_image_and_diffusers_reads_it(tmp_
     back = tmp_path / "back"
     assert main(["convert", str(bare), str(back), "--format", "diffusers"]) == 0
     ref = ember_image(tmp_path, sdxl_folder, name="ref.png")
-    for model in (single, bare, back):
+    for model in (bare, back):  # (`single` differs from `bare` only by ember's metadata)
         assert (ember_image(tmp_path, model, name=f"{model.name}.png") == ref).all(), model.name
     # diffusers' own single-file loader reads the export (offline: configs from a local folder).
     pipe = diffusers.StableDiffusionXLPipeline.from_single_file(str(bare), config=str(back))
@@ -305,7 +307,7 @@ def test_base_and_refiner_match_diffusers(tmp_path, sdxl_folder, refiner_folder)
     """ember's --refiner/--refiner-switch-at 0.8 hands over where diffusers' denoising_end /
     denoising_start do (below timestep 200), with the refiner's bigG-only conditioning and
     aesthetic score, and decodes with the refiner's VAE."""
-    steps = 10
+    steps = 5  # linspace: t = 999, 749, 500, 250 for the base, 0 for the refiner
 
     def scheduled(pipe):
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
@@ -330,3 +332,77 @@ def test_base_and_refiner_match_diffusers(tmp_path, sdxl_folder, refiner_folder)
     assert np.abs(alone.astype(int) - got.astype(int)).max() > 2, "the refiner changed nothing"
     info = Image.open(tmp_path / "e.png").text["parameters"]
     assert "Refiner: tiny-refiner [" in info and "Refiner switch at: 0.8" in info
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL-Turbo's recipe with TAESDXL; memory
+
+
+def test_turbo_recipe_with_taesdxl_matches_diffusers(tmp_path, sdxl_folder):
+    """1 step, trailing spacing, no guidance, decoded by a TAESD-shaped tiny autoencoder given
+    with --vae (TAESDXL has TAESD's architecture): diffusers' SDXL pipeline with that
+    AutoencoderTiny gives the same image."""
+    from test_fewstep_pipeline import TINY_TAESD  # 2x, as the tiny SDXL VAE
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderTiny(**TINY_TAESD).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # default init nearly zeroes a ReLU stack
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p[0].numel()) ** 0.5))
+    folder = tmp_path / "taesdxl"
+    vae.save_pretrained(folder)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder, vae=vae)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = _uint8(pipe(
+        prompt=PROMPT, num_inference_steps=1, guidance_scale=0.0, height=HEIGHT, width=WIDTH,
+        generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
+    ).images[0])  # fmt: skip
+    out = tmp_path / "turbo.png"
+    args = ["generate", PROMPT, "--model", str(sdxl_folder), "--sampler", "euler", "--steps", "1"]
+    args += ["--cfg", "1", "--timestep-spacing", "trailing", "--vae", str(folder), "--seed"]
+    args += [str(SEED), "--size", f"{WIDTH}x{HEIGHT}", "--dtype", "fp32", "-o", str(out), "-q"]
+    assert main(args) == 0
+    assert_close(np.asarray(Image.open(out).convert("RGB")), ref, "turbo + TAESDXL")
+
+
+def test_a_model_too_big_for_free_memory_is_one_line(capsys, tmp_path, sdxl_folder, monkeypatch):
+    monkeypatch.setattr("ember.device.available_memory", lambda: 2**20)
+    args = ["generate", "x", "--model", str(sdxl_folder), "-o", str(tmp_path / "x.png"), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GiB of memory" in err and "available" in err, err
+
+
+def test_a1111_api_lists_sdxl_models_and_takes_a_refiner(tmp_path, sdxl_folder, refiner_folder):
+    """/sdapi/v1/sd-models lists SDXL models; txt2img's refiner_checkpoint / refiner_switch_at
+    give `ember generate --refiner`'s image and infotext; a refiner that is not a listed model
+    (a path, say) is a 422."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from ember.server.app import create_app
+    from ember.server.engine import ModelEngine
+    from server_support import make_settings
+
+    cli = ember_image(tmp_path, sdxl_folder, "euler", "--refiner", str(refiner_folder),
+                      "--refiner-switch-at", "0.5", "--schedule", "automatic")  # fmt: skip
+    engine = ModelEngine([refiner_folder], sdxl_folder, dtype="fp32")
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": STEPS,
+            "sampler_name": "Euler", "cfg_scale": CFG, "width": WIDTH, "height": HEIGHT,
+            "refiner_checkpoint": "tiny-refiner", "refiner_switch_at": 0.5}  # fmt: skip
+    with TestClient(create_app(make_settings(tmp_path / "data"), engine)) as c:
+        names = [m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()]
+        assert set(names) == {"tiny-sdxl", "tiny-refiner"}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        png = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+        assert np.abs(png[..., :3].astype(int) - cli.astype(int)).max() == 0
+        assert "Refiner: tiny-refiner [" in json.loads(r.json()["info"])["infotexts"][0]
+        r = c.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": str(refiner_folder)})
+        assert r.status_code == 422 and "unknown model" in r.text
