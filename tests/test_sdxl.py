@@ -406,3 +406,51 @@ def test_a1111_api_lists_sdxl_models_and_takes_a_refiner(tmp_path, sdxl_folder, 
         assert "Refiner: tiny-refiner [" in json.loads(r.json()["info"])["infotexts"][0]
         r = c.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": str(refiner_folder)})
         assert r.status_code == 422 and "unknown model" in r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# full size, on the meta device (no weights exist here; shapes are what a real file must fit)
+
+SDXL_UNET_CONFIG = {  # the architecture fields of SDXL 1.0 base's unet/config.json
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+    "UpBlock2D"], "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+}  # fmt: skip
+SDXL_REFINER_UNET_CONFIG = {
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D",
+    "CrossAttnUpBlock2D", "UpBlock2D"], "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4, "use_linear_projection": True,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("preset", "conf"), [("sdxl", SDXL_UNET_CONFIG), ("sdxl-refiner", SDXL_REFINER_UNET_CONFIG)]
+)
+def test_full_size_presets_are_the_published_architectures(preset, conf):
+    from ember.config import get_preset
+    from ember.keymaps import unet_config_from_diffusers, unet_ldm_to_diffusers
+    from ember.models.ldm import build_on_meta
+    from ember.models.text import build_text_encoder
+    from ember.sdxl_files import detect_sdxl_config, internal_to_sgm
+
+    cfg = get_preset(preset)
+    assert unet_config_from_diffusers(conf) == cfg.unet
+    model = build_on_meta(cfg, build_text_encoder)
+    ours = model.state_dict()
+    unet = {
+        k[len("model.diffusion_model.") :]: v for k, v in ours.items() if k.startswith("model.")
+    }
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**conf).state_dict()
+    mapped = unet_ldm_to_diffusers(unet, cfg.unet)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.items()}
+    if preset == "sdxl":
+        assert sum(v.numel() for v in unet.values()) == 2_567_463_684  # SDXL's U-Net
+    # What a real file holds, under sgm's names, is detected as this very config.
+    assert detect_sdxl_config(internal_to_sgm(ours, cfg, {})) == cfg

@@ -358,9 +358,12 @@ def _check_memory(path: Path, dtype: torch.dtype) -> None:
     from ember.device import check_memory
     from ember.safetensors_io import memory_to_load
 
-    files = sorted(path.glob("*/*.safetensors")) if path.is_dir() else [path]
-    if not path.is_dir():
+    if path.is_dir():  # the files read_diffusers reads, not the fp16 variants beside them
+        read = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+        files = [f for f in sorted(path.glob("*/*.safetensors")) if f.name in read]
+    else:
         check_safetensors(path)  # a clear line for a file that is not safetensors at all
+        files = [path]
     width = torch.finfo(dtype).bits // 8
     check_memory(memory_to_load(files, width), path.name, dtype)
 
