@@ -317,7 +317,7 @@ def load_model(
         except (EmberError, ValueError) as exc:  # openclip_to_hf names stray text-model keys
             raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
-    from ember.diffusers_folder import read_tokenizer
+    from ember.diffusers_folder import read_tokenizers
     from ember.models.tokenizer import build_tokenizer
 
     rec = read_recommendations(path)
@@ -327,14 +327,11 @@ def load_model(
     note("building model")
     try:
         # refuses ids outside its vocabulary; a folder brings its own tokenizer
-        tokenizer = read_tokenizer(path, cfg.text) if path.is_dir() else build_tokenizer(cfg.text)
-        tokenizer_2 = None
-        if cfg.text_2 is not None:
-            tokenizer_2 = (
-                read_tokenizer(path, cfg.text_2, "tokenizer_2")
-                if path.is_dir()
-                else build_tokenizer(cfg.text_2)
-            )
+        if path.is_dir():
+            tokenizers = read_tokenizers(path, cfg)
+        else:
+            tokenizers = [build_tokenizer(t) for t in cfg.text_encoders()]
+        tokenizer, tokenizer_2 = tokenizers[0], (tokenizers[1:] or [None])[0]
         model = build_model(cfg, sd, dtype=dtype)
     except ValueError as exc:  # EmberError is a ValueError
         raise EmberError(f"{path.name}: {exc}") from None

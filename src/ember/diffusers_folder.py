@@ -87,10 +87,14 @@ def read_diffusers(
 def _text_parts(index: dict, cfg: C.ModelConfig | None = None) -> list[tuple[str, str]]:
     """(weights folder, tokenizer folder) of each text encoder a folder declares: SD's one, SDXL's
     two, the SDXL refiner's `text_encoder_2` alone."""
+    declared = {  # SD folders written by hand may leave text_encoder out of model_index.json
+        "text_encoder": index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+        "text_encoder_2": index.get("text_encoder_2"),
+    }
     parts = [
         (enc, tok)
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-        if isinstance(index.get(enc), list) and index[enc][:1] != [None]
+        if isinstance(declared[enc], list) and declared[enc][:1] != [None]
     ]
     if cfg is not None and len(parts) != len(cfg.text_encoders()):
         raise EmberError(f"{len(parts)} text encoders for a model with {len(cfg.text_encoders())}")
@@ -215,6 +219,15 @@ def _check_tokenizer(
     return dataclasses.replace(
         text_cfg, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]
     )
+
+
+def read_tokenizers(folder: Path, cfg: C.ModelConfig) -> list:
+    """The tokenizer of each text encoder of a diffusers folder (`read_tokenizer`), in order."""
+    index = _read_json(folder / "model_index.json")
+    return [
+        read_tokenizer(folder, text_cfg, tok)
+        for text_cfg, (_, tok) in zip(cfg.text_encoders(), _text_parts(index, cfg), strict=True)
+    ]
 
 
 def read_tokenizer(folder: Path, text_cfg: C.TextConfig, sub: str = "tokenizer"):
