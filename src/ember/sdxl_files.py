@@ -24,6 +24,8 @@ EMBEDDERS = "conditioner.embedders."
 # cannot tell heads from head width, so files without ember's metadata are read with it.
 SDXL_HEAD_CHANNELS = 64
 TEXT_HEAD_CHANNELS = 64  # CLIP ViT-L: 12 x 64, OpenCLIP bigG: 20 x 64
+# sgm's `DiffusionEngine` may save its denoiser's sigma table; ember computes the schedule.
+SGM_IGNORED_PREFIXES = ("denoiser.",)
 
 
 def is_sgm(keys) -> bool:
@@ -191,6 +193,8 @@ def sgm_to_internal(
     out = {}
     openclip: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
+        if key.startswith(SGM_IGNORED_PREFIXES):
+            continue
         if key.startswith(EMBEDDERS) and ".model." in key:
             i = int(key[len(EMBEDDERS) :].split(".")[0])
             rel = key[len(_openclip(i)) :]
