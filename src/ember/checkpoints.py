@@ -295,7 +295,7 @@ def load_model(
     _check_memory(path, dtype)
     if path.is_dir():
         note("reading diffusers folder")
-        sd, cfg, extra = read_diffusers(path)
+        sd, cfg, extra = read_diffusers(path, dtype)
         cfg = config or cfg
     else:
         note("reading checkpoint")
@@ -310,7 +310,7 @@ def load_model(
                     f"{path.name} is an SDXL model (conditioner.embedders.*); --config "
                     f"{config.name} describes another architecture"
                 )
-        raw, metadata = read_safetensors(path)
+        raw, metadata = read_safetensors(path, dtype)  # converted as read: no second copy
         try:
             cfg = config or detect_config(raw, metadata)
             sd, extra = ldm_to_internal(raw, cfg)

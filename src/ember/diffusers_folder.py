@@ -35,9 +35,10 @@ _TOKENIZERS = {"clip": ("CLIPTokenizer", 49408), "minilm": ("BertTokenizer", C.M
 
 
 def read_diffusers(
-    folder: Path,
+    folder: Path, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], C.ModelConfig, dict[str, torch.Tensor]]:
-    """A diffusers pipeline folder -> ldm-named state dict and its ModelConfig."""
+    """A diffusers pipeline folder -> ldm-named state dict (floats in `dtype`, if given, as they
+    are read) and its ModelConfig."""
     cfg, index = inspect_diffusers(folder)
     unet_cfg, vae_cfg = cfg.unet, cfg.vae
     if "_ember_config" in index:  # written by ember: the exact config, name and all
@@ -59,7 +60,7 @@ def read_diffusers(
             elif others:  # diffusion_pytorch_model.fp16.safetensors, -00001-of-00002, ...
                 hint = f" (found {', '.join(others[:3])}: ember reads one unsharded, plain file)"
             raise EmberError(f"{folder}: missing {part}/{stem}.safetensors{hint}")
-        weights[part], _ = read_safetensors(file)
+        weights[part], _ = read_safetensors(file, dtype)
     sd = {}
     try:
         unet = keymaps.unet_diffusers_to_ldm(weights["unet"], unet_cfg)
