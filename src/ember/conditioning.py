@@ -6,8 +6,9 @@
   number as a sinusoid (`timestep_embedding`, `adm_time_dim` wide): original size (h, w), crop
   top-left (top, left) and target size (h, w) for the base; original size, crop and an aesthetic
   score for the refiner.
-- An empty negative prompt is all zeros, context and pooled alike (sgm's `force_zero_embeddings`,
-  diffusers' `force_zeros_for_empty_prompt`, A1111's SDXL); the size numbers stay.
+- An empty negative prompt is all zeros, context and pooled alike (sgm's `force_zero_embeddings`
+  as A1111 applies it to an empty negative; diffusers' `force_zeros_for_empty_prompt` to none);
+  the size numbers stay.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def encode_sdxl_prompts(
     cond, pooled = encode_sdxl_prompt(loaded, prompt, clip_skip)
     if not guided:
         return cond, cond, pooled, pooled
-    if not strip_extra_networks(negative_prompt).strip():
+    if strip_extra_networks(negative_prompt) == "":  # A1111: exactly empty, tags removed
         return cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled)
     uncond, uncond_pooled = encode_sdxl_prompt(loaded, negative_prompt, clip_skip)
     if cond.shape[1] != uncond.shape[1]:
