@@ -93,8 +93,8 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
 
 
 def describe_other_model(keys: Iterable[str]) -> str | None:
-    """What a single file holds when it is not an SD 1.x/2.x model, told by its tensor names;
-    None when it looks like one (ldm U-Net keys, no other architecture's)."""
+    """What a single file holds when it is not an SD 1.x/2.x or SDXL model, told by its tensor
+    names; None when it looks like one (ldm U-Net keys, no other architecture's)."""
     keys = list(keys)
 
     def has(*prefixes: str) -> bool:

@@ -2,7 +2,8 @@
 
 `LatentDiffusion(cfg).state_dict()` has the keys of an original SD 1.x/2.x single-file checkpoint:
 `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.*` (text
-encoder). Original files also carry schedule buffers (`betas`, `alphas_cumprod`, ...) and sometimes
+encoder; SDXL's `conditioner.embedders.N.*`, with bigG in transformers' layout: `ember.sdxl_files`
+converts it). Original files also carry schedule buffers (`betas`, `alphas_cumprod`, ...) and sometimes
 `model_ema.*`; ember recomputes the schedule, so a loader drops those before calling
 `load_state_dict_strict`.
 """

@@ -2,7 +2,7 @@
 
 The layout of `input_blocks` / `middle_block` / `output_blocks` and every submodule name is ldm's,
 so `UNetModel(cfg).state_dict()` has the keys found under `model.diffusion_model.` in an original
-SD 1.x/2.x single-file checkpoint.
+SD 1.x/2.x or SDXL single-file checkpoint.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """ldm's `UNetModel` for text-conditioned latent diffusion (no class labels, no scale-shift).
+    """ldm's `UNetModel` for text-conditioned latent diffusion (no scale-shift norm).
 
-    Each resolution level holds `num_res_blocks` ResBlocks (each followed by a SpatialTransformer at
-    the downsampling factors in `cfg.attention_resolutions`) and, except the last, a Downsample.
-    The decoder mirrors it with one extra block per level fed by the skip connections.
+    Each resolution level holds `num_res_blocks` ResBlocks (each followed by a SpatialTransformer of
+    `cfg.input_depths()` blocks where that is not 0) and, except the last, a Downsample. The decoder
+    mirrors it with one extra block per level fed by the skip connections. SDXL adds `label_emb`,
+    which embeds the vector `y` into the time embedding (sgm's `num_classes="sequential"`).
     """
 
     def __init__(self, cfg: UNetConfig) -> None:
