@@ -454,3 +454,72 @@ def test_full_size_presets_are_the_published_architectures(preset, conf):
         assert sum(v.numel() for v in unet.values()) == 2_567_463_684  # SDXL's U-Net
     # What a real file holds, under sgm's names, is detected as this very config.
     assert detect_sdxl_config(internal_to_sgm(ours, cfg, {})) == cfg
+
+
+def test_peft_lora_matches_diffusers_and_reaches_text_encoder_2(tmp_path, sdxl_folder, loaded):
+    """diffusers' own SDXL LoRA format (PEFT lora_A/B, alpha per part in lora_adapter_metadata):
+    its `unet.` part gives diffusers' image; its `text_encoder.` and `text_encoder_2.` parts (which
+    diffusers 0.42 with transformers 5 cannot load: 'Could not automatically infer state dict
+    type') merge into CLIP-L and bigG with each part's alpha / r."""
+    from ember.images import tensor_to_uint8
+    from ember.lora import merge_loras, read_lora
+    from ember.pipeline import generate
+    from ember.settings import GenerationParams
+
+    modules = {  # part -> (module, out, in)
+        "unet": [("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q", 128, 128),
+                 ("mid_block.attentions.0.transformer_blocks.0.attn2.to_k", 128, 192)],
+        "text_encoder": [("encoder.layers.0.mlp.fc1", 37, 64)],
+        "text_encoder_2": [("text_model.encoder.layers.1.mlp.fc2", 128, 37)],
+    }  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    sd, meta = {}, {}
+    for part, entries in modules.items():
+        for module, out, inp in entries:
+            sd[f"{part}.{module}.lora_A.weight"] = torch.randn(4, inp, generator=gen)
+            sd[f"{part}.{module}.lora_B.weight"] = torch.randn(out, 4, generator=gen) * 0.3
+        meta |= {f"{part}.r": 4, f"{part}.lora_alpha": 2 if part == "text_encoder_2" else 8,
+                 f"{part}.target_modules": [m for m, _, _ in entries]}  # fmt: skip
+
+    def save(name: str, parts: tuple[str, ...]):
+        path = tmp_path / name
+        tensors = {k: v for k, v in sd.items() if k.split(".")[0] in parts}
+        kept = {k: v for k, v in meta.items() if k.split(".")[0] in parts}
+        save_file(tensors, str(path), {"lora_adapter_metadata": json.dumps(kept), "format": "pt"})
+        return path
+
+    path = save("xl-peft.safetensors", ("unet",))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="linspace"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=1.0)
+    ref = _uint8(pipe(
+        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+        generator=torch.Generator("cpu").manual_seed(SEED), height=HEIGHT, width=WIDTH,
+        output_type="np",
+    ).images[0])  # fmt: skip
+    params = GenerationParams(
+        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
+        width=WIDTH, height=HEIGHT,
+    )  # fmt: skip
+    with merge_loras(loaded, [(read_lora(path), 1.0, 1.0)]):
+        got = tensor_to_uint8(generate(loaded, params))[0]
+    assert_close(got, ref, "PEFT LoRA")
+    base = tensor_to_uint8(generate(loaded, params))[0]
+    assert np.abs(base.astype(int) - got.astype(int)).max() > 10, "the LoRA changes nothing"
+    encoders = loaded.model.conditioner.embedders
+    targets = {  # LoRA key -> (layer, alpha / r)
+        "text_encoder.encoder.layers.0.mlp.fc1": (encoders[0].transformer.text_model.encoder
+                                                  .layers[0].mlp.fc1, 8 / 4),
+        "text_encoder_2.text_model.encoder.layers.1.mlp.fc2": (encoders[1].transformer.text_model
+                                                               .encoder.layers[1].mlp.fc2, 2 / 4),
+    }  # fmt: skip
+    before = {k: layer.weight.detach().clone() for k, (layer, _) in targets.items()}
+    text = save("te.safetensors", ("text_encoder", "text_encoder_2"))
+    with merge_loras(loaded, [(read_lora(text), 1.0, 1.0)]):
+        for key, (layer, scale) in targets.items():
+            expected = scale * sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
+            assert torch.allclose(layer.weight.detach() - before[key], expected, atol=1e-5), key

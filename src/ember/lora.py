@@ -309,7 +309,7 @@ def _peft_config(metadata: Mapping[str, str], name: str) -> dict:
 def _alpha(roles, path: str, part: str, peft: dict) -> tuple[float | None, bool]:
     if "alpha" in roles:
         return float(roles["alpha"].float().item()), False
-    prefix = "unet." if part == UNET_PART else "text_encoder."
+    prefix = {UNET_PART: "unet.", TEXT2_PART: "text_encoder_2."}.get(part, "text_encoder.")
     if prefix + "lora_alpha" not in peft:
         return None, False
     alpha = peft[prefix + "lora_alpha"]
