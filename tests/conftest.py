@@ -62,6 +62,88 @@ def build_diffusers_folder(folder, preset: str, *, seed: int = 0):
     return folder
 
 
+def tiny_clip(
+    hidden: int = 32, vocab: int = 49408, act: str = "quick_gelu", layers: int = 2, heads: int = 4
+):
+    """(CLIPTextModel, CLIPTextModelWithProjection) of one tiny random config."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    conf = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        projection_dim=hidden,
+        hidden_act=act,
+    )
+    return CLIPTextModel(conf), CLIPTextModelWithProjection(conf)
+
+
+def build_sdxl_folder(folder, *, seed: int = 0, refiner: bool = False):
+    """A tiny SDXL base (or refiner) pipeline with random weights, built and saved by diffusers:
+    the shapes of diffusers' own SDXL pipeline tests (two levels, transformer depths 1 and 2,
+    8-wide size sinusoids), with 3-layer text encoders so the penultimate layer is a middle one,
+    of two widths (64 and 128, as CLIP-L and bigG differ: diffusers' single-file loader tells them
+    apart so), and SDXL's 64-channel heads and 32 norm groups, so its tensors tell its config."""
+    import diffusers
+
+    from ember.config import get_preset
+    from ember.models.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 128),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2),  # heads: 64 channels each, as every SDXL
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=(5 if refiner else 6) * 8 + 128,
+        cross_attention_dim=128 if refiner else 64 + 128,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        scaling_factor=0.13025,
+    )
+    text, _ = tiny_clip(64, layers=3, heads=1)
+    _, text_2 = tiny_clip(128, act="gelu", layers=3, heads=2)
+    tokenizer = build_tokenizer(get_preset("tiny").text).to_transformers()
+    tokenizer_2 = build_tokenizer(get_preset("tiny-v").text).to_transformers()
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )  # fmt: skip
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+        )  # fmt: skip
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    return build_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):
     return build_diffusers_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", "tiny")

@@ -25,6 +25,7 @@ from ember.errors import EmberError
 from ember.files import sha256_files, write_atomic
 from ember.keymaps import IGNORED_PREFIXES, IGNORED_SUFFIXES, TEXT, UNET, VAE
 from ember.safetensors_io import check_safetensors, read_safetensors, save_safetensors
+from ember.sdxl_files import detect_sdxl_config, internal_to_sgm, is_sgm, sgm_to_internal
 
 CONFIG_KEY = "ember_config"
 OPENCLIP = TEXT + "model."
@@ -43,6 +44,12 @@ class LoadedModel:
     sha256: str
     short_hash: str
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    tokenizer_2: object | None = None  # SDXL base: the bigG encoder's (pads with "!")
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder, in `model.text_encoders` order."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,15 +93,15 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
 
 
 def describe_other_model(keys: Iterable[str]) -> str | None:
-    """What a single file holds when it is not an SD 1.x/2.x model, told by its tensor names;
-    None when it looks like one (ldm U-Net keys, no other architecture's)."""
+    """What a single file holds when it is not an SD 1.x/2.x or SDXL model, told by its tensor
+    names; None when it looks like one (ldm U-Net keys, no other architecture's)."""
     keys = list(keys)
 
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
 
-    if has("conditioner.embedders."):  # sgm's layout: base has CLIP-L and bigG, the refiner bigG
-        return "an SDXL " + ("base" if has("conditioner.embedders.1.") else "refiner") + " model"
+    if has("conditioner.embedders."):  # sgm's layout (SDXL): read by ember.sdxl_files
+        return None if has(UNET) else "SDXL text encoders without a U-Net"
     if has(UNET + "label_emb."):
         return "a U-Net with a class or size embedding (label_emb: SDXL or SD unCLIP)"
     if has(UNET + "joint_blocks.", "text_encoders.t5xxl."):
@@ -125,6 +132,14 @@ def detect_config(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> C.Mo
     other = describe_other_model(sd)
     if other:
         raise EmberError(f"the file is {other}; {SUPPORTED}")
+    if is_sgm(sd):
+        try:
+            return detect_sdxl_config(sd)
+        except (EmberError, KeyError, IndexError) as exc:  # a tensor missing or misshapen
+            reason = str(exc) if isinstance(exc, EmberError) else f"no tensor {exc}"
+            raise EmberError(
+                f"an SDXL-layout file ember cannot read: {reason}; {SUPPORTED}"
+            ) from None
     probe = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     first = UNET + "input_blocks.0.0.weight"
     if probe not in sd or first not in sd or sd[probe].ndim != 2 or sd[first].ndim != 4:
@@ -277,9 +292,10 @@ def load_model(
         except ValueError as exc:
             raise EmberError(str(exc)) from None
     note = progress or (lambda _msg: None)
+    _check_memory(path, dtype)
     if path.is_dir():
         note("reading diffusers folder")
-        sd, cfg, extra = read_diffusers(path)
+        sd, cfg, extra = read_diffusers(path, dtype)
         cfg = config or cfg
     else:
         note("reading checkpoint")
@@ -289,14 +305,19 @@ def load_model(
             other = describe_other_model(k for k in header if k != "__metadata__")
             if other:
                 raise EmberError(f"{path.name} is {other}; {SUPPORTED}")
-        raw, metadata = read_safetensors(path)
+            if config is not None and is_sgm(header) and not config.sdxl:
+                raise EmberError(
+                    f"{path.name} is an SDXL model (conditioner.embedders.*); --config "
+                    f"{config.name} describes another architecture"
+                )
+        raw, metadata = read_safetensors(path, dtype)  # converted as read: no second copy
         try:
             cfg = config or detect_config(raw, metadata)
             sd, extra = ldm_to_internal(raw, cfg)
         except (EmberError, ValueError) as exc:  # openclip_to_hf names stray text-model keys
             raise EmberError(f"{path.name}: {exc}") from None
         del raw  # the only other reference to the file's tensors: lets build_model free them
-    from ember.diffusers_folder import read_tokenizer
+    from ember.diffusers_folder import read_tokenizers
     from ember.models.tokenizer import build_tokenizer
 
     rec = read_recommendations(path)
@@ -306,7 +327,11 @@ def load_model(
     note("building model")
     try:
         # refuses ids outside its vocabulary; a folder brings its own tokenizer
-        tokenizer = read_tokenizer(path, cfg.text) if path.is_dir() else build_tokenizer(cfg.text)
+        if path.is_dir():
+            tokenizers = read_tokenizers(path, cfg)
+        else:
+            tokenizers = [build_tokenizer(t) for t in cfg.text_encoders()]
+        tokenizer, tokenizer_2 = tokenizers[0], (tokenizers[1:] or [None])[0]
         model = build_model(cfg, sd, dtype=dtype)
     except ValueError as exc:  # EmberError is a ValueError
         raise EmberError(f"{path.name}: {exc}") from None
@@ -322,7 +347,22 @@ def load_model(
     sha, short = file_hashes(path)
     name = path.stem if not path.is_dir() else path.name
     note("ready")
-    return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra)
+    return LoadedModel(model, tokenizer, cfg, str(path), name, sha, short, extra, tokenizer_2)
+
+
+def _check_memory(path: Path, dtype: torch.dtype) -> None:
+    """Refuse a model whose weights cannot fit this machine's free memory, before reading them."""
+    from ember.device import check_memory
+    from ember.safetensors_io import memory_to_load
+
+    if path.is_dir():  # the files read_diffusers reads, not the fp16 variants beside them
+        read = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+        files = [f for f in sorted(path.glob("*/*.safetensors")) if f.name in read]
+    else:
+        check_safetensors(path)  # a clear line for a file that is not safetensors at all
+        files = [path]
+    width = torch.finfo(dtype).bits // 8
+    check_memory(memory_to_load(files, width), path.name, dtype)
 
 
 def _metadata_of(path: Path) -> dict:
@@ -337,7 +377,7 @@ def build_model(
     from ember.models.text import build_text_encoder
 
     with torch.device("meta"):
-        model = LatentDiffusion(cfg, build_text_encoder(cfg.text))
+        model = LatentDiffusion(cfg, *[build_text_encoder(t) for t in cfg.text_encoders()])
     if cfg.text.kind == "minilm" and not any(k.startswith(TEXT) for k in sd):
         # ember's own models use the pretrained all-MiniLM-L6-v2 as is: its weights come from the
         # installed package rather than being copied into every model file.
@@ -377,6 +417,10 @@ def ldm_to_internal(
     from ember.models.text import openclip_to_hf
 
     sd, extra, openclip = {}, {}, {}
+    if cfg.sdxl:
+        kept = {k: v for k, v in raw.items()
+                if not (k.startswith(IGNORED_PREFIXES) or k.endswith(IGNORED_SUFFIXES))}  # fmt: skip
+        return sgm_to_internal(kept, extra), extra
     for key, value in raw.items():
         if key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES):
             continue
@@ -400,6 +444,8 @@ def internal_to_ldm(
     """Inverse of `ldm_to_internal`: SD 2.x text model back to OpenCLIP names."""
     from ember.models.text import hf_to_openclip
 
+    if cfg.sdxl:
+        return internal_to_sgm(sd, cfg, extra)
     out = dict(sd)
     out.update({k: v for k, v in extra.items() if not k.startswith(OPENCLIP)})
     if cfg.text.kind == "clip" and cfg.unet.context_dim == 1024 and cfg.text.hidden_size == 1024:

@@ -34,12 +34,81 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv
     norm_groups: int = 32
+    # Transformer blocks per SpatialTransformer where they vary (SDXL: 2 and 10 per level; SSD-1B
+    # and Vega drop some), as sgm's openaimodel takes them: one entry per input ResBlock, the middle
+    # block, one per output ResBlock; 0 = no transformer there. Empty / None: `transformer_depth`
+    # at the downsampling factors in `attention_resolutions`.
+    transformer_depth_input: tuple[int, ...] = ()
+    transformer_depth_middle: int | None = None
+    transformer_depth_output: tuple[int, ...] = ()
+    # SDXL's `label_emb` ("sequential" in sgm, diffusers' `text_time` addition embedding): the
+    # width of the vector it takes (pooled text embedding + micro-conditioning), 0 = none; each
+    # micro-conditioning number is an `adm_time_dim`-wide sinusoid.
+    adm_in_channels: int = 0
+    adm_time_dim: int = 256
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer with `channels` channels."""
         if self.num_head_channels > 0:
             return channels // self.num_head_channels, self.num_head_channels
         return self.num_heads, channels // self.num_heads
+
+    def input_depths(self) -> tuple[int, ...]:
+        """Transformer depth after each input ResBlock, level by level (0: none)."""
+        if self.transformer_depth_input:
+            return self.transformer_depth_input
+        return tuple(
+            self.transformer_depth if 2**level in self.attention_resolutions else 0
+            for level in range(len(self.channel_mult))
+            for _ in range(self.num_res_blocks)
+        )
+
+    def middle_depth(self) -> int:
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        if self.transformer_depth_input:
+            return self.transformer_depth_input[-1]
+        return self.transformer_depth
+
+    def canonical(self) -> UNetConfig:
+        """The same network with per-block depths folded into `transformer_depth` where they are
+        one depth at `attention_resolutions` (SD 1.x/2.x, the SDXL refiner), so equal networks
+        have equal configs however they were read."""
+        if not self.transformer_depth_input:
+            return self
+        used = {d for d in self.input_depths() + self.output_depths() if d}
+        used.add(self.middle_depth())
+        if len(used) != 1:
+            return self
+        levels = range(len(self.channel_mult))
+        n = self.num_res_blocks
+        uniform = dataclasses.replace(
+            self,
+            attention_resolutions=tuple(
+                2**lv for lv in reversed(levels) if any(self.input_depths()[lv * n : lv * n + n])
+            ),
+            transformer_depth=used.pop(),
+            transformer_depth_input=(),
+            transformer_depth_middle=None,
+            transformer_depth_output=(),
+        )
+        same = (uniform.input_depths(), uniform.output_depths()) == (
+            self.input_depths(),
+            self.output_depths(),
+        )
+        return uniform if same else self
+
+    def output_depths(self) -> tuple[int, ...]:
+        """Transformer depth after each output ResBlock, deepest level first (0: none)."""
+        if self.transformer_depth_output:
+            return self.transformer_depth_output
+        levels = len(self.channel_mult)
+        inputs = self.input_depths()
+        return tuple(
+            inputs[level * self.num_res_blocks]  # a level's blocks share the input's depth
+            for level in reversed(range(levels))
+            for _ in range(self.num_res_blocks + 1)
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +153,12 @@ class TextConfig:
     pad_token_id: int = 49407  # SD 1.x pads with <|endoftext|>; OpenCLIP pads with 0 ("!")
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    # Whether a hidden layer other than the last goes through the final layer norm: SD 2.x (ldm)
+    # and A1111's clip skip do that; SDXL (sgm, diffusers) takes the penultimate layer as it is.
+    final_norm: bool = True
+    # SDXL's pooled embedding: the final layer's end-of-text state through `text_projection`
+    # (OpenCLIP), this wide; 0 = the encoder has no projection.
+    projection_dim: int = 0
 
     def __post_init__(self) -> None:
         named = self.layer in ("last", "penultimate")
@@ -132,6 +207,9 @@ class ModelConfig:
     vae: VAEConfig
     text: TextConfig
     schedule: ScheduleConfig = ScheduleConfig()
+    # SDXL base: the second text encoder (OpenCLIP ViT-bigG), whose states are concatenated to the
+    # first's and whose pooled embedding conditions `label_emb`. None: one encoder.
+    text_2: TextConfig | None = None
     size: int = 512  # native image size in pixels
     # The classifier-free guidance scale the model is made for: generation's default where the
     # user gives none. None: Stable Diffusion's customary 7.
@@ -156,6 +234,24 @@ class ModelConfig:
     @property
     def inpainting(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def sdxl(self) -> bool:
+        """SDXL-style conditioning: text encoders under `conditioner.embedders`, `label_emb`."""
+        return self.unet.adm_in_channels > 0
+
+    @property
+    def micro_conditions(self) -> int:
+        """How many numbers the size (and aesthetic) conditioning has: 6 for SDXL base (original
+        size, crop top-left, target size), 5 for the refiner (original size, crop, aesthetic
+        score); 0 without `label_emb`."""
+        if not self.sdxl:
+            return 0
+        pooled = (self.text_2 or self.text).projection_dim
+        return (self.unet.adm_in_channels - pooled) // self.unet.adm_time_dim
+
+    def text_encoders(self) -> tuple[TextConfig, ...]:
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -182,6 +278,7 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
         unet=_build(UNetConfig, _without_coord_channels(data["unet"])),
         vae=_build(VAEConfig, data["vae"]),
         text=_build(TextConfig, data["text"]),
+        text_2=_build(TextConfig, data["text_2"]) if data.get("text_2") else None,
         schedule=_build(ScheduleConfig, data.get("schedule", {})),
         size=data.get("size", 512),
         # files written before the field existed get their preset's
@@ -234,10 +331,51 @@ MINILM = TextConfig(
     eos_token_id=102,
 )
 
+# SDXL's encoders (sgm `FrozenCLIPEmbedder(layer="hidden", layer_idx=11)` and
+# `FrozenOpenCLIPEmbedder2(layer="penultimate", legacy=False)`): penultimate states, no final norm.
+SDXL_CLIP_L = TextConfig(layer="penultimate", final_norm=False)
+OPENCLIP_BIGG = TextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_layers=32,
+    num_heads=20,
+    hidden_act="gelu",
+    layer="penultimate",
+    pad_token_id=0,
+    final_norm=False,
+    projection_dim=1280,
+)
+
 SD_VAE = VAEConfig()
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 SD15_UNET = UNetConfig()
 SD21_UNET = UNetConfig(
     num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
+)
+SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4),
+    attention_resolutions=(4, 2),
+    num_heads=-1,
+    num_head_channels=64,
+    context_dim=2048,
+    use_linear_in_transformer=True,
+    transformer_depth_input=(0, 0, 2, 2, 10, 10),
+    transformer_depth_middle=10,
+    transformer_depth_output=(10, 10, 10, 2, 2, 2, 0, 0, 0),
+    adm_in_channels=2816,  # pooled bigG (1280) + 6 size numbers x 256
+)
+# The refiner: wider (384), 4 levels, 4 transformer blocks where it has any, bigG only, and an
+# aesthetic score in place of the target size.
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    attention_resolutions=(4, 2),
+    num_heads=-1,
+    num_head_channels=64,
+    context_dim=1280,
+    use_linear_in_transformer=True,
+    transformer_depth=4,
+    adm_in_channels=2560,  # pooled bigG (1280) + 5 numbers x 256
 )
 
 # Tiny architectures for tests: same code paths (cross-attention, down/up sampling, mid block).
@@ -280,6 +418,10 @@ PRESETS: dict[str, ModelConfig] = {
         "sd21", SD21_UNET, SD_VAE, OPENCLIP_H, ScheduleConfig(prediction="v"), size=768
     ),
     "sd21-base": ModelConfig("sd21-base", SD21_UNET, SD_VAE, OPENCLIP_H),
+    "sdxl": ModelConfig("sdxl", SDXL_UNET, SDXL_VAE, SDXL_CLIP_L, text_2=OPENCLIP_BIGG, size=1024),
+    "sdxl-refiner": ModelConfig(
+        "sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, OPENCLIP_BIGG, size=1024
+    ),
     "tiny": ModelConfig("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, size=64),
     "tiny-v": ModelConfig(
         "tiny-v", TINY_UNET_V2, TINY_VAE, TINY_TEXT_V2, ScheduleConfig(prediction="v"), size=64
@@ -325,7 +467,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 # Ends every refusal of a model, so a user learns what to look for instead.
 SUPPORTED = (
-    "ember loads SD 1.x, SD 2.x (512 and 768-v), SD inpainting and ember's own models, "
+    "ember loads SD 1.x, SD 2.x (512 and 768-v), SD inpainting, SDXL base (and SSD-1B, Vega) "
+    "and ember's own models, "
     "as one .safetensors file or a diffusers folder"
 )
 

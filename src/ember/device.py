@@ -45,3 +45,28 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (Linux' MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(need: int, what: str, dtype: torch.dtype) -> None:
+    """EmberError when `need` bytes are more than this machine has free: a clear line before
+    loading, rather than the kernel's OOM killer half-way through."""
+    free = available_memory()
+    if free is None or need <= free:
+        return
+    hint = " (--dtype bf16 halves it)" if dtype == torch.float32 else ""
+    raise EmberError(
+        f"{what} needs about {need / 2**30:.1f} GiB of memory in {dtype_name(dtype)}{hint}; this "
+        f"machine has {free / 2**30:.1f} GiB available"
+    )

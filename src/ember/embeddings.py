@@ -194,7 +194,7 @@ def apply_embeddings(
     that names one is an error rather than its name read as words.
     """
     tokenizer = loaded.tokenizer
-    table = loaded.model.cond_stage_model.token_embedding()
+    table = loaded.model.text_encoders[0].token_embedding()
     before = table.weight
     rows, width = before.shape
     taken = _patterns_of(tokenizer)
@@ -208,6 +208,9 @@ def apply_embeddings(
             skipped[emb.name] = f"embedding {emb.name}: its name is empty or already taken"
             continue
         patterns[pattern] = emb.name
+        if loaded.config.sdxl:
+            skipped[emb.name] = f"embedding {emb.name}: embeddings for SDXL are not supported yet"
+            continue
         if emb.width != width:
             skipped[emb.name] = (
                 f"embedding {emb.name} is {emb.width} wide; this model's text encoder takes "

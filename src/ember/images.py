@@ -74,6 +74,7 @@ class ImageRecord:
     vae_name: str | None = None  # a replacement VAE (`--vae`), else the model's own
     vae_path: str | None = None
     vae_sha256: str | None = None
+    refiner: dict[str, Any] | None = None  # SDXL's refiner: {"name", "path", "sha256", "hash"}
     # what the file carries beyond pixels and record (set when it is encoded; see png_bytes)
     credentials: bool = False  # a signed C2PA manifest and the XMP DigitalSourceType
     watermark: bool = False  # the invisible mark (`ember.watermark`); False in older records
@@ -115,6 +116,9 @@ def format_infotext(record: ImageRecord) -> str:
     if record.vae_name:
         pairs["VAE hash"] = (record.vae_sha256 or "")[:10]
         pairs["VAE"] = record.vae_name
+    if record.refiner:  # as A1111 writes them
+        pairs["Refiner"] = f"{record.refiner['name']} [{record.refiner['hash']}]"
+        pairs["Refiner switch at"] = _num(p.refiner_switch_at)
     if record.loras:
         pairs["Lora hashes"] = ", ".join(f"{x['name']}: {x['a1111_hash']}" for x in record.loras)
     if record.embeddings:

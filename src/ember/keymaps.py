@@ -56,28 +56,30 @@ Pairs = Iterator[tuple[str, str, str]]  # (ldm prefix, diffusers prefix, kind)
 def _unet_pairs(cfg: UNetConfig) -> Pairs:
     yield "time_embed.0", "time_embedding.linear_1", "same"
     yield "time_embed.2", "time_embedding.linear_2", "same"
+    if cfg.adm_in_channels:
+        yield "label_emb.0.0", "add_embedding.linear_1", "same"
+        yield "label_emb.0.2", "add_embedding.linear_2", "same"
     yield "input_blocks.0.0", "conv_in", "same"
     levels = len(cfg.channel_mult)
-    idx, ds = 1, 1
+    depths_in, depths_out = list(cfg.input_depths()), list(cfg.output_depths())
+    idx = 1
     for level in range(levels):
-        attn = ds in cfg.attention_resolutions
         for j in range(cfg.num_res_blocks):
             yield f"input_blocks.{idx}.0", f"down_blocks.{level}.resnets.{j}", "resnet"
-            if attn:
+            if depths_in.pop(0):
                 yield f"input_blocks.{idx}.1", f"down_blocks.{level}.attentions.{j}", "same"
             idx += 1
         if level != levels - 1:
             yield f"input_blocks.{idx}.0", f"down_blocks.{level}.downsamplers.0", "down"
             idx += 1
-            ds *= 2
     yield "middle_block.0", "mid_block.resnets.0", "resnet"
     yield "middle_block.1", "mid_block.attentions.0", "same"
     yield "middle_block.2", "mid_block.resnets.1", "resnet"
     idx = 0
     for up, level in enumerate(reversed(range(levels))):
-        attn = ds in cfg.attention_resolutions
         for j in range(cfg.num_res_blocks + 1):
             yield f"output_blocks.{idx}.0", f"up_blocks.{up}.resnets.{j}", "resnet"
+            attn = bool(depths_out.pop(0))
             if attn:
                 yield f"output_blocks.{idx}.1", f"up_blocks.{up}.attentions.{j}", "same"
             if level and j == cfg.num_res_blocks:
@@ -87,7 +89,6 @@ def _unet_pairs(cfg: UNetConfig) -> Pairs:
                     "same",
                 )
             idx += 1
-        ds //= 2
     yield "out.0", "conv_norm_out", "same"
     yield "out.2", "conv_out", "same"
 
@@ -226,7 +227,6 @@ _UNET_FIXED = {
     "norm_eps": 1e-5,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default",
@@ -274,6 +274,15 @@ def unet_config_from_diffusers(d: Mapping[str, object]) -> UNetConfig:
     mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)]
     if up and up != mirrored:
         raise EmberError(f"up_block_types {up} do not mirror down_block_types {down}")
+    adm = {}
+    kind = get("addition_embed_type", None)
+    if kind == "text_time":  # SDXL: pooled text embedding + size sinusoids into label_emb
+        adm = {
+            "adm_in_channels": int(get("projection_class_embeddings_input_dim")),
+            "adm_time_dim": int(get("addition_time_embed_dim")),
+        }
+    elif kind is not None:
+        raise EmberError(f"diffusers U-Net addition_embed_type={kind!r} is not supported")
     heads = get("num_attention_heads") or get("attention_head_dim")
     # Levels whose heads matter: those with attention, and the last (the mid block uses it).
     used = [i for i, a in enumerate(attn_levels) if a] + [len(chans) - 1]
@@ -298,13 +307,44 @@ def unet_config_from_diffusers(d: Mapping[str, object]) -> UNetConfig:
         attention_resolutions=tuple(2**i for i, a in reversed(list(enumerate(attn_levels))) if a),
         num_heads=num_heads,
         num_head_channels=head_channels,
-        transformer_depth=_uniform(
-            get("transformer_layers_per_block"), "transformer_layers_per_block"
-        ),
+        **_depths(get, attn_levels, _uniform(get("layers_per_block"), "layers_per_block")),
+        **adm,
         context_dim=_uniform(get("cross_attention_dim"), "cross_attention_dim"),
         use_linear_in_transformer=bool(get("use_linear_projection")),
         norm_groups=int(get("norm_num_groups")),
+    ).canonical()
+
+
+def _depths(get, attn_levels: list[bool], blocks: int) -> dict:
+    """UNetConfig's transformer-depth fields from diffusers' `transformer_layers_per_block` (an int,
+    one per level, or a list per block) and `reverse_transformer_layers_per_block` (per up block).
+    Listed per block; `UNetConfig.canonical` folds a uniform depth (SD 1.x/2.x) back."""
+    levels = len(attn_levels)
+    per_level = get("transformer_layers_per_block")
+    if isinstance(per_level, int):
+        per_level = [per_level] * levels
+    per_level = [x if isinstance(x, list | tuple) else [x] * blocks for x in per_level]
+    reverse = get("reverse_transformer_layers_per_block", None)
+    if reverse is None:
+        if any(len(set(x)) > 1 for x in per_level):
+            raise EmberError("per-block transformer_layers_per_block needs reverse_... too")
+        reverse = [[x[0]] * (blocks + 1) for x in reversed(per_level)]
+    if len(per_level) != levels or any(len(x) != blocks for x in per_level):
+        raise EmberError(f"transformer_layers_per_block {per_level} does not fit {levels} levels")
+    if len(reverse) != levels or any(len(x) != blocks + 1 for x in reverse):
+        raise EmberError(f"reverse_transformer_layers_per_block {reverse} does not fit the U-Net")
+    inputs = tuple(
+        int(d) if a else 0 for x, a in zip(per_level, attn_levels, strict=True) for d in x
     )
+    outputs = tuple(
+        int(d) if a else 0 for x, a in zip(reverse, attn_levels[::-1], strict=True) for d in x
+    )
+    middle = int(per_level[-1][0])  # diffusers' mid block takes the last level's (first) depth
+    return {  # folded into `transformer_depth` where uniform, by `UNetConfig.canonical`
+        "transformer_depth_input": inputs,
+        "transformer_depth_middle": middle,
+        "transformer_depth_output": outputs,
+    }
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, *, sample_size: int | None = None) -> dict:
@@ -332,6 +372,29 @@ def unet_config_to_diffusers(cfg: UNetConfig, *, sample_size: int | None = None)
         "use_linear_projection": cfg.use_linear_in_transformer,
         "norm_num_groups": cfg.norm_groups,
     } | {k: v for k, v in _UNET_FIXED.items() if v is not None}
+    if cfg.transformer_depth_input:
+        n = cfg.num_res_blocks
+        ins, outs = cfg.input_depths(), cfg.output_depths()
+        per_level = [list(ins[i * n : (i + 1) * n]) for i in range(len(chans))]
+        per_level[-1] = [cfg.middle_depth()] * n if not any(per_level[-1]) else per_level[-1]
+        if per_level[-1][0] != cfg.middle_depth():
+            raise EmberError(
+                f"a middle block of depth {cfg.middle_depth()} beside a last level of depths "
+                f"{per_level[-1]}: diffusers' config cannot describe that U-Net"
+            )
+        d["transformer_layers_per_block"] = [
+            max(x[0], 1) if len(set(x)) == 1 else x for x in per_level
+        ]
+        reverse = [list(outs[i * (n + 1) : (i + 1) * (n + 1)]) for i in range(len(chans))]
+        default = [[max(x[0], 1)] * (n + 1) for x in reversed(per_level)]
+        if any(r != dd and any(r) for r, dd in zip(reverse, default, strict=True)):
+            d["reverse_transformer_layers_per_block"] = [[max(v, 1) for v in r] for r in reverse]
+    if cfg.adm_in_channels:
+        d |= {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": cfg.adm_time_dim,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels,
+        }
     if sample_size is not None:
         d["sample_size"] = sample_size
     return d

@@ -43,6 +43,10 @@ from ember.files import safetensors_data_sha256, sha256_file
 from ember.safetensors_io import read_safetensors
 
 UNET_PART, TEXT_PART = "unet", "text"
+# SDXL's text encoders as kohya names them (`lora_te1_`, `lora_te2_`); diffusers names the first
+# `text_encoder.` (TEXT_PART) and the second `text_encoder_2.`.
+TEXT1_PART, TEXT2_PART = "text1", "text2"
+_SDXL_TEXT_PARTS = (TEXT1_PART, TEXT2_PART)
 _PICKLED = (".ckpt", ".pt", ".pth", ".bin")
 _CACHE_SIZE = 8  # parsed files kept in memory (LoRAs are 10-200 MB each)
 
@@ -70,14 +74,17 @@ _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|
 _PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("lora_unet_", UNET_PART, "kohya"),
     ("lora_te_", TEXT_PART, "kohya"),
+    ("lora_te1_", TEXT1_PART, "kohya"),
+    ("lora_te2_", TEXT2_PART, "kohya"),
     ("unet.", UNET_PART, "dot"),
     ("text_encoder.", TEXT_PART, "dot"),
+    ("text_encoder_2.", TEXT2_PART, "dot"),
     ("model.diffusion_model.", UNET_PART, "dot"),
     ("diffusion_model.", UNET_PART, "dot"),
 )
 # Prefixes that only other architectures' LoRAs use -> what they are for.
 _OTHER_ARCHITECTURES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("lora_te1_", "lora_te2_", "text_encoder_2.", "te1.", "te2."), "SDXL (two text encoders)"),
+    (("te1.", "te2."), "SDXL (two text encoders)"),
     (("lora_te3_", "text_encoder_3.", "lora_unet_joint_blocks_", "transformer.joint_blocks."),
      "SD3"),
     (("lora_unet_double_blocks_", "lora_unet_single_blocks_", "diffusion_model.double_blocks.",
@@ -302,7 +309,7 @@ def _peft_config(metadata: Mapping[str, str], name: str) -> dict:
 def _alpha(roles, path: str, part: str, peft: dict) -> tuple[float | None, bool]:
     if "alpha" in roles:
         return float(roles["alpha"].float().item()), False
-    prefix = "unet." if part == UNET_PART else "text_encoder."
+    prefix = {UNET_PART: "unet.", TEXT2_PART: "text_encoder_2."}.get(part, "text_encoder.")
     if prefix + "lora_alpha" not in peft:
         return None, False
     alpha = peft[prefix + "lora_alpha"]
@@ -463,11 +470,14 @@ def _index(model: torch.nn.Module, unet_cfg) -> _Index:
             local = path[len(keymaps.UNET) :]
             unet_weights[local + ".weight"] = weight
             _add(modules, UNET_PART, local, path)
-        elif path.startswith(keymaps.TEXT + "transformer."):
-            local = path[len(keymaps.TEXT + "transformer.") :]
-            _add(modules, TEXT_PART, local, path)
-            if local.startswith("text_model."):  # transformers 5's CLIPTextModel drops the level
-                _add(modules, TEXT_PART, local[len("text_model.") :], path)
+        else:
+            for prefix, parts in _text_prefixes(unet_cfg, model):
+                if path.startswith(prefix):
+                    local = path[len(prefix) :]
+                    for part in parts:
+                        _add(modules, part, local, path)
+                        if local.startswith("text_model."):  # transformers 5 drops the level
+                            _add(modules, part, local[len("text_model.") :], path)
     # The diffusers layout of the same U-Net modules, from the one ldm <-> diffusers table.
     by_id = {id(w): k for k, w in unet_weights.items()}
     diffusers = keymaps.unet_ldm_to_diffusers(unet_weights, unet_cfg)
@@ -477,6 +487,22 @@ def _index(model: torch.nn.Module, unet_cfg) -> _Index:
     index = _Index(modules)
     _indexes[model] = index  # weakly: an unloaded model is not kept alive by its index
     return index
+
+
+def _text_prefixes(unet_cfg, model: torch.nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """(module-path prefix, the LoRA parts naming it) of each text encoder: SD's one; SDXL's
+    CLIP-L (`lora_te1_`, `text_encoder.`) and bigG (`lora_te2_`, `text_encoder_2.`)."""
+    if not unet_cfg.adm_in_channels:
+        return [(keymaps.TEXT + "transformer.", (TEXT_PART,))]
+    from ember.sdxl_files import EMBEDDERS
+
+    count = len(model.text_encoders)
+    if count == 1:  # the refiner: bigG alone
+        return [(f"{EMBEDDERS}0.transformer.", (TEXT2_PART,))]
+    return [
+        (f"{EMBEDDERS}0.transformer.", (TEXT_PART, TEXT1_PART)),
+        (f"{EMBEDDERS}1.transformer.", (TEXT2_PART,)),
+    ]
 
 
 def _add(modules: dict, part: str, local: str, path: str) -> None:
@@ -495,6 +521,12 @@ def _check_architecture(lora: LoraFile, cfg) -> None:
             f"{lora.name} is a LoRA for {lora.other_architecture}; the model {cfg.name!r} is "
             f"SD 1.x/2.x-shaped"
         )
+    if lora.parts & set(_SDXL_TEXT_PARTS) and not cfg.sdxl:
+        raise EmberError(
+            f"{lora.name} is a LoRA for SDXL (two text encoders); the model {cfg.name!r} is "
+            f"SD 1.x/2.x-shaped"
+        )
+    encoders = {TEXT_PART: cfg.text, TEXT1_PART: cfg.text, TEXT2_PART: cfg.text_2 or cfg.text}
     for adapter in lora.adapters:
         if adapter.kind != "lora":
             continue
@@ -502,8 +534,8 @@ def _check_architecture(lora: LoraFile, cfg) -> None:
         name = adapter.module.replace("_", ".")
         if adapter.part == UNET_PART and name.endswith(("attn2.to.k", "attn2.to.v")):
             what, ours, table = "cross-attention", cfg.unet.context_dim, _CONTEXT_FAMILIES
-        elif adapter.part == TEXT_PART and name.endswith("self.attn.q.proj"):
-            what, ours, table = "text-encoder", cfg.text.hidden_size, _TEXT_FAMILIES
+        elif adapter.part in encoders and name.endswith("self.attn.q.proj"):
+            what, ours, table = "text-encoder", encoders[adapter.part].hidden_size, _TEXT_FAMILIES
         else:
             continue
         if width != ours:

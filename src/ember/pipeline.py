@@ -12,8 +12,10 @@ the same picture as diffusers and A1111.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,20 +90,37 @@ def generators(seed: int, batch: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
 
 
+class EncodedText(NamedTuple):
+    """A request's text conditioning: (cond, uncond) contexts, each (1, L, D), and for SDXL the
+    pooled embeddings (1, P) of each."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def encode_text(loaded, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, L, D), with A1111 weighting and long-prompt chunking. Without
-    guidance (cfg <= 1) the negative prompt is not encoded, as diffusers does: uncond is cond."""
+def encode_text(loaded, params: GenerationParams) -> EncodedText:
+    """(cond, uncond, ...) with A1111 weighting and long-prompt chunking. Without guidance
+    (cfg <= 1) the negative prompt is not encoded, as diffusers does: uncond is cond."""
     from ember.prompts import encode_prompt, encode_prompts, strip_extra_networks
 
+    unguided = params.cfg is not None and not guided(params.cfg)
+    if loaded.config.sdxl:
+        from ember.conditioning import encode_sdxl_prompts
+
+        return EncodedText(*encode_sdxl_prompts(
+            loaded, params.prompt, params.negative_prompt, params.clip_skip, guided=not unguided
+        ))  # fmt: skip
     encoder = loaded.model.cond_stage_model
-    if params.cfg is not None and not guided(params.cfg):
+    if unguided:
         text = strip_extra_networks(params.prompt)
         cond = encode_prompt(text, loaded.tokenizer, encoder, params.clip_skip)
-        return cond, cond
-    return encode_prompts(
+        return EncodedText(cond, cond)
+    return EncodedText(*encode_prompts(
         params.prompt, params.negative_prompt, loaded.tokenizer, encoder, clip_skip=params.clip_skip
-    )
+    ))  # fmt: skip
 
 
 def generate(
@@ -110,9 +129,10 @@ def generate(
     inputs: Inputs = Inputs(),
     *,
     callback: Callback | None = None,
+    refiner=None,
 ) -> torch.Tensor:
     """Generate `params.batch` images -> (B, 3, H, W) float32 in [0, 1]."""
-    return generate_batch(loaded, [params], [inputs], callback=callback)[0]
+    return generate_batch(loaded, [params], [inputs], callback=callback, refiner=refiner)[0]
 
 
 @torch.no_grad()
@@ -122,8 +142,12 @@ def generate_batch(
     inputs: list[Inputs] | None = None,
     *,
     callback: Callback | None = None,
+    refiner=None,
 ) -> list[torch.Tensor]:
     """Run requests that share a `batch_key` and mode as one U-Net batch per prompt length.
+
+    `refiner` (a loaded model, for requests that name one) takes over below the noise level of
+    `refiner_switch_at` and decodes the result.
 
     Each request keeps its own prompts, seeds and noise, so its images are those it would get alone
     (up to float summation order in batched kernels). Returns one (B_i, 3, H, W) tensor per request.
@@ -136,32 +160,36 @@ def generate_batch(
     texts = [encode_text(loaded, p) for p in requests]
     # Prompts of different token lengths cannot share one cross-attention batch unchanged.
     groups: dict[tuple[int, int], list[int]] = {}
-    for n, (c, u) in enumerate(texts):
-        groups.setdefault((c.shape[1], u.shape[1]), []).append(n)
+    for n, text in enumerate(texts):
+        groups.setdefault((text.cond.shape[1], text.uncond.shape[1]), []).append(n)
     out: list[torch.Tensor | None] = [None] * len(requests)
     for members in groups.values():
         images = _generate_group(
             loaded, [requests[n] for n in members], [inputs[n] for n in members],
-            [texts[n] for n in members], callback,
+            [texts[n] for n in members], callback, refiner,
         )  # fmt: skip
         for n, image in zip(members, images, strict=True):
             out[n] = image
     return out  # type: ignore[return-value]
 
 
-def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Tensor]:
+def _generate_group(loaded, requests, inputs, texts, callback, refiner) -> list[torch.Tensor]:
     first = requests[0]
     counts = [p.batch for p in requests]
     gens = [g for p in requests for g in generators(p.seed, p.batch)]
-    cond = encode_conditioning(loaded, texts, counts, first.cfg)
+    cond = encode_conditioning(loaded, texts, counts, first.cfg, requests)
     latents = initial_latents(loaded, first, inputs, counts, gens)
     if latents.concat is not None:
-        cond = D.Conditioning(cond.context, cond.uncond_context, latents.concat)
+        cond = dataclasses.replace(cond, concat=latents.concat)
     denoiser = build_guided_denoiser(loaded, requests, counts, latents)
+    decoder = loaded
+    if refiner is not None and first.refiner_switch_at < 1:
+        denoiser = _with_refiner(loaded, refiner, denoiser, requests, counts, latents)
+        decoder = refiner
     x = sample(loaded, denoiser, latents, cond, first, gens, callback)
     if not torch.isfinite(x).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
-    images = decode_latents(loaded, x)
+    images = decode_latents(decoder, x)
     if not torch.isfinite(images).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
     return list(images.split(counts))
@@ -172,17 +200,42 @@ def _generate_group(loaded, requests, inputs, texts, callback) -> list[torch.Ten
 
 
 def encode_conditioning(
-    loaded, texts: list[tuple[torch.Tensor, torch.Tensor]], counts: list[int], cfg: float
+    loaded,
+    texts: list[EncodedText],
+    counts: list[int],
+    cfg: float,
+    requests: list[GenerationParams] | None = None,
 ) -> D.Conditioning:
-    """Stage 1: each request's (cond, uncond) text context repeated for its images, stacked."""
+    """Stage 1: each request's (cond, uncond) text context repeated for its images, stacked; for
+    SDXL with its vectors (pooled text and the request's micro-conditioning, `ember.conditioning`)."""
     dtype = loaded.dtype
     cond = torch.cat(
-        [c.to(dtype).expand(n, -1, -1) for (c, _), n in zip(texts, counts, strict=True)]
+        [t.cond.to(dtype).expand(n, -1, -1) for t, n in zip(texts, counts, strict=True)]
     )
     uncond = torch.cat(
-        [u.to(dtype).expand(n, -1, -1) for (_, u), n in zip(texts, counts, strict=True)]
+        [t.uncond.to(dtype).expand(n, -1, -1) for t, n in zip(texts, counts, strict=True)]
     )
-    return D.Conditioning(context=cond, uncond_context=uncond if guided(cfg) else None)
+    vector = uncond_vector = None
+    if loaded.config.sdxl:
+        from ember.conditioning import micro_conditions, sdxl_vector
+
+        model_cfg = loaded.config
+        assert requests is not None, "SDXL conditioning needs the requests' sizes"
+
+        def vectors(pooled: str, negative: bool) -> torch.Tensor:
+            return torch.cat([
+                sdxl_vector(model_cfg, getattr(t, pooled), micro_conditions(
+                    model_cfg, p, negative=negative
+                )).to(dtype).expand(n, -1)
+                for t, p, n in zip(texts, requests, counts, strict=True)
+            ])  # fmt: skip
+
+        vector = vectors("pooled", False)
+        uncond_vector = vectors("uncond_pooled", True) if guided(cfg) else None
+    return D.Conditioning(
+        context=cond, uncond_context=uncond if guided(cfg) else None, vector=vector,
+        uncond_vector=uncond_vector,
+    )  # fmt: skip
 
 
 def initial_latents(
@@ -229,8 +282,10 @@ def build_guided_denoiser(
     dtype = loaded.dtype
     unet = loaded.model.model.diffusion_model
 
-    def unet_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(dtype), t.to(dtype), context).float()
+    def unet_fn(
+        x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return unet(x.to(dtype), t.to(dtype), context, y).float()
 
     first = requests[0]
     base = D.build_denoiser(unet_fn, loaded.config.schedule)
@@ -302,6 +357,35 @@ def _with_layout_guidance(loaded, denoiser, cond_denoiser, requests, counts, sha
         denoiser, cond_denoiser, guided_layers(unet), per_image, strength=first.layout_guidance,
         sigma_stop=stop, latent_hw=(shape[2], shape[3]),
     )  # fmt: skip
+
+
+def _with_refiner(loaded, refiner, denoiser, requests, counts, latents):
+    """`denoiser` handing over to the refiner's below training timestep
+    `round(T * (1 - refiner_switch_at))`: the rule of diffusers' `denoising_end` and of A1111
+    (which switches by timestep by default), so 0.8 gives the refiner t < 200."""
+    from ember.diffusion.schedules import sigma_to_t, train_sigmas
+
+    if refiner.config.vae.embed_dim != loaded.config.vae.embed_dim:
+        raise EmberError(
+            f"refiner {refiner.name} works on {refiner.config.vae.embed_dim}-channel latents, "
+            f"the model on {loaded.config.vae.embed_dim}"
+        )
+    if latents.concat is not None:
+        raise EmberError("a refiner cannot follow an inpainting model (9-channel U-Net)")
+    first = requests[0]
+    texts = [encode_text(refiner, p) for p in requests]
+    if len({(t.cond.shape, t.uncond.shape) for t in texts}) > 1:
+        raise EmberError("requests sharing a batch with a refiner must encode to equal lengths")
+    cond = encode_conditioning(refiner, texts, counts, first.cfg, requests)
+    second = build_guided_denoiser(refiner, requests, counts, latents)
+    schedule = loaded.config.schedule
+    cutoff = round(schedule.num_train_timesteps * (1 - first.refiner_switch_at))
+    table = train_sigmas(schedule)
+
+    def use_refiner(sigma: torch.Tensor) -> bool:
+        return bool(sigma_to_t(sigma.max().cpu(), table).round() < cutoff)
+
+    return D.SwitchDenoiser(denoiser, second, cond, use_refiner)
 
 
 class MaskBlendDenoiser:

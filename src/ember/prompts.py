@@ -254,8 +254,24 @@ def encode_chunks(
     """
     device = next(encoder.parameters()).device
     ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=device)  # (k, L)
-    z = encoder(ids, clip_skip=clip_skip)  # (k, L, D)
-    weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=device)  # (k, L)
+    return _emphasise(encoder(ids, clip_skip=clip_skip), chunks)
+
+
+@torch.no_grad()
+def encode_chunks_pooled(
+    chunks: list[PromptChunk], encoder: TextEncoder, clip_skip: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_chunks` of an encoder with a projection (SDXL's bigG), and the pooled embedding
+    (1, P) of the first chunk, unweighted, as A1111 takes it for long prompts."""
+    device = next(encoder.parameters()).device
+    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=device)  # (k, L)
+    z, pooled = encoder.encode(ids, clip_skip=clip_skip)
+    return _emphasise(z, chunks), pooled[:1]
+
+
+def _emphasise(z: torch.Tensor, chunks: list[PromptChunk]) -> torch.Tensor:
+    """(k, L, D) states of k chunks with their weights applied -> (1, L * k, D)."""
+    weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=z.device)  # (k, L)
     emphasised = (weights != 1.0).any(dim=1)
     if emphasised.any():
         original_mean = z.mean(dim=(1, 2), keepdim=True)

@@ -81,9 +81,42 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Validated read of all tensors and the string metadata."""
+def memory_to_load(paths: list[Path], width: int) -> int:
+    """Bytes of memory loading these files' tensors takes at most, floats converted to `width`
+    bytes each, one tensor at a time (so the larger of the file's size and the converted size)."""
+    stored = converted = 0
+    for path in paths:
+        for name, info in check_safetensors(path).items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            stored += end - begin
+            count = (end - begin) // SAFETENSORS_DTYPES[info["dtype"]]
+            converted += count * width if info["dtype"].startswith(("F", "BF")) else end - begin
+    return max(stored, converted)
+
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def read_safetensors(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validated read of all tensors and the string metadata.
+
+    With `dtype`, floating-point tensors are converted to it as they are read, one at a time, from
+    plain reads rather than a memory map: loading then holds the converted weights and one tensor
+    more, not the whole file's mapped pages beside them (an fp16 SDXL file loaded as bf16 peaked
+    at about twice its size the other way; bench/sdxl_load_memory.py).
+    """
     header = check_safetensors(path)
+    if dtype is not None:
+        return _read_converted(Path(path), header, dtype), dict(header.get("__metadata__") or {})
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -92,6 +125,26 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except SafetensorError as exc:  # what check_safetensors does not cover, e.g. unreadable bytes
         raise EmberError(f"{path}: unreadable safetensors file ({exc})") from None
     return tensors, dict(header.get("__metadata__") or {})
+
+
+def _read_converted(path: Path, header: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        start = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (int(x) for x in info["data_offsets"])
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if end > begin and f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise EmberError(f"{path}: tensor {name!r} could not be read in full")
+            tensor = raw.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor
+    return tensors
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:

@@ -91,6 +91,10 @@ class GenerationService:
         self._merged = None  # the LoRAs merged into the loaded weights (ember.lora.MergedLoras)
         self._lora_key: tuple = ()
         self._lora_records: tuple[dict, ...] = ()
+        self._refiner = None  # the SDXL refiner requests name (a LoadedModel), kept while asked for
+        # How a request's refiner name becomes a path: a file, a folder or a models-folder name;
+        # the server narrows it to its catalog.
+        self.resolve_refiner: Callable[[str], Path] = _resolve_model_path
 
     @property
     def model(self):
@@ -209,12 +213,26 @@ class GenerationService:
 
         loras = self.use_loras(lora_selection(params[0]))
         embeddings = [self._embeddings_used(p) for p in params]  # before any work: bad names
-        outputs = generate_batch(loaded, params, inputs, callback=callback)
+        refiner = self.use_refiner(params[0].refiner)
+        outputs = generate_batch(loaded, params, inputs, callback=callback, refiner=refiner)
         return [
             [GeneratedImage(pixels, self.record(p, r, n, loras, used), _inputs(r))
              for n, pixels in enumerate(tensor_to_uint8(images))]
             for p, r, images, used in zip(params, requests, outputs, embeddings, strict=True)
         ]  # fmt: skip
+
+    def use_refiner(self, name: str | None):
+        """The refiner model `name` (a path, or a name in the models folder), loaded in the
+        service's dtype unless it is the one loaded already; None for none."""
+        from ember.checkpoints import load_model
+
+        if name is None:
+            return None
+        path = self.resolve_refiner(name)
+        if self._refiner is None or Path(self._refiner.path).resolve() != path.resolve():
+            self._refiner = None  # the old one is freed first
+            self._refiner = load_model(path, dtype=self.dtype)
+        return self._refiner
 
     def _embeddings_used(self, params: GenerationParams) -> tuple[dict, ...]:
         """The records of the embeddings a request's prompts name (EmberError for one that does
@@ -269,7 +287,21 @@ class GenerationService:
             vae_name=self._vae.name if self._vae else None,
             vae_path=self._vae_path,
             vae_sha256=self._vae.sha256 if self._vae else None,
+            refiner=self._refiner_record(params),
         )
+
+    def _refiner_record(self, params: GenerationParams) -> dict | None:
+        refiner = self._refiner
+        if params.refiner is None or refiner is None:
+            return None
+        return {"name": refiner.name, "path": str(refiner.path), "sha256": refiner.sha256,
+                "hash": refiner.short_hash}  # fmt: skip
+
+
+def _resolve_model_path(name: str) -> Path:
+    from ember.catalog import resolve_model_path
+
+    return resolve_model_path(name)
 
 
 def _inputs(request: Request) -> dict[str, np.ndarray]:

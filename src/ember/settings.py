@@ -156,6 +156,16 @@ class GenerationParams:
         None, "image height in pixels; default: the model's", lo=SIZE_MULTIPLE, limit="max_side",
         shared=True, flag=None,
     )  # fmt: skip
+    original_width: int | None = _setting(
+        None, "SDXL micro-conditioning: the original image width the model is told; default: the "
+        "width", lo=1, hi=16384,
+    )  # fmt: skip
+    original_height: int | None = _setting(
+        None, "SDXL micro-conditioning: the original image height; default: the height", lo=1,
+        hi=16384,
+    )  # fmt: skip
+    crop_left: int = _setting(0, "SDXL micro-conditioning: crop left, in pixels", lo=0, hi=16384)
+    crop_top: int = _setting(0, "SDXL micro-conditioning: crop top, in pixels", lo=0, hi=16384)
     batch: int = _setting(1, "images to make", lo=1, limit="max_batch")
     strength: float = _setting(0.75, "img2img/inpaint: how much to change", lo=0, hi=1, shared=True)
     clip_skip: int = _setting(1, "use the text encoder's N-th last layer", lo=1, hi=12)
@@ -169,6 +179,14 @@ class GenerationParams:
     eta: float | None = _setting(
         None, "noise of ancestral and SDE samplers; default 1 (0 for ddim)", lo=0, hi=10,
         shared=True,
+    )  # fmt: skip
+    refiner: str | None = _setting(
+        None, "SDXL: a refiner model (a file, a diffusers folder or a name in the models folder) "
+        "that takes over from the model for the last steps", shared=True, max_length=4096,
+    )  # fmt: skip
+    refiner_switch_at: float = _setting(
+        0.8, "with --refiner: the fraction of the noise schedule after which the refiner takes "
+        "over (A1111's 'Refiner switch at', diffusers' denoising_end)", lo=0, hi=1, shared=True,
     )  # fmt: skip
     loras: tuple[LoraChoice, ...] = _setting(
         (),

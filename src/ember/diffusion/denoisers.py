@@ -21,8 +21,9 @@ import torch
 from ember.config import ScheduleConfig
 from ember.diffusion.schedules import sigma_to_t, train_sigmas
 
-# unet_fn(x_in (B, C_in, H, W), t (B,) float timestep, context (B, L, D)) -> (B, C, H, W)
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# unet_fn(x_in (B, C_in, H, W), t (B,) float timestep, context (B, L, D)[, y (B, adm)])
+#   -> (B, C, H, W); y (SDXL's vector conditioning) is passed only when there is one.
+UNetFn = Callable[..., torch.Tensor]
 
 
 def per_image_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -37,12 +38,22 @@ class Conditioning:
 
     `context`: (B, L, D) text embeddings; `uncond_context`: (B, L, D) negative-prompt embeddings
     for classifier-free guidance, or None; `concat`: (B, C, H, W) extra input channels for
-    inpainting U-Nets (mask and masked-image latents), appended after c_in scaling.
+    inpainting U-Nets (mask and masked-image latents), appended after c_in scaling; `vector` and
+    `uncond_vector`: (B, adm) SDXL's pooled text and size conditioning (ldm's `y`), or None.
     """
 
     context: torch.Tensor
     uncond_context: torch.Tensor | None = None
     concat: torch.Tensor | None = None
+    vector: torch.Tensor | None = None
+    uncond_vector: torch.Tensor | None = None
+
+    def positive(self) -> Conditioning:
+        """The conditional half alone (no guidance)."""
+        return Conditioning(self.context, None, self.concat, self.vector)
+
+    def negative(self) -> Conditioning:
+        return Conditioning(self.uncond_context, None, self.concat, self.uncond_vector)
 
 
 class _DiscreteDenoiser:
@@ -72,7 +83,11 @@ class _DiscreteDenoiser:
         x_in = x * c_in.to(x.dtype)  # (B, C, H, W)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)  # (B, C + C_extra, H, W)
-        out = self.unet_fn(x_in, self.sigma_to_t(sigma), cond.context)
+        t = self.sigma_to_t(sigma)
+        if cond.vector is None:
+            out = self.unet_fn(x_in, t, cond.context)
+        else:
+            out = self.unet_fn(x_in, t, cond.context, cond.vector)
         return x * c_skip.to(x.dtype) + out.to(x.dtype) * c_out.to(x.dtype)
 
 
@@ -122,16 +137,41 @@ class CFGDenoiser:
         if self.scale == 1.0 or cond.uncond_context is None:
             if self.scale != 1.0:
                 raise ValueError(f"guidance scale {self.scale} needs an uncond_context")
-            return self.inner(x, sigma, Conditioning(cond.context, None, cond.concat))
+            return self.inner(x, sigma, cond.positive())
         sigma = per_image_sigma(sigma, x)  # (B,)
         concat = None if cond.concat is None else torch.cat([cond.concat, cond.concat])
         if cond.uncond_context.shape[1:] != cond.context.shape[1:]:
             # Prompts of different token lengths cannot share a batch; two calls give the same x0.
-            uncond = self.inner(x, sigma, Conditioning(cond.uncond_context, None, cond.concat))
-            positive = self.inner(x, sigma, Conditioning(cond.context, None, cond.concat))
+            uncond = self.inner(x, sigma, cond.negative())
+            positive = self.inner(x, sigma, cond.positive())
         else:
-            both = Conditioning(torch.cat([cond.uncond_context, cond.context]), None, concat)
+            vector = None
+            if cond.vector is not None:
+                vector = torch.cat([cond.uncond_vector, cond.vector])
+            context = torch.cat([cond.uncond_context, cond.context])
+            both = Conditioning(context, None, concat, vector)
             uncond, positive = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(
                 2
             )
         return uncond + self.scale * (positive - uncond)
+
+
+class SwitchDenoiser:
+    """One denoiser for the high noise levels, another below them: SDXL's refiner (Podell et al.
+    2023, section 2.5), which takes over the same sampler run with its own conditioning, as A1111
+    and diffusers' `denoising_end` / `denoising_start` hand over."""
+
+    def __init__(
+        self,
+        first: Denoiser,
+        second: Denoiser,
+        second_cond: Conditioning,
+        use_second: Callable[[torch.Tensor], bool],
+    ):
+        self.first, self.second, self.second_cond = first, second, second_cond
+        self.use_second = use_second
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.use_second(per_image_sigma(sigma, x)):
+            return self.second(x, sigma, self.second_cond)
+        return self.first(x, sigma, cond)

@@ -196,8 +196,9 @@ class LayoutGuidedDenoiser:
         if not idx:
             return grad
         sub = Conditioning(
-            cond.context[idx], None, None if cond.concat is None else cond.concat[idx]
-        )
+            cond.context[idx], None, None if cond.concat is None else cond.concat[idx],
+            None if cond.vector is None else cond.vector[idx],
+        )  # fmt: skip
         with torch.enable_grad():
             xg = x[idx].detach().requires_grad_()
             with record_attention(self.layers, stop=True) as maps:

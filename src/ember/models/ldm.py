@@ -2,7 +2,8 @@
 
 `LatentDiffusion(cfg).state_dict()` has the keys of an original SD 1.x/2.x single-file checkpoint:
 `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.*` (text
-encoder). Original files also carry schedule buffers (`betas`, `alphas_cumprod`, ...) and sometimes
+encoder; SDXL's `conditioner.embedders.N.*`, with bigG in transformers' layout: `ember.sdxl_files`
+converts it). Original files also carry schedule buffers (`betas`, `alphas_cumprod`, ...) and sometimes
 `model_ema.*`; ember recomputes the schedule, so a loader drops those before calling
 `load_state_dict_strict`.
 """
@@ -26,20 +27,50 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.diffusion_model(x, t, context)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.diffusion_model(x, t, context, y)
+
+
+class Conditioner(nn.Module):
+    """sgm's `GeneralConditioner` as far as SDXL's files need it: the text encoders under
+    `conditioner.embedders.N` (base: CLIP ViT-L, then OpenCLIP bigG; refiner: bigG alone). The
+    size and aesthetic embedders have no weights; `ember.conditioning` computes them."""
+
+    def __init__(self, encoders: list[nn.Module]) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList(encoders)
 
 
 class LatentDiffusion(nn.Module):
-    """U-Net, autoencoder and (optionally) text encoder, named as in ldm's `LatentDiffusion`."""
+    """U-Net, autoencoder and (optionally) text encoder, named as in ldm's `LatentDiffusion`.
 
-    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module | None = None) -> None:
+    SDXL-style models (`cfg.sdxl`) hold their text encoders as sgm's `DiffusionEngine` does, under
+    `conditioner.embedders.N`; `text_encoders` lists them either way.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        text_encoder: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        if text_encoder is not None:
+        if cfg.sdxl and text_encoder is not None:
+            encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+            self.conditioner = Conditioner(encoders)
+        elif text_encoder is not None:
             self.cond_stage_model = text_encoder
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        if hasattr(self, "conditioner"):
+            return list(self.conditioner.embedders)
+        return [self.cond_stage_model] if hasattr(self, "cond_stage_model") else []
 
     @property
     def unet(self) -> UNetModel:
@@ -59,8 +90,8 @@ def build_on_meta(
     context too, so no part of the model touches real memory before loading.
     """
     with torch.device("meta"):
-        text_encoder = make_text_encoder(cfg.text) if make_text_encoder is not None else None
-        return LatentDiffusion(cfg, text_encoder)
+        encoders = [make_text_encoder(t) for t in cfg.text_encoders()] if make_text_encoder else []
+        return LatentDiffusion(cfg, *encoders)
 
 
 def _listing(title: str, keys: list[str], limit: int = 10) -> str:

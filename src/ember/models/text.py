@@ -152,19 +152,42 @@ class ClipTextEncoder(TextEncoder):
 
         self.cfg = cfg
         self.transformer = _TextModelHolder(CLIPTextModel(clip_text_config(cfg)))
+        if cfg.projection_dim:
+            # OpenCLIP's `text_projection` (D, P) parameter, stored as transformers' (P, D) Linear.
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.text_model.embeddings.token_embedding
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        return self.encode(ids, clip_skip)[0]
+
+    def encode(
+        self, ids: torch.Tensor, clip_skip: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(states (B, L, D), pooled (B, projection_dim) or None without a projection).
+
+        The pooled embedding is SDXL's (sgm `FrozenOpenCLIPEmbedder2`, transformers
+        `CLIPTextModelWithProjection.text_embeds`): the final layer's normed state at the first
+        end-of-text token, projected; clip skip does not change it.
+        """
         position_ids = self._check(ids, clip_skip, self.cfg.depth)
         skip = clip_skip + self.cfg.num_layers - self.cfg.depth
         model = self.transformer.text_model
         if skip == 1:
-            return model(input_ids=ids, position_ids=position_ids).last_hidden_state
-        out = model(input_ids=ids, position_ids=position_ids, output_hidden_states=True)
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
-        return model.final_layer_norm(out.hidden_states[-skip])
+            out = model(input_ids=ids, position_ids=position_ids)
+            states = out.last_hidden_state
+        else:
+            out = model(input_ids=ids, position_ids=position_ids, output_hidden_states=True)
+            # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+            states = out.hidden_states[-skip]
+            if self.cfg.final_norm:
+                states = model.final_layer_norm(states)
+        if not self.cfg.projection_dim:
+            return states, None
+        eos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)  # (B,) first end-of-text
+        last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos]
+        return states, self.text_projection(last)
 
 
 class MiniLMTextEncoder(TextEncoder):
@@ -261,6 +284,24 @@ _OPENCLIP_BLOCK_RE = re.compile(
 )
 _HF_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 _HF_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def openclip_to_encoder(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower names -> a `ClipTextEncoder` with a projection (SDXL's bigG): as
+    `openclip_to_hf`, with `text_projection` (D, P) as the Linear's (P, D) weight; `logit_scale`
+    (unused) is dropped. Unknown keys raise `ValueError`."""
+    out = openclip_to_hf({k: v for k, v in sd.items() if k != "logit_scale"})
+    if "text_projection" in out:
+        out["text_projection.weight"] = out.pop("text_projection").t().contiguous()
+    return out
+
+
+def encoder_to_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `openclip_to_encoder` (without `logit_scale`)."""
+    sd = dict(sd)
+    if "text_projection.weight" in sd:
+        sd["text_projection"] = sd.pop("text_projection.weight").t().contiguous()
+    return hf_to_openclip(sd)
 
 
 def openclip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

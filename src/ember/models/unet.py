@@ -2,7 +2,7 @@
 
 The layout of `input_blocks` / `middle_block` / `output_blocks` and every submodule name is ldm's,
 so `UNetModel(cfg).state_dict()` has the keys found under `model.diffusion_model.` in an original
-SD 1.x/2.x single-file checkpoint.
+SD 1.x/2.x or SDXL single-file checkpoint.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """ldm's `UNetModel` for text-conditioned latent diffusion (no class labels, no scale-shift).
+    """ldm's `UNetModel` for text-conditioned latent diffusion (no scale-shift norm).
 
-    Each resolution level holds `num_res_blocks` ResBlocks (each followed by a SpatialTransformer at
-    the downsampling factors in `cfg.attention_resolutions`) and, except the last, a Downsample.
-    The decoder mirrors it with one extra block per level fed by the skip connections.
+    Each resolution level holds `num_res_blocks` ResBlocks (each followed by a SpatialTransformer of
+    `cfg.input_depths()` blocks where that is not 0) and, except the last, a Downsample. The decoder
+    mirrors it with one extra block per level fed by the skip connections. SDXL adds `label_emb`,
+    which embeds the vector `y` into the time embedding (sgm's `num_classes="sequential"`).
     """
 
     def __init__(self, cfg: UNetConfig) -> None:
@@ -56,17 +57,21 @@ class UNetModel(nn.Module):
             nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads_at(ch)
             return SpatialTransformer(
-                ch,
-                heads,
-                dim_head,
-                cfg.transformer_depth,
-                cfg.context_dim,
-                groups,
-                cfg.use_linear_in_transformer,
+                ch, heads, dim_head, depth, cfg.context_dim, groups, cfg.use_linear_in_transformer
             )
+
+        if cfg.adm_in_channels:
+            # sgm's num_classes="sequential": the pooled text embedding and size sinusoids (B, adm)
+            # are added to the time embedding.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+                )
+            )
+        depths_in, depths_out = list(cfg.input_depths()), list(cfg.output_depths())
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))]
@@ -77,8 +82,9 @@ class UNetModel(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                depth = depths_in.pop(0)
+                if depth:
+                    layers.append(transformer(ch, depth))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -87,7 +93,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups),
+            transformer(ch, cfg.middle_depth()),
+            ResBlock(ch, emb_dim, ch, groups),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -95,13 +103,14 @@ class UNetModel(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                depth = depths_out.pop(0)
+                if depth:
+                    layers.append(transformer(ch, depth))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        assert not skip_chans
+        assert not skip_chans and not depths_in and not depths_out
 
         self.out = nn.Sequential(
             normalization(ch, groups),
@@ -109,8 +118,11 @@ class UNetModel(nn.Module):
             zero_module(Conv2d(mc, cfg.out_channels, 3, padding=1)),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, in_channels, H, W), t (B,) float timesteps, context (B, L, context_dim).
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, in_channels, H, W), t (B,) float timesteps, context (B, L, context_dim),
+        y (B, adm_in_channels): SDXL's vector conditioning, required exactly when `label_emb` is.
 
         H and W must be multiples of 2**(len(channel_mult) - 1) so skips line up with upsamples.
         """
@@ -124,6 +136,14 @@ class UNetModel(nn.Module):
         emb = self.time_embed(
             timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
         )  # (B, 4mc)
+        if (y is None) != (self.cfg.adm_in_channels == 0):
+            raise ValueError(
+                f"this U-Net takes a {self.cfg.adm_in_channels}-wide vector y"
+                if y is None
+                else "this U-Net has no label_emb for a vector y"
+            )
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         h = x
         for block in self.input_blocks:

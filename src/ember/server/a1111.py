@@ -62,6 +62,8 @@ class Txt2ImgRequest(BaseModel):
     s_noise: float | None = Field(None, allow_inf_nan=False)
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = Field(None, allow_inf_nan=False)
     enable_hr: bool = False
     script_name: str | None = None
     script_args: list[Any] = []
@@ -218,6 +220,10 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
     }
     if req.eta is not None:
         fields["eta"] = req.eta
+    if req.refiner_checkpoint not in (None, "", "None"):  # a title or name from /sd-models
+        fields["refiner"] = req.refiner_checkpoint
+        if req.refiner_switch_at is not None:
+            fields["refiner_switch_at"] = req.refiner_switch_at
     job = await server.submit(
         request, kind=kind, params=GenerationParams(**fields), init=init, mask=mask, model=model, body_hash=None,
         idem_key=None,

@@ -90,6 +90,8 @@ class ModelEngine:
             dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir, preview_vae=preview_vae
         )
         self._loras = find_loras(self._service.lora_dir)
+        # A request's refiner is a model of the catalog, never a path it names.
+        self._service.resolve_refiner = lambda name: Path(lookup(self._models, name).path)
         self._preview_every = preview_every
         self._lock = threading.RLock()
         self._models = find_models(model_paths + ([default] if default else []))
@@ -160,9 +162,11 @@ class ModelEngine:
         return self.loras()
 
     def check_loras(self, params: GenerationParams) -> None:
-        """EmberError (a 4xx) for a LoRA the request names that is not there."""
+        """EmberError (a 4xx) for a LoRA or a refiner the request names that is not there."""
         for choice in lora_selection(params):
             resolve_lora_path(choice.name, self._service.lora_dir)
+        if params.refiner is not None:
+            lookup(self._models, params.refiner)
 
     def run(self, items: list[WorkItem], on_step: StepFn) -> list[list[GeneratedImage]]:
         """Generate every item of a compatible batch -> each item's images with their records."""
