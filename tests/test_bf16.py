@@ -17,6 +17,7 @@ from ember import device, pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
 from ember.errors import EmberError
+from ember.models import prepack
 from ember.models.prepack import Conv2d, onednn_usable
 from ember.settings import GenerationParams
 
@@ -89,6 +90,27 @@ def test_prepacked_conv_equals_nn_conv(dtype, stride, padding, k):
         conv.weight.mul_(-2.0)  # an in-place update must not leave a stale packed copy
         ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
         torch.testing.assert_close(conv(x).float(), ref.float(), atol=2 * tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_conv_is_relu_of_conv_plus_residual(monkeypatch, dtype, packed):
+    """TAESD's blocks run ReLU and the residual sum inside the convolution: the same values as
+    the separate ops, on the prepacked path and on the plain one."""
+    monkeypatch.setattr(prepack, "PREPACK", packed)
+    torch.manual_seed(0)
+    conv = Conv2d(16, 16, 3, padding=1).to(dtype).requires_grad_(False)
+    x, res = torch.randn(2, 16, 10, 10, dtype=dtype), torch.randn(2, 16, 10, 10, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), 1, 1)
+        for got, want in [
+            (conv.fused(x, relu=True), ref.relu()),
+            (conv.fused(x, add=res), ref + res.float()),
+            (conv.fused(x, add=res, relu=True), (ref + res.float()).relu()),
+        ]:
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    assert (conv._packed is not None) == (packed and onednn_usable(dtype))
 
 
 def test_conv_with_gradients_is_plain_conv():

@@ -73,7 +73,10 @@ class Block(nn.Module):
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.conv(x) + self.skip(x))
+        # self.conv and self.fuse, with each ReLU and the sum run inside the convolutions
+        c0, _, c2, _, c4 = self.conv
+        h = c2.fused(c0.fused(x, relu=True), relu=True)
+        return c4.fused(h, add=self.skip(x), relu=True)
 
 
 class TinyEncoder(nn.Sequential):
