@@ -256,9 +256,9 @@ def worker_ember(a: argparse.Namespace) -> dict:
     service.generate([Request(params)])
     first = _since_start(a)
     loaded, vae = service._loaded, service._vae
-    clock = StageClock({"text": (loaded.model.cond_stage_model, "forward"),
-                        "unet": (loaded.model.model.diffusion_model, "forward"),
-                        "vae": (vae.module if vae else loaded.model.first_stage_model, "decode")})  # fmt: skip
+    clock = StageClock([("text", loaded.model.cond_stage_model, "forward"),
+                        ("unet", loaded.model.model.diffusion_model, "forward"),
+                        ("vae", vae.module if vae else loaded.model.first_stage_model, "decode")])  # fmt: skip
     return {"load": load, "first": first,
             **_timed(a.images, lambda: service.generate([Request(params)]), clock)}  # fmt: skip
 
@@ -270,10 +270,11 @@ class StageClock:
     """Seconds spent in each stage's calls (text encoder, U-Net, VAE decode) on any side: each
     stage's callable is replaced on its instance by a timed wrapper."""
 
-    def __init__(self, parts: dict[str, tuple[object, str]]):
+    def __init__(self, parts: list[tuple[str, object, str]]):
+        """`parts`: (stage, object, method name); several objects may share a stage."""
         self.spent = dict.fromkeys(STAGES, 0.0)
         self.unet_calls = 0
-        for stage, (obj, attr) in parts.items():
+        for stage, obj, attr in parts:
             setattr(obj, attr, self._wrap(stage, getattr(obj, attr)))
 
     def _wrap(self, stage: str, fn):
@@ -322,8 +323,9 @@ def _run_peer(a: argparse.Namespace, pipe, r: Recipe, load: float, vae) -> dict:
     with torch.inference_mode():
         run().save(a.save)
         first = _since_start(a)
-        clock = StageClock({"text": (pipe.text_encoder, "forward"), "unet": (pipe.unet, "forward"),
-                            "vae": (vae, "decode" if hasattr(vae, "decode") else "forward")})  # fmt: skip
+        vae_call = "decode" if hasattr(vae, "decode") else "forward"
+        clock = StageClock([("text", pipe.text_encoder, "forward"), ("unet", pipe.unet, "forward"),
+                            ("vae", vae, vae_call)])  # fmt: skip
         return {"load": load, "first": first, **_timed(a.images, run, clock)}
 
 
