@@ -100,7 +100,9 @@ def worker_ember(a: argparse.Namespace) -> dict:
     )  # fmt: skip
     service.generate([Request(params)])
     loaded, vae = service._loaded, service._vae
-    clock = StageClock([*(("text", m, "forward") for m in loaded.model.text_encoders),
+    import ember.conditioning  # the pipeline looks its SDXL text encoding up here at each call
+
+    clock = StageClock([("text", ember.conditioning, "encode_sdxl_prompts"),
                         ("unet", loaded.model.model.diffusion_model, "forward"),
                         ("vae", vae.module if vae else loaded.model.first_stage_model, "decode")])  # fmt: skip
     return {"load": load, **_timed(a.images, lambda: service.generate([Request(params)]), clock)}
