@@ -80,12 +80,13 @@ def tiny_clip(
     return CLIPTextModel(conf), CLIPTextModelWithProjection(conf)
 
 
-def build_sdxl_folder(folder, *, seed: int = 0, refiner: bool = False):
+def build_sdxl_folder(folder, *, seed: int = 0, refiner: bool = False, inpainting: bool = False):
     """A tiny SDXL base (or refiner) pipeline with random weights, built and saved by diffusers:
     the shapes of diffusers' own SDXL pipeline tests (two levels, transformer depths 1 and 2,
     8-wide size sinusoids), with 3-layer text encoders so the penultimate layer is a middle one,
     of two widths (64 and 128, as CLIP-L and bigG differ: diffusers' single-file loader tells them
-    apart so), and SDXL's 64-channel heads and 32 norm groups, so its tensors tell its config."""
+    apart so), and SDXL's 64-channel heads and 32 norm groups, so its tensors tell its config.
+    `inpainting`: a 9-channel U-Net (latents, mask, masked-image latents), as SDXL inpainting's."""
     import diffusers
 
     from ember.config import get_preset
@@ -96,7 +97,7 @@ def build_sdxl_folder(folder, *, seed: int = 0, refiner: bool = False):
         block_out_channels=(32, 128),
         layers_per_block=2,
         sample_size=16,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -145,8 +146,23 @@ def sdxl_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_inpaint_folder(tmp_path_factory):
+    return build_sdxl_folder(
+        tmp_path_factory.mktemp("sdxli") / "tiny-sdxl-inpaint", inpainting=True
+    )
+
+
+@pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):
     return build_diffusers_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", "tiny")
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    """A tiny SD 1.x inpainting pipeline: its U-Net takes 9 channels, as sd-v1-5-inpainting's."""
+    return build_diffusers_folder(
+        tmp_path_factory.mktemp("sd1i") / "tiny-sd1-inpaint", "tiny-inpaint"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -31,12 +31,17 @@ SCHEDULERS = {
 }
 
 
-def diffusers_images(folder, sampler, *, img2img=None, strength=0.75, batch=1) -> np.ndarray:
+def diffusers_images(
+    folder, sampler, *, image=None, mask=None, strength=0.75, batch=1
+) -> np.ndarray:
     cls_name, overrides = SCHEDULERS[sampler]
-    if img2img is None:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    if mask is not None:
+        cls = diffusers.StableDiffusionInpaintPipeline
+    elif image is not None:
+        cls = diffusers.StableDiffusionImg2ImgPipeline
     else:
-        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None)
+        cls = diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, safety_checker=None)
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
@@ -48,10 +53,12 @@ def diffusers_images(folder, sampler, *, img2img=None, strength=0.75, batch=1) -
         generator=gens,
         output_type="np",
     )
-    if img2img is None:
+    if image is None or mask is not None:
         kwargs.update(height=SIZE, width=SIZE)
-    else:
-        kwargs.update(image=img2img, strength=strength)
+    if image is not None:
+        kwargs.update(image=image, strength=strength)
+    if mask is not None:
+        kwargs.update(mask_image=mask)
     if sampler == "ddim":
         kwargs["eta"] = 0.0
     out = pipe(**kwargs).images
@@ -84,11 +91,84 @@ def test_img2img_matches_diffusers(tmp_path, sd1_folder):
     init = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     init_path = tmp_path / "init.png"
     Image.fromarray(init).save(init_path)
-    ref = diffusers_images(sd1_folder, "euler", img2img=Image.fromarray(init), strength=0.6)[0]
+    ref = diffusers_images(sd1_folder, "euler", image=Image.fromarray(init), strength=0.6)[0]
     got = ember_image(
         tmp_path, sd1_folder, "euler", "--init-image", str(init_path), "--strength", "0.6"
     )
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def inpaint_inputs(tmp_path_factory):
+    """(init, mask) as uint8 arrays and as PNG paths: random pixels, a white (repaint) box."""
+    folder = tmp_path_factory.mktemp("inpaint")
+    rng = np.random.default_rng(0)
+    init = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 16:56] = 255
+    Image.fromarray(init).save(folder / "init.png")
+    Image.fromarray(mask).save(folder / "mask.png")
+    return init, mask, folder / "init.png", folder / "mask.png"
+
+
+@pytest.mark.parametrize("sampler, strength", [("euler", 1.0), ("dpmpp_2m", 1.0), ("euler", 0.6)])
+def test_inpainting_model_matches_diffusers(
+    tmp_path, sd1_inpaint_folder, inpaint_inputs, sampler, strength
+):
+    """A 9-channel inpainting U-Net (sd-v1-5-inpainting's design: noisy latents, mask and
+    masked-image latents) gives `StableDiffusionInpaintPipeline`'s image for the same seed: pure
+    noise at full strength, the init image noised to the first sigma below it."""
+    init, mask, init_path, mask_path = inpaint_inputs
+    ref = diffusers_images(
+        sd1_inpaint_folder, sampler, image=Image.fromarray(init), mask=Image.fromarray(mask),
+        strength=strength,
+    )[0]  # fmt: skip
+    got = ember_image(
+        tmp_path, sd1_inpaint_folder, sampler, "--schedule", "default", "--init-image",
+        str(init_path), "--mask", str(mask_path), "--strength", str(strength),
+    )  # fmt: skip
+    diff = np.abs(got.astype(int) - ref.astype(int)).max()
+    assert diff <= 2, f"{sampler} at strength {strength}: max pixel difference {diff}/255"
+    assert ref.std() > 1, "reference image is flat: the comparison would prove nothing"
+
+
+def test_inpainting_model_sees_diffusers_mask_and_masked_image(sd1_inpaint_folder, inpaint_inputs):
+    """The channels beside the noisy latents are diffusers' own: the mask, and the latents of the
+    image with the repainted region grey (0 in the VAE's [-1, 1], as the inpainting models were
+    trained), sampled with the seed's generator after the init image's sample and the initial
+    noise. A tiny random U-Net barely reacts to these channels (black instead of grey moves its
+    image by a few /255), so they are compared here directly."""
+    from ember.checkpoints import load_model
+    from ember.images import uint8_to_tensor
+    from ember.pipeline import Inputs, generators, initial_latents
+    from ember.settings import GenerationParams, resolve, validate
+
+    init, mask, _, _ = inpaint_inputs
+    seen = {}
+
+    def first_step(pipe, step, t, tensors):
+        seen.setdefault("concat", torch.cat([tensors["mask"], tensors["masked_image_latents"]], 1))
+        return {}
+
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+        sd1_inpaint_folder, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe(
+        prompt=PROMPT, image=Image.fromarray(init), mask_image=Image.fromarray(mask), height=SIZE,
+        width=SIZE, num_inference_steps=STEPS, strength=0.6, guidance_scale=1.0,
+        output_type="latent", generator=torch.Generator("cpu").manual_seed(SEED),
+        callback_on_step_end=first_step,
+        callback_on_step_end_tensor_inputs=["mask", "masked_image_latents"],
+    )  # fmt: skip
+    loaded = load_model(sd1_inpaint_folder)
+    params = GenerationParams(
+        prompt=PROMPT, seed=SEED, width=SIZE, height=SIZE, steps=STEPS, strength=0.6
+    )
+    params = validate(resolve(params, loaded.config))
+    inputs = Inputs(uint8_to_tensor(init), uint8_to_tensor(mask))
+    latents = initial_latents(loaded, params, [inputs], [1], generators(SEED, 1))
+    torch.testing.assert_close(latents.concat, seen["concat"], atol=1e-4, rtol=1e-4)
 
 
 def test_v_prediction_matches_diffusers(tmp_path, sd2v_folder):

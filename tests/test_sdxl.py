@@ -121,6 +121,20 @@ def test_inpainting_matches_diffusers(tmp_path, sdxl_folder, init_and_mask):
     assert_close(got, ref, "inpainting")
 
 
+@pytest.mark.parametrize("sampler, strength", [("euler", 1.0), ("dpmpp_2m", 1.0), ("euler", 0.75)])
+def test_inpainting_model_matches_diffusers(
+    tmp_path, sdxl_inpaint_folder, init_and_mask, sampler, strength
+):
+    """A 9-channel SDXL inpainting U-Net gives `StableDiffusionXLInpaintPipeline`'s image."""
+    init, mask = init_and_mask
+    ref = diffusers_image(
+        sdxl_inpaint_folder, sampler, mode="inpaint", image=Image.open(init),
+        mask_image=Image.open(mask), strength=strength, height=HEIGHT, width=WIDTH,
+    )  # fmt: skip
+    args = ["--init-image", str(init), "--mask", str(mask), "--strength", str(strength)]
+    assert_close(ember_image(tmp_path, sdxl_inpaint_folder, sampler, *args), ref, sampler)
+
+
 # ---------------------------------------------------------------------------------------------
 # files: single file <-> diffusers folder, what the tensors tell
 

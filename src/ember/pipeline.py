@@ -5,9 +5,10 @@ Works on tensors only (images in [0, 1] in and out); files, PIL and records live
 `build_guided_denoiser`, `sample`, `decode_latents`.
 
 Randomness: image i of a batch owns a CPU `torch.Generator` seeded `seed + i`, from which (in this
-order, as diffusers does with a list of generators) its VAE posterior sample, its initial noise and
-its sampler noise are drawn. So an image does not depend on its batch-mates, and the same seed gives
-the same picture as diffusers and A1111.
+order, as diffusers does with a list of generators) its init image's VAE posterior sample, its
+initial noise, the masked image's posterior sample (9-channel inpainting U-Nets) and its sampler
+noise are drawn. So an image does not depend on its batch-mates, and the same seed gives the same
+picture as diffusers and A1111.
 """
 
 from __future__ import annotations
@@ -250,24 +251,29 @@ def initial_latents(
     shape = (sum(counts), cfg.vae.embed_dim, first.height // ds, first.width // ds)
     sigmas = schedule_of(loaded, first)
     mode = inputs[0].mode
-    init = concat = keep_mask = None
+    # An inpainting U-Net at full strength starts from pure noise, as diffusers' inpainting
+    # pipelines do; everything else starts from the init image's latents noised to sigmas[0].
+    from_image = mode != "txt2img" and not (cfg.inpainting and first.strength >= 1.0)
+    init = concat = keep_mask = masks = None
     if mode != "txt2img":
         images = torch.cat([_check_image(i.init_image, first).expand(n, -1, -1, -1)
                             for i, n in zip(inputs, counts, strict=True)])  # fmt: skip
-        init = encode_images(loaded, images, gens)
+        if from_image:
+            init = encode_images(loaded, images, gens)
+            sigmas = truncate_for_strength(sigmas, first.steps, first.strength)
         if mode == "inpaint":
             masks = torch.cat(
                 [i.mask.expand(n, -1, -1, -1) for i, n in zip(inputs, counts, strict=True)]
             )
-            if cfg.inpainting:
-                concat = _inpaint_concat(loaded, images, masks, first, gens)
-            else:
+            if not cfg.inpainting:
                 keep_mask = _latent_mask(masks, first, shape)
-    from_image = init is not None and not (cfg.inpainting and first.strength >= 1.0)
-    if from_image:
-        sigmas = truncate_for_strength(sigmas, first.steps, first.strength)
     noise = draw_noise(shape, gens)
-    if from_image:
+    if masks is not None and cfg.inpainting:
+        # The masked image's posterior sample is drawn after the noise, as diffusers'
+        # `StableDiffusion(XL)InpaintPipeline` draws it (`prepare_latents`, then
+        # `prepare_mask_latents`), so the same seed gives the same image.
+        concat = _inpaint_concat(loaded, images, masks, first, gens)
+    if init is not None:
         x = init + noise * sigmas[0]
     else:
         x = noise * initial_noise_scale(sigmas, first.sampler, spacing=first.timestep_spacing)
@@ -422,9 +428,14 @@ def _latent_mask(mask: torch.Tensor, params: GenerationParams, shape) -> torch.T
 
 
 def _inpaint_concat(loaded, image, mask, params, gens) -> torch.Tensor:
-    """9-channel inpainting U-Nets take [mask, masked-image latents] beside the noisy latents."""
+    """9-channel inpainting U-Nets take [mask, masked-image latents] beside the noisy latents.
+
+    The masked pixels are 0 in the VAE's [-1, 1] range (grey, 0.5 here), not black: the
+    inpainting models were trained on `(1 - mask) * image` of [-1, 1] images (RunwayML's
+    sd-v1-5-inpainting), and diffusers (`init_image * (mask < 0.5)`) and A1111
+    (`inpainting_image_conditioning`) mask so."""
     binary = _check_mask(mask, params)
-    masked = image * (binary < 0.5)
+    masked = torch.where(binary < 0.5, image, 0.5)  # (B, 3, H, W)
     masked_latents = encode_images(loaded, masked, gens)
     ds = loaded.config.vae.downsample
     small = F.interpolate(binary, size=(params.height // ds, params.width // ds))
