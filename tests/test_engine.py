@@ -171,6 +171,28 @@ def test_inpainting_model_sees_diffusers_mask_and_masked_image(sd1_inpaint_folde
     torch.testing.assert_close(latents.concat, seen["concat"], atol=1e-4, rtol=1e-4)
 
 
+def test_inpainting_model_without_a_mask_repaints_everything(
+    tmp_path, sd1_inpaint_folder, inpaint_inputs
+):
+    """txt2img and mask-less img2img on a 9-channel model run (as A1111 does) as inpainting with
+    everything masked: the same image as an explicit all-white mask."""
+    _, _, init_path, _ = inpaint_inputs
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(white)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(grey)
+    flags = ("--schedule", "default")
+    txt2img = ember_image(tmp_path, sd1_inpaint_folder, "euler", *flags)
+    masked = ember_image(tmp_path, sd1_inpaint_folder, "euler", *flags, "--init-image",
+                         str(grey), "--mask", str(white), "--strength", "1")  # fmt: skip
+    assert np.array_equal(txt2img, masked) and txt2img.std() > 1
+    img2img = ember_image(tmp_path, sd1_inpaint_folder, "euler", *flags, "--init-image",
+                          str(init_path), "--strength", "0.6")  # fmt: skip
+    masked = ember_image(tmp_path, sd1_inpaint_folder, "euler", *flags, "--init-image",
+                         str(init_path), "--mask", str(white), "--strength", "0.6")  # fmt: skip
+    assert np.array_equal(img2img, masked)
+
+
 def test_v_prediction_matches_diffusers(tmp_path, sd2v_folder):
     ref = diffusers_images(sd2v_folder, "euler")[0]
     got = ember_image(tmp_path, sd2v_folder, "euler")

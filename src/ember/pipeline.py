@@ -267,6 +267,11 @@ def initial_latents(
             )
             if not cfg.inpainting:
                 keep_mask = _latent_mask(masks, first, shape)
+    if cfg.inpainting and masks is None:
+        # txt2img, or img2img without a mask, on an inpainting U-Net: A1111's conditioning for
+        # these modes, everything repainted (a mask of ones), so the masked image is all grey.
+        masks = torch.ones(shape[0], 1, first.height, first.width)
+        images = torch.full((shape[0], 3, first.height, first.width), 0.5)
     noise = draw_noise(shape, gens)
     if masks is not None and cfg.inpainting:
         # The masked image's posterior sample is drawn after the noise, as diffusers'
