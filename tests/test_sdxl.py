@@ -34,7 +34,10 @@ def _uint8(images) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def diffusers_image(folder, sampler="euler", *, mode="txt2img", negative=NEGATIVE, **kwargs):
+def diffusers_image(
+    folder, sampler="euler", *, mode="txt2img", negative=NEGATIVE, lora=None, **kwargs
+):
+    """diffusers' image of the module's settings; `lora`: (path, scale) loaded and fused first."""
     cls = {
         "txt2img": diffusers.StableDiffusionXLPipeline,
         "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
@@ -44,6 +47,9 @@ def diffusers_image(folder, sampler="euler", *, mode="txt2img", negative=NEGATIV
     name, overrides = SCHEDULERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora[0]))
+        pipe.fuse_lora(lora_scale=lora[1])
     if mode == "txt2img":
         kwargs.update(height=HEIGHT, width=WIDTH)
     out = pipe(
@@ -61,6 +67,19 @@ def ember_image(tmp_path, model, sampler="euler", *extra, negative=NEGATIVE, nam
     args += ["--dtype", "fp32", "-o", str(out), "-q", *extra]
     assert main(args) == 0
     return np.asarray(Image.open(out).convert("RGB"))
+
+
+def generated(loaded) -> np.ndarray:
+    """ember's euler image of the module's settings, in process (with what is merged now)."""
+    from ember.images import tensor_to_uint8
+    from ember.pipeline import generate
+    from ember.settings import GenerationParams
+
+    params = GenerationParams(
+        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
+        width=WIDTH, height=HEIGHT,
+    )  # fmt: skip
+    return tensor_to_uint8(generate(loaded, params))[0]
 
 
 def assert_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> None:
@@ -268,42 +287,24 @@ def kohya_sdxl_lora(alpha: float = 2.0, rank: int = 4) -> dict[str, torch.Tensor
 
 
 def test_kohya_lora_matches_diffusers(tmp_path, sdxl_folder, loaded):
-    from ember.images import tensor_to_uint8
     from ember.lora import merge_loras, read_lora
-    from ember.pipeline import generate
-    from ember.settings import GenerationParams
 
     path = tmp_path / "xl-lora.safetensors"
     save_file(kohya_sdxl_lora(), str(path))
     scale = 0.8
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing="linspace"
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=scale)
-    ref = _uint8(pipe(
-        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-        generator=torch.Generator("cpu").manual_seed(SEED), height=HEIGHT, width=WIDTH,
-        output_type="np",
-    ).images[0])  # fmt: skip
-    params = GenerationParams(
-        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
-        width=WIDTH, height=HEIGHT,
-    )  # fmt: skip
-    base = tensor_to_uint8(generate(loaded, params))[0]
+    ref = diffusers_image(sdxl_folder, lora=(path, scale))
+    base = generated(loaded)
     lora = read_lora(path)
     merged = merge_loras(loaded, [(lora, scale, scale)])
     try:
-        got = tensor_to_uint8(generate(loaded, params))[0]
+        got = generated(loaded)
         touched = merged.touched
     finally:
         merged.remove()
     assert any(".embedders.0." in k for k in touched) and any(".embedders.1." in k for k in touched)
     assert np.abs(ref.astype(int) - base.astype(int)).max() > 10, "the LoRA changes nothing"
     assert_close(got, ref, "LoRA")
-    assert (tensor_to_uint8(generate(loaded, params))[0] == base).all()
+    assert (generated(loaded) == base).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,10 +476,7 @@ def test_peft_lora_matches_diffusers_and_reaches_text_encoder_2(tmp_path, sdxl_f
     its `unet.` part gives diffusers' image; its `text_encoder.` and `text_encoder_2.` parts (which
     diffusers 0.42 with transformers 5 cannot load: 'Could not automatically infer state dict
     type') merge into CLIP-L and bigG with each part's alpha / r."""
-    from ember.images import tensor_to_uint8
     from ember.lora import merge_loras, read_lora
-    from ember.pipeline import generate
-    from ember.settings import GenerationParams
 
     modules = {  # part -> (module, out, in)
         "unet": [("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q", 128, 128),
@@ -503,26 +501,11 @@ def test_peft_lora_matches_diffusers_and_reaches_text_encoder_2(tmp_path, sdxl_f
         return path
 
     path = save("xl-peft.safetensors", ("unet",))
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing="linspace"
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=1.0)
-    ref = _uint8(pipe(
-        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-        generator=torch.Generator("cpu").manual_seed(SEED), height=HEIGHT, width=WIDTH,
-        output_type="np",
-    ).images[0])  # fmt: skip
-    params = GenerationParams(
-        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
-        width=WIDTH, height=HEIGHT,
-    )  # fmt: skip
+    ref = diffusers_image(sdxl_folder, lora=(path, 1.0))
     with merge_loras(loaded, [(read_lora(path), 1.0, 1.0)]):
-        got = tensor_to_uint8(generate(loaded, params))[0]
+        got = generated(loaded)
     assert_close(got, ref, "PEFT LoRA")
-    base = tensor_to_uint8(generate(loaded, params))[0]
+    base = generated(loaded)
     assert np.abs(base.astype(int) - got.astype(int)).max() > 10, "the LoRA changes nothing"
     encoders = loaded.model.conditioner.embedders
     targets = {  # LoRA key -> (layer, alpha / r)
