@@ -96,3 +96,27 @@ def write_report(text: str, out: Path | None) -> None:
         print(out)
     else:
         print(text)
+
+
+def spawn_worker(python: str, script: str, *lead: str, **kw) -> dict:
+    """Run `script` under `python` as a worker (`--name value` per keyword; True is a bare flag,
+    a list several values, None and False nothing) with bench/ on its path; the JSON object on
+    the last line of its stdout."""
+    import json
+    import subprocess
+
+    cmd = [python, script, *lead]
+    for k, v in kw.items():
+        flag = f"--{k.replace('_', '-')}"
+        if v is True:
+            cmd.append(flag)
+        elif isinstance(v, list):
+            cmd += [flag, *map(str, v)]
+        elif v is not None and v is not False:
+            cmd += [flag, str(v)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise RuntimeError(f"worker failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, generate_command, machine, threads_env, write_report
+from common import generate_command, machine, spawn_worker, threads_env, write_report
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
@@ -402,18 +402,7 @@ def run_worker(a: argparse.Namespace) -> None:
 
 def spawn(python: str, **kw) -> dict:
     """Run this file as a worker under `python`; its JSON result."""
-    cmd = [python, __file__, "--t0", repr(time.time())]
-    for k, v in kw.items():
-        if v is True:
-            cmd.append(f"--{k.replace('_', '-')}")
-        elif v is not None and v is not False:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise RuntimeError(f"worker failed: {' '.join(cmd)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return spawn_worker(python, __file__, "--t0", repr(time.time()), **kw)
 
 
 def run_cli(r: Recipe, files: dict[str, str], out: Path, threads: int) -> dict:

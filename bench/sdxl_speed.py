@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine, write_report
+from common import machine, spawn_worker, write_report
 from fewstep import STAGES, StageClock, _timed, med, native_bf16, taesd_folder
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -161,18 +159,6 @@ def run_worker(a: argparse.Namespace) -> None:
 # driver
 
 
-def spawn(**kw) -> dict:
-    cmd = [sys.executable, __file__]
-    for k, v in kw.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise RuntimeError(f"worker failed: {' '.join(cmd)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="write the markdown table here (else stdout)")
@@ -216,7 +202,7 @@ def main() -> None:
             for side in WORKERS:
                 print(f"bench: {name} round {rnd + 1}/{a.rounds}: {side}", file=sys.stderr,
                       flush=True)  # fmt: skip
-                out = spawn(worker=side, recipe=name, model=model, taesd=taesd, embeddings=empty,
+                out = spawn_worker(sys.executable, __file__, worker=side, recipe=name, model=model, taesd=taesd, embeddings=empty,
                             threads=a.threads, images=images, steps=steps)  # fmt: skip
                 for k, v in out.items():
                     res.setdefault(side, {}).setdefault(k, []).extend(

@@ -22,7 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, count_flops, generate_command, machine, threads_env, write_report
+from common import (
+    ROOT,
+    count_flops,
+    generate_command,
+    machine,
+    spawn_worker,
+    threads_env,
+    write_report,
+)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -223,19 +231,7 @@ def run_worker(a: argparse.Namespace) -> None:
 
 
 def spawn(common: list[str], **kw) -> dict:
-    cmd = [sys.executable, __file__, *common]
-    for k, v in kw.items():
-        if v is True:
-            cmd.append(f"--{k.replace('_', '-')}")
-        elif isinstance(v, list):
-            cmd += [f"--{k.replace('_', '-')}", *map(str, v)]
-        elif v is not None and v is not False:
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise RuntimeError(f"worker failed: {' '.join(cmd)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return spawn_worker(sys.executable, __file__, *common, **kw)
 
 
 def interleave(runs: dict[str, dict], rounds: int, common: list[str]) -> dict[str, dict]:

@@ -171,11 +171,7 @@ def main() -> None:
     for name, images in sets.items():
         rows, false, psnrs, changes, times = measure(images, add_watermark, found)
         n = len(images)
-        lines.append(
-            f"| {name} | " + " | ".join(f"{rows[k]}/{n}" for k in ATTACKS)
-            + f" | {statistics.median(psnrs):.1f} ({min(psnrs):.1f}) | {max(changes)} | "
-            f"{statistics.median(times) * 1000:.1f} |"
-        )  # fmt: skip
+        lines.append(table_row(name, rows, n, psnrs, changes, times))
         unmarked.append(f"| {name} | " + " | ".join(f"{false[k]}/{n}" for k in ATTACKS) + " |")
 
     report = f"""# Watermark detection
@@ -208,6 +204,15 @@ side, crops and resizes): {hits} read as marked; the strongest evidence any gave
     write_report(report, a.out)
 
 
+def table_row(label: str, rows: dict, n: int, psnrs, changes, times) -> str:
+    """One markdown row: detections per edit out of n, PSNR median (min), max change, ms."""
+    return (
+        f"| {label} | " + " | ".join(f"{rows[k]}/{n}" for k in ATTACKS)
+        + f" | {statistics.median(psnrs):.1f} ({min(psnrs):.1f}) | {max(changes)} | "
+        f"{statistics.median(times) * 1000:.1f} |"
+    )  # fmt: skip
+
+
 def compare_invisible_watermark(photos, small) -> str:
     """`invisible-watermark`'s DWT-DCT methods with Stable Diffusion's message, if installed."""
     try:
@@ -238,13 +243,8 @@ def compare_invisible_watermark(photos, small) -> str:
             return np.ascontiguousarray(encoder.encode(np.ascontiguousarray(a[:, :, ::-1]),
                                                        method)[:, :, ::-1])  # fmt: skip
 
-        rows, false, psnrs, changes, times = measure(photos, mark, lambda p, m=method: right(p, m))
-        n = len(photos)
-        lines.append(
-            f"| {method} | " + " | ".join(f"{rows[k]}/{n}" for k in ATTACKS)
-            + f" | {statistics.median(psnrs):.1f} ({min(psnrs):.1f}) | {max(changes)} | "
-            f"{statistics.median(times) * 1000:.1f} |"
-        )  # fmt: skip
+        rows, _, psnrs, changes, times = measure(photos, mark, lambda p, m=method: right(p, m))
+        lines.append(table_row(method, rows, len(photos), psnrs, changes, times))
     return f"""
 ## invisible-watermark, for comparison
 
