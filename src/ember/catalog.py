@@ -18,6 +18,11 @@ def models_dir() -> Path:
     )
 
 
+def cache_dir() -> Path:
+    """ember's cache (model hashes, compiled U-Nets): $EMBER_CACHE, else ~/.cache/ember."""
+    return Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember"))
+
+
 def resolve_model_path(name: str | None) -> Path:
     """A path, a name in the models folder, or (none given) the bundled default model."""
     if name is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,9 @@ class LoadedModel:
     short_hash: str
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     tokenizer_2: object | None = None  # SDXL base: the bigG encoder's (pads with "!")
+    # the LoRAs merged into the U-Net's weights now ("sha256:weight"), set by `ember.lora`:
+    # a compiled U-Net (`ember.compiled`) is valid only for the weights it was built from
+    unet_adapters: tuple[str, ...] = ()
 
     @property
     def tokenizers(self) -> list:
@@ -68,9 +70,9 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
     path = Path(path).resolve()
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache_file = (
-        Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember")) / "hashes.json"
-    )
+    from ember.catalog import cache_dir
+
+    cache_file = cache_dir() / "hashes.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):

@@ -406,6 +406,65 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compile(sub) -> None:
+    from ember.settings import add_addon_dirs, add_generation_args
+
+    p = sub.add_parser(
+        "compile",
+        help="compile a model's U-Net for one image size, where that makes it faster",
+        description="Compile the U-Net ahead of time (torch AOTInductor; needs a C++ compiler) "
+        "for one image size, with any --lora merged as generate would merge it. The package is "
+        "cached (keyed by model, LoRAs, dtype, size, torch and CPU) and kept only if it measured "
+        "faster than eager here; `ember generate` and `ember serve` then use it for that size, "
+        "any batch. EMBER_COMPILED=0 turns its use off.",
+    )
+    p.add_argument("--model", help="a .safetensors file or diffusers folder (default: bundled)")
+    p.add_argument("--config", help="architecture of a single file ember cannot detect")
+    add_generation_args(p, names=("width", "loras"))
+    add_addon_dirs(p)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--keep-slower", action="store_true", help="keep the package even if slower")
+    p.add_argument("--force", action="store_true", help="rebuild an existing package")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.set_defaults(run=run_compile)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from ember.compiled import compile_unet, cxx_compiler
+    from ember.service import GenerationService
+    from ember.settings import GenerationParams
+
+    cxx_compiler()  # no compiler: one line before minutes of loading
+    service = GenerationService(args.dtype, lora_dir=_path(args.lora_dir))
+    loaded = load_with_progress(service, args.model, args.config, quiet=args.quiet)
+    params = service.prepare(
+        GenerationParams(
+            width=args.size[0] if args.size else None, height=args.size[1] if args.size else None
+        )
+    )
+    service.use_loras(tuple(args.loras or ()))
+    ds = loaded.config.vae.downsample
+    say = (lambda _m: None) if args.quiet else (lambda m: print(f"ember: {m}", file=sys.stderr))
+    report = compile_unet(
+        loaded, (params.height // ds, params.width // ds), keep_slower=args.keep_slower,
+        force=args.force, progress=say,
+    )  # fmt: skip
+    size = f"{params.width}x{params.height}"
+    timing = (
+        f"U-Net pass (batch 2) eager {report.eager_ms:.1f} ms, compiled {report.compiled_ms:.1f} ms"
+    )
+    if report.cached:
+        print(f"{report.path}: already compiled for {size} ({timing})")
+    elif report.kept:
+        print(f"{report.path}: compiled for {size} in {report.compile_seconds:.0f} s ({timing})")
+    else:
+        print(
+            f"ember: compiled is not faster here ({timing}); not kept, ember runs eagerly "
+            "(--keep-slower keeps it)"
+        )
+    return 0
+
+
 def add_train(sub) -> None:
     from ember.train.config import add_train_args
 
@@ -461,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.eval.commands import add_eval
     from ember.server.commands import add_db, add_keys, add_serve
 
-    for add in (add_generate, add_info, add_models, add_convert, add_data, add_train, add_eval,
-                add_serve, add_keys, add_db):  # fmt: skip
+    for add in (add_generate, add_info, add_models, add_convert, add_compile, add_data, add_train,
+                add_eval, add_serve, add_keys, add_db):  # fmt: skip
         add(sub)
     return parser
 

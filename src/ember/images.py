@@ -75,6 +75,9 @@ class ImageRecord:
     vae_path: str | None = None
     vae_sha256: str | None = None
     refiner: dict[str, Any] | None = None  # SDXL's refiner: {"name", "path", "sha256", "hash"}
+    # the package (`ember.compiled`) that ran the U-Net, None where it ran eagerly: compiled
+    # kernels round differently, so `--from` elsewhere gives pixels a rounding error apart
+    compiled_unet: str | None = None
     # what the file carries beyond pixels and record (set when it is encoded; see png_bytes)
     credentials: bool = False  # a signed C2PA manifest and the XMP DigitalSourceType
     watermark: bool = False  # the invisible mark (`ember.watermark`); False in older records

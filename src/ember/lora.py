@@ -21,7 +21,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,10 +432,12 @@ class MergedLoras:
     """LoRAs merged into a model's weights; `remove()` restores the originals bit-identically."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor],
-                 selections: list[tuple[LoraFile, float, float]]) -> None:  # fmt: skip
+                 selections: list[tuple[LoraFile, float, float]],
+                 on_remove: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self._params = params
         self._originals = originals
         self.selections = list(selections)
+        self._on_remove = on_remove
 
     @property
     def touched(self) -> list[str]:
@@ -447,6 +449,8 @@ class MergedLoras:
         with torch.no_grad():
             for name, original in self._originals.items():
                 self._params[name].copy_(original)
+        if self._originals:
+            self._on_remove()
         self._originals = {}
         self.selections = []
 
@@ -511,4 +515,13 @@ def merge_loras(loaded, selections: list[tuple[LoraFile, float, float]]) -> Merg
                 originals.setdefault(bias_name, bias.detach().clone())
                 diff_b = step.adapter.tensors["diff_b"].float()
                 bias.copy_((bias.float() + step.weight * diff_b).to(bias.dtype))
-    return MergedLoras(params, originals, selections)
+    changed = {id(s.adapter) for s in steps if s.adapter.part == UNET_PART and s.weight != 0.0}
+    previous = loaded.unet_adapters
+    loaded.unet_adapters = previous + tuple(
+        f"{lora.sha256}:{unet_weight}"
+        for lora, _, unet_weight in selections
+        if any(id(a) in changed for a in lora.adapters)
+    )
+    return MergedLoras(
+        params, originals, selections, lambda: setattr(loaded, "unet_adapters", previous)
+    )

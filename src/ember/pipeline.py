@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ember.compiled import find as find_compiled
+from ember.compiled import hooked
 from ember.diffusion import denoisers as D
 from ember.diffusion.samplers import SAMPLERS, draw_noise
 from ember.diffusion.schedules import (
@@ -292,11 +294,15 @@ def build_guided_denoiser(
     inpainting's latent blending wrapped around it as each applies."""
     dtype = loaded.dtype
     unet = loaded.model.model.diffusion_model
+    compiled = find_compiled(loaded, latents.x.shape[-2:])
 
     def unet_fn(
         x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return unet(x.to(dtype), t.to(dtype), context, y).float()
+        x, t = x.to(dtype), t.to(dtype)
+        if compiled is not None and compiled.accepts(x, context) and not hooked(unet):
+            return compiled(x, t, context, y).float()
+        return unet(x, t, context, y).float()
 
     first = requests[0]
     base = D.build_denoiser(unet_fn, loaded.config.schedule)

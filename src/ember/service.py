@@ -196,6 +196,7 @@ class GenerationService:
         """Run requests that share a batch key and mode as one U-Net batch -> each request's
         images, in order, with their records. `on_step` hears of every step; every
         `preview_every` steps (0: never) it gets the batch's current x0 estimate as pixels."""
+        from ember.compiled import find as find_compiled
         from ember.pipeline import Inputs, decode_latents, generate_batch
 
         loaded = self.model
@@ -214,9 +215,13 @@ class GenerationService:
         loras = self.use_loras(lora_selection(params[0]))
         embeddings = [self._embeddings_used(p) for p in params]  # before any work: bad names
         refiner = self.use_refiner(params[0].refiner)
+        ds = loaded.config.vae.downsample
+        net = find_compiled(loaded, (params[0].height // ds, params[0].width // ds))
+        calls = net.calls if net is not None else 0
         outputs = generate_batch(loaded, params, inputs, callback=callback, refiner=refiner)
+        compiled = net.key.name if net is not None and net.calls > calls else None
         return [
-            [GeneratedImage(pixels, self.record(p, r, n, loras, used), _inputs(r))
+            [GeneratedImage(pixels, self.record(p, r, n, loras, used, compiled), _inputs(r))
              for n, pixels in enumerate(tensor_to_uint8(images))]
             for p, r, images, used in zip(params, requests, outputs, embeddings, strict=True)
         ]  # fmt: skip
@@ -260,6 +265,7 @@ class GenerationService:
         index: int,
         loras: tuple[dict, ...] = (),
         embeddings: tuple[dict, ...] = (),
+        compiled: str | None = None,
     ) -> ImageRecord:
         """The record of image `index` of a request: its own seed, batch 1, the model's and the
         LoRAs' hashes, and the sha256 of the input pixels the pipeline used."""
@@ -288,6 +294,7 @@ class GenerationService:
             vae_path=self._vae_path,
             vae_sha256=self._vae.sha256 if self._vae else None,
             refiner=self._refiner_record(params),
+            compiled_unet=compiled,
         )
 
     def _refiner_record(self, params: GenerationParams) -> dict | None:
