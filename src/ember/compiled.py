@@ -116,8 +116,8 @@ def find(loaded, latent: tuple[int, int]) -> CompiledUNet | None:
     key = package_key(loaded, latent)
     path = packages_dir() / f"{key.name}.pt2"
     with _lock:
-        if key.name in _loaded:
-            return _loaded[key.name]
+        if str(path) in _loaded:
+            return _loaded[str(path)]
         if not path.exists():  # looked up again next time: `ember compile` may run meanwhile
             return None
         try:
@@ -129,7 +129,7 @@ def find(loaded, latent: tuple[int, int]) -> CompiledUNet | None:
                 file=sys.stderr,
             )
             net = None
-        _loaded[key.name] = net
+        _loaded[str(path)] = net
         return net
 
 
@@ -243,7 +243,7 @@ def compile_unet(
         path.unlink(missing_ok=True)
         info.unlink(missing_ok=True)
     with _lock:
-        _loaded.pop(key.name, None)
+        _loaded.pop(str(path), None)
     return report
 
 
