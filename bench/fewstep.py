@@ -20,32 +20,42 @@ decode, the rest), timed around the same calls on every side, to show where a ga
 
 Every measurement runs in its own process and the sides are interleaved round by round. Weights,
 TAESD, the LoRA and the OpenVINO exports are made once into --cache. OpenVINO lives in its own venv
-(--cache/ov-venv, made by this script with pip: torch first, so that the CPU wheel is kept, and
-optimum-intel without torchvision, which it lists but this pipeline does not use). Its exports
-are made once: for lcm4 from a diffusers folder with the LoRA fused in (it cannot merge a LoRA
-itself), and for the TAESD recipes with the exported VAE decoder replaced by TAESD converted with
-`openvino.convert_model` (optimum-intel exports only AutoencoderKL). Its compile cache is warmed
-before the timed rounds, as a user's second run would find it.
+(--cache/ov-venv, made with pip by `common.ov_python`, which `speed.py --openvino` shares: torch
+first, so that the CPU wheel is kept, and optimum-intel without torchvision, which it lists but
+this pipeline does not use). Its exports are made once: for lcm4 from a diffusers folder with the
+LoRA fused in (it cannot merge a LoRA itself), and for the TAESD recipes with the exported VAE
+decoder replaced by TAESD converted with `openvino.convert_model` (optimum-intel exports only
+AutoencoderKL). Its compile cache is warmed before the timed rounds, as a user's second run would
+find it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import generate_command, machine, spawn_worker, threads_env, write_report
+from common import (
+    generate_command,
+    machine,
+    native_bf16,
+    no_embeddings,
+    ov_export_once,
+    ov_pipeline,
+    ov_python,
+    peak_rss_mb,
+    sd15_folder,
+    spawn_worker,
+    timed_generate,
+    write_report,
+)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
-DONE = ".fewstep-export-done"  # marks an OpenVINO export folder as complete
 
 
 @dataclass(frozen=True)
@@ -66,15 +76,6 @@ RECIPES = {
     "turbo1": Recipe("1 step Euler, trailing spacing, cfg 1, TAESD (SD-Turbo recipe)", "euler", 1,
                      1.0, spacing="trailing", taesd=True),
 }  # fmt: skip
-
-
-def native_bf16() -> bool:
-    """ember's `--dtype auto` rule (ember.device.native_bf16), readable without importing ember."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in text or "amx_bf16" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,86 +123,12 @@ def fused_folder(cache: Path, sd15: Path, lora: Path) -> Path:
     return folder
 
 
-def ov_python(cache: Path) -> Path:
-    """The OpenVINO venv's python, made on first use with pip. torch is installed first and named
-    again with the rest so that pip keeps the CPU wheel; optimum-intel goes in without its deps
-    because it requires torchvision, which would pull a CUDA torch and is not needed here."""
-    venv = cache / "ov-venv"
-    py = venv / "bin" / "python"
-    if py.exists():
-        return py
-    tmp = cache / "ov-venv.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    print("bench: making the OpenVINO venv (once)", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
-    pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q"]
-    torch_pin = "torch==" + _torch_version().split("+")[0]
-    subprocess.run([*pip, torch_pin], check=True)
-    subprocess.run([*pip, "--no-deps", "optimum-intel"], check=True)
-    deps = ["optimum~=2.3.0", "transformers>=4.51,<5.6", "huggingface-hub>=0.23.2,<1.22",
-            "nncf>=3.3.0", "openvino>=2026.0", "openvino-tokenizers>=2026.0", "requests>=2.33,<3",
-            "setuptools", "diffusers", torch_pin]  # fmt: skip
-    subprocess.run([*pip, *deps], check=True)
-    tmp.rename(venv)  # a venv's scripts name their folder; python -m pip still works after it
-    return py
-
-
-def _torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return out.stdout.strip()
-
-
-def ov_export(a: argparse.Namespace) -> dict:
-    """(OpenVINO venv) Export a diffusers folder to OpenVINO IR once; with --taesd, a copy whose
-    VAE decoder is TAESD, converted here (optimum-intel exports only AutoencoderKL)."""
-    out = Path(a.save)
-    if not (out / "model_index.json").exists():
-        from optimum.intel import OVStableDiffusionPipeline
-
-        pipe = OVStableDiffusionPipeline.from_pretrained(a.model, export=True, compile=False,
-                                                         load_in_8bit=False)  # fmt: skip
-        pipe.save_pretrained(out)
-    if a.taesd:
-        import diffusers
-        import openvino as ov
-        import torch
-
-        class Decode(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.taesd = diffusers.AutoencoderTiny.from_pretrained(a.taesd)
-
-            def forward(self, latent_sample):
-                return self.taesd.decode(latent_sample).sample  # [-1, 1], as AutoencoderKL's
-
-        dec = out / "vae_decoder"
-        with torch.no_grad():
-            module = Decode().eval().requires_grad_(False)
-            m = ov.convert_model(module, example_input=torch.randn(1, 4, 64, 64))
-        m.outputs[0].get_tensor().set_names({"sample"})
-        config = json.loads((dec / "config.json").read_text())
-        config["scaling_factor"] = 1.0  # TAESD decodes the unscaled latents
-        shutil.rmtree(dec)  # its files may be hard links to the base export's: unlink, not write
-        dec.mkdir()
-        ov.save_model(m, dec / "openvino_model.xml", compress_to_fp16=False)
-        (dec / "config.json").write_text(json.dumps(config, indent=2))
-        shutil.rmtree(out / "vae_encoder", ignore_errors=True)  # unused by txt2img
-        shutil.rmtree(out / "model_cache", ignore_errors=True)
-    (out / DONE).touch()
-    return {}
-
-
 def prepare(a: argparse.Namespace, recipes: list[str]) -> dict[str, str]:
     """Every file the recipes need, made once; OpenVINO's exports through its venv."""
-    from speed import sd15_folder
-
     sd15 = sd15_folder(a.cache)
     files = {"sd15": str(sd15), "taesd": str(taesd_folder(a.cache)),
-             "lora": str(lcm_lora_file(a.cache, sd15))}  # fmt: skip
-    empty = a.cache / "no-embeddings"
-    empty.mkdir(exist_ok=True)
-    files["embeddings"] = str(empty)
+             "lora": str(lcm_lora_file(a.cache, sd15)),
+             "embeddings": str(no_embeddings(a.cache))}  # fmt: skip
     if not a.openvino:
         return files
     files["ov_python"] = str(ov_python(a.cache))
@@ -212,19 +139,10 @@ def prepare(a: argparse.Namespace, recipes: list[str]) -> dict[str, str]:
     if "lcm4" in recipes:
         fused = fused_folder(a.cache, sd15, Path(files["lora"]))
         jobs["lcm4"] = (fused, a.cache / "ov-sd15-random-lcm-lora-fused-taesd", True)
-    for name, (src, out, taesd) in jobs.items():
+    for name, (src, out, taesd) in jobs.items():  # dpm20's (the base) first
         files[f"ov_{name}"] = str(out)
-        if (out / DONE).exists():
-            continue
-        print(f"bench: exporting {src.name} to OpenVINO (once)", file=sys.stderr, flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-        if taesd and src == sd15:
-            skip = shutil.ignore_patterns("model_cache", "vae_encoder", DONE)
-            shutil.copytree(base, out, ignore=skip, copy_function=os.link)
-        t = time.perf_counter()
-        spawn(files["ov_python"], worker="ov-export", model=src, save=out,
-              taesd=files["taesd"] if taesd else None)  # fmt: skip
-        print(f"bench: exported in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ov_export_once(files["ov_python"], src, out, taesd=files["taesd"] if taesd else None,
+                       base=base if taesd and src == sd15 else None)  # fmt: skip
     for name in recipes:  # OpenVINO's compile cache, as a user's second run finds it
         spawn(files["ov_python"], worker="openvino", recipe=name, model=files[f"ov_{name}"],
               threads=a.threads, images=-1)  # fmt: skip
@@ -354,25 +272,11 @@ def worker_diffusers(a: argparse.Namespace) -> dict:
 def worker_openvino(a: argparse.Namespace) -> dict:
     """(OpenVINO venv) The exported IR, static 512x512 batch 1, compiled with OpenVINO's cache."""
     import diffusers
-    from optimum.intel import OVStableDiffusionPipeline
 
     r = RECIPES[a.recipe]
     t = time.perf_counter()
-    config = {"INFERENCE_NUM_THREADS": str(a.threads), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "bf16" if native_bf16() else "f32",
-              "CACHE_DIR": str(Path(a.model) / "model_cache")}  # fmt: skip
-    pipe = OVStableDiffusionPipeline.from_pretrained(a.model, ov_config=config, compile=False)
-    pipe.reshape(batch_size=1, height=SIZE, width=SIZE, num_images_per_prompt=1)
-    if r.cfg <= 1:  # reshape() assumes a cond+uncond U-Net batch; cfg 1 runs the cond half only
-        shapes = {}
-        for inp in pipe.unet.model.inputs:
-            shapes[inp] = inp.get_partial_shape()
-            if inp.get_any_name() != "timestep":
-                shapes[inp][0] = 1
-        pipe.unet.model.reshape(shapes)
+    pipe, _ = ov_pipeline(a.model, a.threads, SIZE, cond_only=r.cfg <= 1)  # cfg 1: cond half only
     pipe.scheduler = _schedulers(diffusers, r, pipe.scheduler.config)
-    pipe.compile()
-    pipe.set_progress_bar_config(disable=True)
     if a.images < 0:  # compile only: fills the cache
         return {}
     return _run_peer(a, pipe, r, time.perf_counter() - t, pipe.vae_decoder)
@@ -382,17 +286,15 @@ WORKERS = {
     "ember": worker_ember,
     "diffusers": worker_diffusers,
     "openvino": worker_openvino,
-    "ov-export": ov_export,
 }
 
 
 def run_worker(a: argparse.Namespace) -> None:
     import torch
-    from speed import _peak_rss_mb
 
     torch.set_num_threads(a.threads)
     result = WORKERS[a.worker](a)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -406,25 +308,13 @@ def spawn(python: str, **kw) -> dict:
 
 
 def run_cli(r: Recipe, files: dict[str, str], out: Path, threads: int) -> dict:
-    """`ember generate` from process start to exit (PNG written), and the child's own peak RSS."""
-    out.unlink(missing_ok=True)
-    cmd = generate_command(PROMPT, files["sd15"], out)
-    cmd += ["--size", f"{SIZE}x{SIZE}", "--sampler", r.sampler, "--steps", str(r.steps), "--cfg",
-            str(r.cfg), "--embeddings-dir", files["embeddings"]]  # fmt: skip
-    if r.spacing:
-        cmd += ["--timestep-spacing", r.spacing]
-    if r.taesd:
-        cmd += ["--vae", files["taesd"]]
-    if r.lora:
-        cmd += ["--lora", f"{files['lora']}:1"]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=threads_env(threads), stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode or not out.exists():
-        raise RuntimeError(f"ember generate failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"first": elapsed, "peak_rss_mb": usage.ru_maxrss / 1024}
+    """`ember generate` from process start to exit (PNG written), and the child's peak RSS."""
+    cmd = generate_command(
+        PROMPT, files["sd15"], out, steps=r.steps, size=f"{SIZE}x{SIZE}", sampler=r.sampler,
+        cfg=r.cfg, embeddings_dir=files["embeddings"], timestep_spacing=r.spacing,
+        vae=files["taesd"] if r.taesd else None, lora=f"{files['lora']}:1" if r.lora else None,
+    )  # fmt: skip
+    return timed_generate(cmd, out, threads)
 
 
 def med(xs: list[float]) -> float:

@@ -1,9 +1,9 @@
 """What a LoRA costs: reading and merging a kohya LoRA into the SD 1.5 architecture, switching
 between two LoRA sets as the server does, and a sampling step with and without one merged.
 
-Weights are random: the SD 1.5 folder of `bench/speed.py` (made once into --cache) and two kohya
-LoRAs of --rank on every attention, feed-forward and projection layer of the U-Net and the text
-encoder, in fp16 (rank 128 is about the 144 MB of a typical SD 1.5 LoRA).
+Weights are random: the SD 1.5 folder of `common.sd15_folder` (made once into --cache) and two
+kohya LoRAs of --rank on every attention, feed-forward and projection layer of the U-Net and the
+text encoder, in fp16 (rank 128 is about the 144 MB of a typical SD 1.5 LoRA).
 
     .venv/bin/python bench/lora_merge.py [--rank 128] [--threads 2] [--out bench/lora.md]
 """
@@ -19,8 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine, write_report  # noqa: E402
-from speed import sd15_folder  # noqa: E402
+from common import machine, sd15_folder, write_report  # noqa: E402
 
 
 def kohya_lora(folder: Path, rank: int, out: Path, seed: int) -> Path:

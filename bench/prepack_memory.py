@@ -4,8 +4,8 @@
 
 MODEL defaults to the random-weight SD 1.5 folder that bench/speed.py leaves in its cache. Each
 configuration runs in its own process (bench/speed.py's ember worker), interleaved, `--rounds`
-times: load, one warm-up image, then `--images` timed images (DPM++ 2M, cfg 7). Reports the median
-image time and the process's peak RSS (VmHWM, loading included). A prepacked conv keeps a second copy of its weight in
+times: load, one warm-up image, then `--images` pairs of a 2-step and a timed --steps image (DPM++
+2M, cfg 7). Reports the median image time and the process's peak RSS (VmHWM, loading included). A prepacked conv keeps a second copy of its weight in
 oneDNN's blocked layout, so the difference in peak memory is about the size of the conv weights
 in the run's dtype.
 """

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, spawn_worker, write_report
-from fewstep import STAGES, StageClock, _timed, med, native_bf16, taesd_folder
+from common import machine, native_bf16, no_embeddings, peak_rss_mb, spawn_worker, write_report
+from fewstep import STAGES, StageClock, _timed, med, taesd_folder
 
 PROMPT = "a photograph of an astronaut riding a horse"
 RECIPES = {
@@ -147,11 +147,10 @@ WORKERS = {"ember": worker_ember, "diffusers": worker_diffusers}
 
 def run_worker(a: argparse.Namespace) -> None:
     import torch
-    from speed import _peak_rss_mb
 
     torch.set_num_threads(a.threads)
     result = WORKERS[a.worker](a)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -181,8 +180,7 @@ def main() -> None:
     a.cache.mkdir(parents=True, exist_ok=True)
     started, machine_line = time.time(), machine()
     model, taesd = sdxl_folder(a.cache), taesd_folder(a.cache)
-    empty = a.cache / "no-embeddings"
-    empty.mkdir(exist_ok=True)
+    empty = no_embeddings(a.cache)
     dtype = "bf16" if native_bf16() else "fp32"
     lines = [
         "# SDXL on the CPU: ember and diffusers",
