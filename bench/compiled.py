@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import generate_command, machine, spawn_worker, threads_env, write_report
-from speed import sd15_folder
+from common import generate_command, machine, sd15_folder, spawn_worker, threads_env, write_report
 
 PROMPT = "a slice of pizza, twemoji style"
 CASES = {  # model -> [(label, size, steps, cfg or None for the model's, batch)]
