@@ -341,6 +341,16 @@ def test_levers_work_in_every_mode(loaded, init_and_mask, mode):
     assert_close_approximation(both, exact, yardstick, f"{mode}: tome 0.5 and deepcache 2")
 
 
+def test_levers_on_sdxl(sdxl_folder):
+    """SDXL's vector conditioning reaches the cached calls; ToMe merges at its highest level with
+    transformers (there are none at the latent's own resolution)."""
+    sdxl = load_model(sdxl_folder)
+    p = params(prompt="a cat", steps=2)
+    exact, yardstick = generate(sdxl, p), generate(sdxl, dataclasses.replace(p, seed=SEED + 1))
+    both = generate(sdxl, dataclasses.replace(p, tome=0.5, deepcache=2))
+    assert_close_approximation(both, exact, yardstick, "SDXL: tome 0.5 and deepcache 2")
+
+
 def test_batch_mates_do_not_change_an_image(loaded):
     """Each image of a batch is the one its seed gives alone, with both levers on."""
     on = dict(tome=0.5, deepcache=2)
