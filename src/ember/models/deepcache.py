@@ -1,9 +1,9 @@
 """DeepCache (Ma, Fang & Wang 2024, "DeepCache: Accelerating Diffusion Models for Free"): reuse
 the U-Net's deep features across neighbouring sampling steps.
 
-From one step to the next the U-Net's high-level features barely change (the paper's section 3.2
-and Figure 2), while the skip connections of its shallowest blocks carry what does. So every N-th
-call (the paper's uniform 1:N strategy, section 3.3) runs the whole network and keeps the feature
+From one step to the next the U-Net's high-level features barely change (the temporal redundancy
+the paper measures), while the skip connections of its shallowest blocks carry what does. So every
+N-th call (the paper's uniform 1:N strategy) runs the whole network and keeps the feature
 its decoder's outermost blocks take from below ("the main branch"); the calls in between run only
 the shallowest encoder blocks ("the skip branch"), the decoder's outermost blocks fed by that
 cached feature, and the output layer. The first call is always a full one.
@@ -12,7 +12,8 @@ Which branch: the reference implementation's default for SD 1.5 and SDXL alike
 (`cache_layer_id=0, cache_block_id=0`), in ldm's names: the skip branch is `input_blocks[0]` (the
 input convolution) and `input_blocks[1]` (the first ResBlock, with its transformer where it has
 one); the cached feature is the decoder's `h` entering `output_blocks[-2]`, so a cached call runs
-`output_blocks[-2:]` and `out`. For SD 1.5 that is about a tenth of the U-Net's work at 512x512.
+`output_blocks[-2:]` and `out`: 22% of the SD 1.5 U-Net's FLOPs at 512x512 (three transformers
+over 4096 tokens), 4% of SDXL's at 1024x1024 (no transformer at that level), 14% of ember-small's.
 
 A `DeepCacheUNet` holds the cache of one sampling run: build one per run, never share one between
 runs (the server's requests each get their own, so the loaded model holds nothing). It counts U-Net

@@ -3,14 +3,15 @@ Diffusion"), an add-on hooked onto a loaded U-Net for one call and taken off aga
 
 Self-attention over the N positions of a latent map costs O(N^2), and neighbouring positions are
 often nearly the same. In the transformer blocks of the U-Net's highest-resolution level, before
-self-attention (`attn1`), r = ratio * N tokens are merged away by bipartite soft matching (ToMe,
-Bolya et al. 2023, section 3; the SD paper's section 4.1): one random token per 2x2 window is a
-destination, the others are sources; each source is paired with the destination whose token is
-most similar (cosine similarity of the block's input), and the r best-matched sources are averaged
-into their destinations. Self-attention runs on the N - r tokens left; afterwards each merged
-source takes its destination's output ("unmerging", section 4.1). Cross-attention and the
-feed-forward layers see every token: the reference implementation's (tomesd) defaults,
-`merge_attn=True, merge_crossattn=False, merge_mlp=False, sx=sy=2`.
+self-attention (`attn1`), r = ratio * N tokens are merged away by bipartite soft matching (from
+ToMe for ViTs, Bolya et al. 2023, "Token Merging: Your ViT but Faster"), with the SD paper's random
+2D partition: one random token per 2x2 window is a destination, the others are sources; each
+source is paired with the destination whose token is most similar (cosine similarity of the
+block's input), and the r best-matched sources are averaged into their destinations.
+Self-attention runs on the N - r tokens left; afterwards each merged source takes its
+destination's output (the SD paper's "unmerging"). Cross-attention and the feed-forward layers
+see every token: the reference implementation's (tomesd) defaults, `merge_attn=True,
+merge_crossattn=False, merge_mlp=False, sx=sy=2`.
 
 Where this differs from tomesd, and why:
 - **Which level.** tomesd's default `max_downsample=1` merges only at the latent's own resolution;
