@@ -197,7 +197,8 @@ class GenerationParams:
     tome: float = _setting(
         0.0,
         "token merging (ToMe for SD): merge this fraction of the tokens before self-attention in "
-        "the highest-resolution transformer blocks; faster and approximate; 0 = off",
+        "the highest-resolution transformer blocks (at most 0.75: one token of each 2x2 is kept); "
+        "faster and approximate; 0 = off",
         lo=0, hi=TOME_MAX_RATIO, shared=True, metavar="RATIO",
     )  # fmt: skip
     deepcache: int = _setting(
