@@ -114,6 +114,10 @@ def format_infotext(record: ImageRecord) -> str:
         pairs["Clip skip"] = p.clip_skip
     if p.layout_guidance > 0:
         pairs["Layout guidance"] = _num(p.layout_guidance)
+    if p.tome > 0:  # as A1111 writes it
+        pairs["Token merging ratio"] = _num(p.tome)
+    if p.deepcache > 1:
+        pairs["DeepCache interval"] = p.deepcache
     if p.timestep_spacing and _schedule(p) != "sgm_uniform":
         pairs["Timestep spacing"] = p.timestep_spacing
     if record.vae_name:

@@ -29,6 +29,10 @@ DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 20
 # Sizes are multiples of this many pixels: the latent grid of every SD VAE (and ember's) is 1/8.
 SIZE_MULTIPLE = 8
+# ToMe keeps one token of each 2x2 window (`ember.models.tome.WINDOW`), so it can merge 3/4 at
+# most; DeepCache's interval is bounded only so that a typo cannot pass for a setting.
+TOME_MAX_RATIO = 0.75
+DEEPCACHE_MAX_INTERVAL = 50
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,14 @@ def _setting(
     shared: bool = False,
     flag: str | None = "",
     max_length: int | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """A field with its metadata: `lo`..`hi` the allowed range, or `limit` the `Limits` field that
     gives the upper bound; `shared`: requests in one U-Net batch must agree on it; `flag`: the CLI
-    flag ("" = derived from the name, None = no flag of its own)."""
+    flag ("" = derived from the name, None = no flag of its own), `metavar` its value's name in
+    `--help` (default: the flag's name)."""
     meta = {"help": help, "lo": lo, "hi": hi, "limit": limit, "shared": shared, "flag": flag,
-            "max_length": max_length}  # fmt: skip
+            "max_length": max_length, "metavar": metavar}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -187,6 +193,19 @@ class GenerationParams:
     refiner_switch_at: float = _setting(
         0.8, "with --refiner: the fraction of the noise schedule after which the refiner takes "
         "over (A1111's 'Refiner switch at', diffusers' denoising_end)", lo=0, hi=1, shared=True,
+    )  # fmt: skip
+    tome: float = _setting(
+        0.0,
+        "token merging (ToMe for SD): merge this fraction of the tokens before self-attention in "
+        "the highest-resolution transformer blocks (at most 0.75: one token of each 2x2 is kept); "
+        "faster and approximate; 0 = off",
+        lo=0, hi=TOME_MAX_RATIO, shared=True, metavar="RATIO",
+    )  # fmt: skip
+    deepcache: int = _setting(
+        1,
+        "DeepCache: run the whole U-Net every N-th call and only its outermost blocks, on the "
+        "cached deep features, in between; faster and approximate; 1 = off",
+        lo=1, hi=DEEPCACHE_MAX_INTERVAL, shared=True, metavar="N",
     )  # fmt: skip
     loras: tuple[LoraChoice, ...] = _setting(
         (),
@@ -404,7 +423,7 @@ def add_generation_args(
         help_text = meta["help"]
         if f.default not in (None, "") and "default" not in help_text:
             help_text += f" (default {f.default})"
-        metavar = flag.lstrip("-").replace("-", "_").upper()
+        metavar = meta["metavar"] or flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, dest=name, type=kind, metavar=metavar, help=help_text)
     return parser
 

@@ -118,6 +118,24 @@ class UNetModel(nn.Module):
             zero_module(Conv2d(mc, cfg.out_channels, 3, padding=1)),
         )
 
+    def embedding(
+        self, t: torch.Tensor, y: torch.Tensor | None, batch: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The (B, 4 * model_channels) embedding every ResBlock takes: the timestep's, plus SDXL's
+        `label_emb(y)`. t: (B,) or a scalar; y: (B, adm_in_channels), exactly when `label_emb` is."""
+        if t.ndim == 0:
+            t = t.expand(batch)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if (y is None) != (self.cfg.adm_in_channels == 0):
+            raise ValueError(
+                f"this U-Net takes a {self.cfg.adm_in_channels}-wide vector y"
+                if y is None
+                else "this U-Net has no label_emb for a vector y"
+            )
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -131,19 +149,7 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"U-Net input size {tuple(x.shape[-2:])} must be a multiple of {factor} per side"
             )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.time_embed(
-            timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
-        )  # (B, 4mc)
-        if (y is None) != (self.cfg.adm_in_channels == 0):
-            raise ValueError(
-                f"this U-Net takes a {self.cfg.adm_in_channels}-wide vector y"
-                if y is None
-                else "this U-Net has no label_emb for a vector y"
-            )
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = self.embedding(t, y, x.shape[0], x.dtype)
         skips = []
         h = x
         for block in self.input_blocks:

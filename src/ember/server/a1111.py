@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.errors import EmberError
 from ember.images import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, read_png_text
 from ember.server.uploads import decode_base64, decode_image
-from ember.settings import GenerationParams
+from ember.settings import FIELDS, GenerationParams
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
 
@@ -182,6 +182,22 @@ def _sampler(req: Txt2ImgRequest) -> str:
     return req.sampler_name or req.sampler_index or "Euler"
 
 
+def _token_merging_ratio(req: Txt2ImgRequest, overrides: dict, options: dict) -> float:
+    """A1111's `token_merging_ratio` (ember's `tome`): the request's override_settings, else the
+    server's options; img2img prefers `token_merging_ratio_img2img` unless the request overrides
+    the general one, as A1111's `get_token_merging_ratio` does."""
+    name = "token_merging_ratio"
+    if isinstance(req, Img2ImgRequest) and not overrides.get(name):
+        name = "token_merging_ratio_img2img"
+        if not overrides.get(name, options.get(name)):
+            name = "token_merging_ratio"
+    value = overrides.get(name, options.get(name, 0))
+    hi = FIELDS["tome"].metadata["hi"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= hi:
+        raise EmberError(f"{name} {value!r} is not allowed: use a number from 0 to {hi:g}")
+    return float(value)
+
+
 async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[str, Any]:
     server = request.app.state.server
     _refuse_unsupported(req)
@@ -217,6 +233,7 @@ async def _generate(request: Request, req: Txt2ImgRequest, kind: str) -> dict[st
         "batch": req.batch_size * req.n_iter,
         "strength": strength,
         "clip_skip": clip_skip if isinstance(clip_skip, int) else 1,
+        "tome": _token_merging_ratio(req, overrides, server.options),
     }
     if req.eta is not None:
         fields["eta"] = req.eta
