@@ -176,6 +176,16 @@ def count_flops(cfg, size: int) -> dict[str, int]:
         return {"unet": unet_flops, "unet_dense": dense, "vae": fc.get_total_flops()}
 
 
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status in bytes: `VmRSS`, or `VmHWM`, the peak RSS of this process's
+    own address space (`ru_maxrss` is carried across fork + exec, so a worker started by a large
+    parent would report the parent's size)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def write_report(text: str, out: Path | None) -> None:
     """Write the markdown to `out` (and name it), or print it."""
     if out:

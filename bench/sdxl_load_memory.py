@@ -63,25 +63,19 @@ def write_model(scale: str, file_dtype: str) -> Path:
     return path
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def worker(path: str, dtype: str) -> None:
     """Load once in this (fresh) process; print the measurements as JSON."""
     import torch
+    from common import proc_status
     from transformers import CLIPTextModel  # noqa: F401 - code the loader imports, not weights
 
     from ember.checkpoints import load_model
     from ember.device import resolve_dtype
 
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     loaded = load_model(path, dtype=resolve_dtype(dtype))
     weights = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     print(json.dumps({"weights": weights, "peak_above_start": peak - before,
                       "torch": torch.__version__}))  # fmt: skip
 

@@ -109,6 +109,7 @@ def _expect_error(capsys, argv, needle):
         (["--sampler", "nope"], "nope"),
         (["--size", "banana"], "size"),
         (["--cfg", "nan"], "cfg"),
+        (["--vae-tiling", "maybe"], "vae tiling 'maybe' is not allowed: use auto, on or off"),
     ],
 )
 def test_bad_generation_settings(tmp_path, tiny_model_file, capsys, extra, needle):

@@ -25,7 +25,8 @@ OTHER = {"prompt": "x", "negative_prompt": "y", "sampler": "euler", "schedule": 
          "strength": 0.5, "clip_skip": 2, "layout_guidance": 1.5, "eta": 0.3,
          "loras": (LoraChoice("style", 0.5, 0.8),), "original_width": 1024,
          "original_height": 768, "crop_left": 16, "crop_top": 8, "refiner": "refiner",
-         "refiner_switch_at": 0.7, "tome": 0.5, "deepcache": 3}  # fmt: skip
+         "refiner_switch_at": 0.7, "tome": 0.5, "deepcache": 3,
+         "vae_tiling": "on"}  # fmt: skip
 # A value outside each numeric field's range.
 BAD = {"steps": 0, "cfg": 101.0, "seed": 2**32, "width": 100, "height": 4096, "batch": 65,
        "strength": 1.5, "clip_skip": 13, "layout_guidance": 11.0, "eta": -1.0,

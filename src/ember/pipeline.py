@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ember.compiled import find as find_compiled
 from ember.compiled import hooked
+from ember.device import available_memory
 from ember.diffusion import denoisers as D
 from ember.diffusion.samplers import SAMPLERS, draw_noise
 from ember.diffusion.schedules import (
@@ -32,12 +33,18 @@ from ember.diffusion.schedules import (
     truncate_for_strength,
 )
 from ember.errors import EmberError
+from ember.models.vae_tiling import decode_tiled, encode_tiled, peak_bytes
 from ember.settings import GenerationParams, batch_key, resolve, validate
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 # Layout guidance acts on this leading fraction of the steps, where the layout is decided.
 LAYOUT_STEPS = 0.2
+# A VAE pass runs whole while its estimated activations (`vae_tiling.peak_bytes`) take at most this
+# share of the memory free: the rest is room for the estimate's error and for other processes.
+# Where the system does not say what is free (not Linux), VAE_FREE_UNKNOWN is assumed.
+VAE_MEMORY_SHARE = 0.5
+VAE_FREE_UNKNOWN = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ def generate_batch(
     (up to float summation order in batched kernels). Returns one (B_i, 3, H, W) tensor per request.
     """
     inputs = inputs or [Inputs() for _ in requests]
-    requests = [validate(resolve(p, loaded.config)) for p in requests]
+    requests = [resolve_vae_tiling(loaded, validate(resolve(p, loaded.config))) for p in requests]
     key, mode = batch_key(requests[0]), inputs[0].mode
     if any(batch_key(p) != key or i.mode != mode for p, i in zip(requests, inputs, strict=True)):
         raise ValueError("requests in one batch must share their batch key and mode")
@@ -180,8 +187,9 @@ def _generate_group(loaded, requests, inputs, texts, callback, refiner) -> list[
     first = requests[0]
     counts = [p.batch for p in requests]
     gens = [g for p in requests for g in generators(p.seed, p.batch)]
+    tiled = vae_tiled(requests)
     cond = encode_conditioning(loaded, texts, counts, first.cfg, requests)
-    latents = initial_latents(loaded, first, inputs, counts, gens)
+    latents = initial_latents(loaded, first, inputs, counts, gens, tiled)
     if latents.concat is not None:
         cond = dataclasses.replace(cond, concat=latents.concat)
     denoiser = build_guided_denoiser(loaded, requests, counts, latents)
@@ -192,7 +200,7 @@ def _generate_group(loaded, requests, inputs, texts, callback, refiner) -> list[
     x = sample(loaded, denoiser, latents, cond, first, gens, callback)
     if not torch.isfinite(x).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
-    images = decode_latents(decoder, x)
+    images = decode_latents(decoder, x, tiled=tiled)
     if not torch.isfinite(images).all():
         raise EmberError("the model produced NaN/inf values; no image was written")
     return list(images.split(counts))
@@ -242,10 +250,10 @@ def encode_conditioning(
 
 
 def initial_latents(
-    loaded, first: GenerationParams, inputs: list[Inputs], counts: list[int], gens
+    loaded, first: GenerationParams, inputs: list[Inputs], counts: list[int], gens, tiled=False
 ) -> Latents:
     """Stage 2: the sigma schedule and the starting latents (pure noise, or the init image's
-    latents noised to the first sigma), with what inpainting needs."""
+    latents noised to the first sigma), with what inpainting needs; `tiled` as `encode_images`."""
     cfg = loaded.config
     ds = cfg.vae.downsample
     if first.width % ds or first.height % ds:
@@ -261,7 +269,7 @@ def initial_latents(
         images = torch.cat([_check_image(i.init_image, first).expand(n, -1, -1, -1)
                             for i, n in zip(inputs, counts, strict=True)])  # fmt: skip
         if from_image:
-            init = encode_images(loaded, images, gens)
+            init = encode_images(loaded, images, gens, tiled)
             sigmas = truncate_for_strength(sigmas, first.steps, first.strength)
         if mode == "inpaint":
             masks = torch.cat(
@@ -279,7 +287,7 @@ def initial_latents(
         # The masked image's posterior sample is drawn after the noise, as diffusers'
         # `StableDiffusion(XL)InpaintPipeline` draws it (`prepare_latents`, then
         # `prepare_mask_latents`), so the same seed gives the same image.
-        concat = _inpaint_concat(loaded, images, masks, first, gens)
+        concat = _inpaint_concat(loaded, images, masks, first, gens, tiled)
     if init is not None:
         x = init + noise * sigmas[0]
     else:
@@ -359,16 +367,55 @@ def sample(
 
 
 @torch.no_grad()
-def decode_latents(loaded, latents: torch.Tensor, vae=None) -> torch.Tensor:
+def decode_latents(
+    loaded, latents: torch.Tensor, vae=None, *, tiled: bool | list[bool] = False
+) -> torch.Tensor:
     """Stage 5: scaled latents -> (B, 3, H, W) float32 images in [0, 1], by the model's VAE or
-    `vae` (a `vae_files.LoadedVAE`: e.g. TAESD for cheap previews)."""
+    `vae` (a `vae_files.LoadedVAE`: e.g. TAESD for cheap previews).
+
+    `tiled` (for the batch, or per image): decode in overlapping tiles (`models.vae_tiling`).
+    A batch decodes whole unless an image is tiled or the whole batch would not fit
+    (`VAE_MEMORY_SHARE`); then image by image, which changes an untiled image only by float
+    summation order, as batching the U-Net does.
+    """
     if vae is None:
         module, scaling = loaded.model.first_stage_model, loaded.config.vae.scaling_factor
     else:
         module, scaling = vae.module, vae.scaling_factor
     z = (latents / scaling).to(loaded.dtype)
-    pixels = module.decode(z).float()
+    flags = [tiled] * len(z) if isinstance(tiled, bool) else tiled
+    f = module.cfg.downsample
+    if not any(flags) and (
+        len(z) == 1 or _fits(peak_bytes(module, z.shape[-2] * f, z.shape[-1] * f, z.dtype) * len(z))
+    ):
+        pixels = module.decode(z).float()
+    else:
+        pixels = torch.cat([
+            decode_tiled(module, zi) if t else module.decode(zi).float()
+            for zi, t in zip(z.split(1), flags, strict=True)
+        ])  # fmt: skip
     return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def resolve_vae_tiling(loaded, params: GenerationParams) -> GenerationParams:
+    """`vae_tiling="auto"` decided for this model, size and machine now: "on" where one image's
+    whole decode or encode would need more than `VAE_MEMORY_SHARE` of the free memory, else
+    "off". Applied before generating, so the record says which ran and `--from` makes the same
+    pixels on a machine with more or less memory."""
+    if params.vae_tiling != "auto":
+        return params
+    need = peak_bytes(loaded.model.first_stage_model, params.height, params.width, loaded.dtype)
+    return dataclasses.replace(params, vae_tiling="off" if _fits(need) else "on")
+
+
+def vae_tiled(requests: list[GenerationParams]) -> list[bool]:
+    """Per image of a batch: is it decoded (and encoded) in tiles."""
+    return [p.vae_tiling == "on" for p in requests for _ in range(p.batch)]
+
+
+def _fits(need: int) -> bool:
+    free = available_memory()
+    return need <= VAE_MEMORY_SHARE * (VAE_FREE_UNKNOWN if free is None else free)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +507,7 @@ def _latent_mask(mask: torch.Tensor, params: GenerationParams, shape) -> torch.T
     return F.interpolate(binary, size=shape[-2:]).expand(shape[0], -1, -1, -1)
 
 
-def _inpaint_concat(loaded, image, mask, params, gens) -> torch.Tensor:
+def _inpaint_concat(loaded, image, mask, params, gens, tiled) -> torch.Tensor:
     """9-channel inpainting U-Nets take [mask, masked-image latents] beside the noisy latents.
 
     The masked pixels are 0 in the VAE's [-1, 1] range (grey, 0.5 here), not black: the
@@ -469,19 +516,24 @@ def _inpaint_concat(loaded, image, mask, params, gens) -> torch.Tensor:
     (`inpainting_image_conditioning`) mask so."""
     binary = _check_mask(mask, params)
     masked = torch.where(binary < 0.5, image, 0.5)  # (B, 3, H, W)
-    masked_latents = encode_images(loaded, masked, gens)
+    masked_latents = encode_images(loaded, masked, gens, tiled)
     ds = loaded.config.vae.downsample
     small = F.interpolate(binary, size=(params.height // ds, params.width // ds))
     return torch.cat([small.expand(image.shape[0], -1, -1, -1), masked_latents], dim=1)
 
 
 @torch.no_grad()
-def encode_images(loaded, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> scaled latents, each sampled with its image's generator."""
+def encode_images(
+    loaded, images: torch.Tensor, gens: list[torch.Generator], tiled: bool | list[bool] = False
+) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> scaled latents, each sampled with its image's generator;
+    `tiled` (for the batch, or per image): encoded in overlapping tiles (`models.vae_tiling`)."""
     vae = loaded.model.first_stage_model
     dtype = loaded.dtype
+    flags = [tiled] * len(gens) if isinstance(tiled, bool) else tiled
     out = []
-    for i, g in enumerate(gens):
-        posterior = vae.encode((images[i : i + 1] * 2 - 1).to(dtype))
+    for i, (g, t) in enumerate(zip(gens, flags, strict=True)):
+        x = (images[i : i + 1] * 2 - 1).to(dtype)
+        posterior = encode_tiled(vae, x) if t else vae.encode(x)
         out.append(posterior.sample(g).float())
     return torch.cat(out) * loaded.config.vae.scaling_factor

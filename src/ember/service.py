@@ -195,12 +195,20 @@ class GenerationService:
     ) -> list[list[GeneratedImage]]:
         """Run requests that share a batch key and mode as one U-Net batch -> each request's
         images, in order, with their records. `on_step` hears of every step; every
-        `preview_every` steps (0: never) it gets the batch's current x0 estimate as pixels."""
+        `preview_every` steps (0: never) it gets the batch's current x0 estimate as pixels.
+        `vae_tiling="auto"` is decided here, for this machine now, and recorded as it ran."""
         from ember.compiled import find as find_compiled
-        from ember.pipeline import Inputs, decode_latents, generate_batch
+        from ember.pipeline import (
+            Inputs,
+            decode_latents,
+            generate_batch,
+            resolve_vae_tiling,
+            vae_tiled,
+        )
 
         loaded = self.model
-        params = [self.prepare(r.params) for r in requests]
+        params = [resolve_vae_tiling(loaded, self.prepare(r.params)) for r in requests]
+        tiled = vae_tiled(params)
         inputs = [Inputs(_tensor(r.init_image), _tensor(r.mask)) for r in requests]
 
         def callback(i: int, total: int, x, denoised) -> None:
@@ -208,7 +216,7 @@ class GenerationService:
                 return
             previews = None
             if preview_every and (i + 1) % preview_every == 0 and i + 1 < total:
-                pixels = decode_latents(loaded, denoised, self._preview_vae)
+                pixels = decode_latents(loaded, denoised, self._preview_vae, tiled=tiled)
                 previews = list(tensor_to_uint8(pixels))
             on_step(i + 1, total, previews)
 

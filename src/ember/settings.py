@@ -108,6 +108,8 @@ def parse_lora(text: str) -> LoraChoice:
     return LoraChoice(name, te, weights[1] if len(weights) > 1 else te)
 
 
+VAE_TILING = ("auto", "on", "off")
+
 SAMPLER_HELP = (
     "euler, euler_a, heun, dpm2, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, ddim, lcm, unipc, or an A1111 "
     "name like 'DPM++ 2M Karras'"
@@ -175,6 +177,13 @@ class GenerationParams:
     batch: int = _setting(1, "images to make", lo=1, limit="max_batch")
     strength: float = _setting(0.75, "img2img/inpaint: how much to change", lo=0, hi=1, shared=True)
     clip_skip: int = _setting(1, "use the text encoder's N-th last layer", lo=1, hi=12)
+    vae_tiling: str = _setting(
+        "auto",
+        "decode (and encode) the image in overlapping tiles, so that memory stays bounded at large "
+        "sizes: on, off, or auto (tiles where decoding the image whole would take over half the "
+        "free memory; the record says which ran)",
+        max_length=8,
+    )  # fmt: skip
     layout_guidance: float | None = _setting(
         None,
         "steer 'A left of / right of / above / below B' prompts to that layout, and 'three Xs ...' "
@@ -282,6 +291,8 @@ def validate(params: GenerationParams, limits: Limits = ENGINE_LIMITS) -> Genera
         _check_number(name, value, f.metadata, limits)
     _check_size(params, limits)
     _check_loras(params)
+    if params.vae_tiling not in VAE_TILING:
+        raise EmberError(f"vae tiling {params.vae_tiling!r} is not allowed: use auto, on or off")
     try:
         sampler, implied_schedule = resolve_sampler(str(params.sampler))
     except ValueError as exc:

@@ -123,7 +123,7 @@ class LatentSample:
     """
 
     def __init__(self, latents: torch.Tensor) -> None:
-        self.mean = latents
+        self.mean = self.moments = latents  # `moments`: what tiled encoding blends
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.mean
@@ -144,6 +144,14 @@ class TinyAutoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = TinyEncoder(cfg) if with_encoder else None
         self.decoder = TinyDecoder(cfg)
+
+    @property
+    def map_channels(self) -> float:
+        """Channels per image pixel of the decoder's largest activation map, as `AutoencoderKL`'s:
+        each stage works at its own width and at the previous stage's, upsampled into it."""
+        ch = self.cfg.decoder_channels
+        last = len(ch) - 1
+        return max(max(ch[max(i - 1, 0) : i + 1]) / 4 ** (last - i) for i in range(len(ch)))
 
     def encode(self, x: torch.Tensor) -> LatentSample:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of cfg.downsample -> scaled latents."""

@@ -171,7 +171,7 @@ class DiagonalGaussian:
     """The encoder's posterior q(z|x) = N(mean, exp(logvar)), ldm `DiagonalGaussianDistribution`."""
 
     def __init__(self, moments: torch.Tensor) -> None:
-        # moments (B, 2*embed_dim, h, w)
+        self.moments = moments  # (B, 2*embed_dim, h, w): what tiled encoding blends
         self.mean, logvar = moments.chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
@@ -207,6 +207,14 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def map_channels(self) -> float:
+        """Channels per image pixel of the decoder's largest activation map, which its peak memory
+        scales with (`vae_tiling.peak_bytes`): each level works at its own width and at the width
+        of the level below, upsampled into it; SD's is 256, at full resolution."""
+        ch, mult = self.cfg.ch, self.cfg.ch_mult
+        return max(ch * max(mult[i : i + 2]) / 4**i for i in range(len(mult)))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of cfg.downsample."""
