@@ -178,6 +178,23 @@ def test_a_batch_that_does_not_fit_decodes_image_by_image(tiny, monkeypatch):
     assert torch.allclose(one_by_one, whole, atol=1e-5)
 
 
+def test_previews_of_tiled_requests_in_two_prompt_groups(tiny_model_file, monkeypatch):
+    """Requests whose prompts encode to different lengths sample as separate groups; their
+    previews decode tiled, and each request's record says so."""
+    from ember.service import GenerationService, Request
+
+    _small_tiles(monkeypatch)
+    service = GenerationService("fp32")
+    service.load(tiny_model_file)
+    on = dataclasses.replace(PARAMS, vae_tiling="on")
+    long = dataclasses.replace(on, prompt=" ".join(["a red circle"] * 30))  # over 77 tokens
+    previews = []
+    out = service.generate([Request(on), Request(long)], lambda i, n, p: previews.append(p),
+                           preview_every=1)  # fmt: skip
+    assert [p is not None for p in previews] == [True, False, True, False]  # each group's steps
+    assert [images[0].record.params.vae_tiling for images in out] == ["on", "on"]
+
+
 def _record(path) -> dict:
     return json.loads(Image.open(path).text["ember"])["params"]
 
