@@ -22,6 +22,7 @@ from ember import pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
 from ember.config import TINY_VAE
+from ember.errors import EmberError
 from ember.models import vae_tiling
 from ember.models.taesd import TAESDConfig, TinyAutoencoder
 from ember.models.vae import AutoencoderKL
@@ -164,6 +165,15 @@ def test_tiling_bounds_the_largest_map_the_vae_makes(tiny, monkeypatch):
     whole = pipeline.generate(tiny, dataclasses.replace(params, vae_tiling="off"),
                               pipeline.Inputs(init_image=init))  # fmt: skip
     assert 25 <= psnr(image * 2 - 1, whole * 2 - 1) < 100  # close, and tiling did run
+
+
+def test_off_where_the_whole_decode_cannot_fit_is_one_clear_error(tiny, monkeypatch):
+    from ember import device
+
+    monkeypatch.setattr(device, "available_memory", lambda: 2**10)
+    off = dataclasses.replace(PARAMS, vae_tiling="off")
+    with pytest.raises(EmberError, match="decoding 64x48 whole .--vae-tiling on bounds it. needs"):
+        pipeline.resolve_vae_tiling(tiny, off)
 
 
 def test_a_batch_that_does_not_fit_decodes_image_by_image(tiny, monkeypatch):
