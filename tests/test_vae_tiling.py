@@ -22,6 +22,7 @@ from ember import pipeline
 from ember.checkpoints import load_model
 from ember.cli import main
 from ember.config import TINY_VAE
+from ember.errors import EmberError
 from ember.models import vae_tiling
 from ember.models.taesd import TAESDConfig, TinyAutoencoder
 from ember.models.vae import AutoencoderKL
@@ -166,6 +167,15 @@ def test_tiling_bounds_the_largest_map_the_vae_makes(tiny, monkeypatch):
     assert 25 <= psnr(image * 2 - 1, whole * 2 - 1) < 100  # close, and tiling did run
 
 
+def test_off_where_the_whole_decode_cannot_fit_is_one_clear_error(tiny, monkeypatch):
+    from ember import device
+
+    monkeypatch.setattr(device, "available_memory", lambda: 2**10)
+    off = dataclasses.replace(PARAMS, vae_tiling="off")
+    with pytest.raises(EmberError, match="decoding 64x48 whole .--vae-tiling on bounds it. needs"):
+        pipeline.resolve_vae_tiling(tiny, off)
+
+
 def test_a_batch_that_does_not_fit_decodes_image_by_image(tiny, monkeypatch):
     z = torch.randn(2, 4, 16, 24)
     whole = pipeline.decode_latents(tiny, z)
@@ -176,6 +186,23 @@ def test_a_batch_that_does_not_fit_decodes_image_by_image(tiny, monkeypatch):
     hooks[0].remove()
     assert batches == [1, 1]
     assert torch.allclose(one_by_one, whole, atol=1e-5)
+
+
+def test_previews_of_tiled_requests_in_two_prompt_groups(tiny_model_file, monkeypatch):
+    """Requests whose prompts encode to different lengths sample as separate groups; their
+    previews decode tiled, and each request's record says so."""
+    from ember.service import GenerationService, Request
+
+    _small_tiles(monkeypatch)
+    service = GenerationService("fp32")
+    service.load(tiny_model_file)
+    on = dataclasses.replace(PARAMS, vae_tiling="on")
+    long = dataclasses.replace(on, prompt=" ".join(["a red circle"] * 30))  # over 77 tokens
+    previews = []
+    out = service.generate([Request(on), Request(long)], lambda i, n, p: previews.append(p),
+                           preview_every=1)  # fmt: skip
+    assert [p is not None for p in previews] == [True, False, True, False]  # each group's steps
+    assert [images[0].record.params.vae_tiling for images in out] == ["on", "on"]
 
 
 def _record(path) -> dict:

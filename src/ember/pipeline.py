@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ember.compiled import find as find_compiled
 from ember.compiled import hooked
-from ember.device import available_memory
+from ember.device import available_memory, check_memory
 from ember.diffusion import denoisers as D
 from ember.diffusion.samplers import SAMPLERS, draw_noise
 from ember.diffusion.schedules import (
@@ -401,10 +401,15 @@ def resolve_vae_tiling(loaded, params: GenerationParams) -> GenerationParams:
     """`vae_tiling="auto"` decided for this model, size and machine now: "on" where one image's
     whole decode or encode would need more than `VAE_MEMORY_SHARE` of the free memory, else
     "off". Applied before generating, so the record says which ran and `--from` makes the same
-    pixels on a machine with more or less memory."""
-    if params.vae_tiling != "auto":
+    pixels on a machine with more or less memory. "off" where the whole decode would not fit at
+    all is an EmberError, not the kernel's OOM killer after sampling."""
+    if params.vae_tiling == "on":
         return params
     need = peak_bytes(loaded.model.first_stage_model, params.height, params.width, loaded.dtype)
+    if params.vae_tiling == "off":
+        what = f"decoding {params.width}x{params.height} whole (--vae-tiling on bounds it)"
+        check_memory(need, what, loaded.dtype)
+        return params
     return dataclasses.replace(params, vae_tiling="off" if _fits(need) else "on")
 
 

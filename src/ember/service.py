@@ -198,17 +198,12 @@ class GenerationService:
         `preview_every` steps (0: never) it gets the batch's current x0 estimate as pixels.
         `vae_tiling="auto"` is decided here, for this machine now, and recorded as it ran."""
         from ember.compiled import find as find_compiled
-        from ember.pipeline import (
-            Inputs,
-            decode_latents,
-            generate_batch,
-            resolve_vae_tiling,
-            vae_tiled,
-        )
+        from ember.pipeline import Inputs, decode_latents, generate_batch, resolve_vae_tiling
 
         loaded = self.model
         params = [resolve_vae_tiling(loaded, self.prepare(r.params)) for r in requests]
-        tiled = vae_tiled(params)
+        # previews come per prompt-length group: tiled if any image is
+        tiled_previews = any(p.vae_tiling == "on" for p in params)
         inputs = [Inputs(_tensor(r.init_image), _tensor(r.mask)) for r in requests]
 
         def callback(i: int, total: int, x, denoised) -> None:
@@ -216,7 +211,7 @@ class GenerationService:
                 return
             previews = None
             if preview_every and (i + 1) % preview_every == 0 and i + 1 < total:
-                pixels = decode_latents(loaded, denoised, self._preview_vae, tiled=tiled)
+                pixels = decode_latents(loaded, denoised, self._preview_vae, tiled=tiled_previews)
                 previews = list(tensor_to_uint8(pixels))
             on_step(i + 1, total, previews)
 
