@@ -99,9 +99,16 @@ class CompiledUNet:
 
     def __call__(self, x, t, context, y=None) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        args = (x, t, context) if y is None else (x, t, context, y)
+        args = [x, t, context] if y is None else [x, t, context, y]
         self.calls += 1
-        return self._run(*args)
+        return self._run(args)[0]
+
+
+def load_package(path: Path):
+    """The package's runner, `run([tensors]) -> [tensors]`, through torch's C++ loader directly:
+    `torch._inductor.aoti_load_package` would import inductor (~1 s) into every `ember generate`."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return loader.boxed_run
 
 
 _loaded: dict[str, CompiledUNet | None] = {}
@@ -121,7 +128,7 @@ def find(loaded, latent: tuple[int, int]) -> CompiledUNet | None:
         if not path.exists():  # looked up again next time: `ember compile` may run meanwhile
             return None
         try:
-            net = CompiledUNet(key, torch._inductor.aoti_load_package(str(path)))
+            net = CompiledUNet(key, load_package(path))
         except Exception as exc:  # a package of another build, truncated, unreadable
             print(
                 f"ember: notice: compiled U-Net {path} does not load ({first_line(exc)}); "
@@ -204,13 +211,14 @@ def compile_unet(
     example = example_inputs(unet, latent, loaded.dtype)
     progress("exporting the U-Net graph")
     started = time.perf_counter()
-    with torch.no_grad(), _plain_convolutions():
+    with torch.no_grad():
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
         dynamic = [{0: batch}, {0: batch}, {0: batch, 1: tokens}] + [{0: batch}] * (
             len(example) - 3
         )
-        program = torch.export.export(unet, example, dynamic_shapes=tuple(dynamic))
+        with _plain_convolutions():
+            program = torch.export.export(unet, example, dynamic_shapes=tuple(dynamic))
         progress(f"compiling with {Path(compiler).name} (minutes for a full-size model)")
         packages_dir().mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=packages_dir()) as tmp:
@@ -228,7 +236,7 @@ def compile_unet(
                 ) from None
             seconds = time.perf_counter() - started
             progress("timing eager against compiled")
-            net = CompiledUNet(key, torch._inductor.aoti_load_package(str(built)))
+            net = CompiledUNet(key, load_package(built))
             eager_ms, compiled_ms = _time_both(unet, net, example)
             kept = compiled_ms < eager_ms or keep_slower
             if kept:
