@@ -36,6 +36,7 @@ from ember.catalog import cache_dir
 from ember.device import cpu_flags, dtype_name
 from ember.errors import EmberError
 from ember.files import atomic_path, write_atomic
+from ember.models import prepack
 
 FORMAT = 1  # bump when what a package holds or how it is called changes
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -217,7 +218,7 @@ def compile_unet(
         dynamic = [{0: batch}, {0: batch}, {0: batch, 1: tokens}] + [{0: batch}] * (
             len(example) - 3
         )
-        with _plain_convolutions():
+        with prepack.unpacked():
             program = torch.export.export(unet, example, dynamic_shapes=tuple(dynamic))
         progress(f"compiling with {Path(compiler).name} (minutes for a full-size model)")
         packages_dir().mkdir(parents=True, exist_ok=True)
@@ -278,19 +279,3 @@ def _time_both(unet, net: CompiledUNet, example: tuple, reps: int = 5) -> tuple[
                 fn(*example)
                 times.append((time.perf_counter() - start) * 1000)
     return statistics.median(eager), statistics.median(compiled)
-
-
-class _plain_convolutions:
-    """Export sees `F.conv2d`, not ember's prepacked oneDNN calls: inductor's freezing packs the
-    weights itself and an opaque packed tensor cannot be a graph constant."""
-
-    def __enter__(self) -> None:
-        from ember.models import prepack
-
-        self._was = prepack.PREPACK
-        prepack.PREPACK = False
-
-    def __exit__(self, *exc) -> None:
-        from ember.models import prepack
-
-        prepack.PREPACK = self._was

@@ -14,6 +14,8 @@ bench/prepack_memory.py). Setting `PREPACK` at run time takes effect on the next
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,6 +31,18 @@ def onednn_usable(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return dtype == torch.float32
+
+
+@contextmanager
+def unpacked() -> Iterator[None]:
+    """Plain `F.conv2d` inside the block: what `torch.export` must trace (an opaque packed weight
+    cannot be a graph constant; inductor's freezing packs the weights itself)."""
+    global PREPACK
+    was, PREPACK = PREPACK, False
+    try:
+        yield
+    finally:
+        PREPACK = was
 
 
 class Conv2d(nn.Conv2d):
