@@ -13,8 +13,10 @@ its token), and diffusers' `learned_embeds.bin` (a pickle, read as the `.pt`). A
 holds one tensor per text encoder, `clip_l` (n, 768) and `clip_g` (n, 1280): A1111's
 `textual_inversion_key` gives CLIP ViT-L the first and OpenCLIP bigG the second, as diffusers'
 `load_textual_inversion(state_dict["clip_l"], text_encoder=pipe.text_encoder, ...)` and
-`(state_dict["clip_g"], text_encoder=pipe.text_encoder_2, ...)` do. The SDXL refiner, bigG only,
-takes `clip_g` (ComfyUI's choice; A1111 skips SDXL embeddings there).
+`(state_dict["clip_g"], text_encoder=pipe.text_encoder_2, ...)` do. Given the SDXL refiner (bigG
+only), `apply_embeddings` adds `clip_g` (ComfyUI's rule); the service applies the embeddings folder
+to the base model alone, so the refiner reads their names as words, as in A1111 (whose refiner, 1280
+wide, skips 2048-wide SDXL embeddings).
 
 Applying follows diffusers' `load_textual_inversion`: the vectors become new rows of each text
 encoder's token-embedding table and each tokenizer encodes the name to its encoder's new ids, so
