@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ember import checkpoints, diffusers_folder, pipeline
 from ember.config import get_preset
 from ember.embeddings import (
+    SINGLE,
     apply_embeddings,
     embeddings_used,
     find_embeddings,
@@ -145,12 +146,14 @@ def test_read_embedding_layouts_and_hashes(emb_dir):
     for name, vec in vecs.items():
         (path,) = (emb_dir / "again").glob(f"{name}.*")
         emb = read_embedding(path)
-        assert emb.name == name and torch.equal(emb.vectors, vec)
+        assert emb.name == name and list(emb.vectors) == [SINGLE]
+        assert torch.equal(emb.vectors[SINGLE], vec)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         assert (emb.sha256, emb.a1111_hash) == (sha, sha[:12])
     # diffusers writes one vector as (width,) too
     save_file({"<t>": vecs["kwemb"][0]}, str(emb_dir / "flat.safetensors"))
-    assert read_embedding(emb_dir / "flat.safetensors").vectors.shape == (1, WIDTH)
+    flat = read_embedding(emb_dir / "flat.safetensors")
+    assert (flat.n_vectors, flat.widths) == (1, {SINGLE: WIDTH})
 
 
 def test_ti_hashes_and_chunking(sd1_folder, emb_dir):
@@ -198,7 +201,8 @@ def test_wrong_width_is_skipped_and_one_error_line_when_named(sd1_folder, tmp_pa
         ("noise.safetensors", bytes(range(256)) * 4, "unreadable"),
         ("noise.pt", bytes(range(256)) * 4, "unreadable"),
         ("other.safetensors", {"a": torch.zeros(2, 4), "b": torch.zeros(2)}, "not a textual"),
-        ("sdxl.safetensors", {"clip_g": torch.zeros(1, 8), "clip_l": torch.zeros(1, 4)}, "SDXL"),
+        ("xl.safetensors", {"clip_g": torch.zeros(1, 8), "clip_l": torch.zeros(2, 4)}, "as many"),
+        ("half.safetensors", {"clip_g": torch.zeros(1, 8)}, "both"),
         ("ints.safetensors", {"emb_params": torch.zeros(2, 4, dtype=torch.int64)}, "floating"),
         ("nan.safetensors", {"emb_params": torch.full((1, 4), float("nan"))}, "NaN"),
         ("terms.pt", {"string_to_param": {"*": torch.zeros(1, 4), "x": torch.zeros(1, 4)}}, "2"),

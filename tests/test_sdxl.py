@@ -35,9 +35,11 @@ def _uint8(images) -> np.ndarray:
 
 
 def diffusers_image(
-    folder, sampler="euler", *, mode="txt2img", negative=NEGATIVE, lora=None, **kwargs
-):
-    """diffusers' image of the module's settings; `lora`: (path, scale) loaded and fused first."""
+    folder, sampler="euler", *, mode="txt2img", prompt=PROMPT, negative=NEGATIVE, lora=None,
+    prepare=None, **kwargs,
+):  # fmt: skip
+    """diffusers' image of the module's settings; `lora`: (path, scale) loaded and fused first;
+    `prepare(pipe)` runs before generating (e.g. to load textual-inversion embeddings)."""
     cls = {
         "txt2img": diffusers.StableDiffusionXLPipeline,
         "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
@@ -50,18 +52,22 @@ def diffusers_image(
     if lora is not None:
         pipe.load_lora_weights(str(lora[0]))
         pipe.fuse_lora(lora_scale=lora[1])
+    if prepare is not None:
+        prepare(pipe)
     if mode == "txt2img":
         kwargs.update(height=HEIGHT, width=WIDTH)
     out = pipe(
-        prompt=PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=CFG,
+        prompt=prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=CFG,
         generator=torch.Generator("cpu").manual_seed(SEED), output_type="np", **kwargs,
     ).images[0]  # fmt: skip
     return _uint8(out)
 
 
-def ember_image(tmp_path, model, sampler="euler", *extra, negative=NEGATIVE, name="e.png"):
+def ember_image(
+    tmp_path, model, sampler="euler", *extra, prompt=PROMPT, negative=NEGATIVE, name="e.png"
+):
     out = tmp_path / name
-    args = ["generate", PROMPT, "--model", str(model), "--sampler", sampler, "--steps", str(STEPS)]
+    args = ["generate", prompt, "--model", str(model), "--sampler", sampler, "--steps", str(STEPS)]
     args += ["--cfg", str(CFG), "--seed", str(SEED), "--size", f"{WIDTH}x{HEIGHT}"]
     args += ["--negative", negative] if negative else []
     args += ["--dtype", "fp32", "-o", str(out), "-q", *extra]
@@ -69,14 +75,14 @@ def ember_image(tmp_path, model, sampler="euler", *extra, negative=NEGATIVE, nam
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def generated(loaded) -> np.ndarray:
+def generated(loaded, prompt: str = PROMPT) -> np.ndarray:
     """ember's euler image of the module's settings, in process (with what is merged now)."""
     from ember.images import tensor_to_uint8
     from ember.pipeline import generate
     from ember.settings import GenerationParams
 
     params = GenerationParams(
-        prompt=PROMPT, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
+        prompt=prompt, negative_prompt=NEGATIVE, sampler="euler", steps=STEPS, cfg=CFG, seed=SEED,
         width=WIDTH, height=HEIGHT,
     )  # fmt: skip
     return tensor_to_uint8(generate(loaded, params))[0]

@@ -4,17 +4,25 @@ A1111's semantics (behaviour reproduced, code written afresh; stable-diffusion-w
 `modules/textual_inversion/textual_inversion.py`, `modules/sd_hijack_clip.py`): an embedding is
 named by its file's stem; wherever a prompt's tokens contain the tokens of that name, all the
 embedding's vectors take their place (one token position each), with the prompt's emphasis.
-Embeddings whose width differs from the text encoder's are skipped (A1111 lists them as skipped);
+Embeddings that do not fit the model's text encoders are skipped (A1111 lists them as skipped);
 naming one in a prompt is an error here rather than a silent no-op.
 
 Files: A1111 `.pt` (`string_to_param`, read with `torch.load(weights_only=True)`: no code runs),
 `.safetensors` with `emb_params` (A1111) or a single tensor (diffusers' `learned_embeds`, keyed by
-its token), and diffusers' `learned_embeds.bin` (a pickle, read as the `.pt`).
+its token), and diffusers' `learned_embeds.bin` (a pickle, read as the `.pt`). An SDXL embedding
+holds one tensor per text encoder, `clip_l` (n, 768) and `clip_g` (n, 1280): A1111's
+`textual_inversion_key` gives CLIP ViT-L the first and OpenCLIP bigG the second, as diffusers'
+`load_textual_inversion(state_dict["clip_l"], text_encoder=pipe.text_encoder, ...)` and
+`(state_dict["clip_g"], text_encoder=pipe.text_encoder_2, ...)` do. Given the SDXL refiner (bigG
+only), `apply_embeddings` adds `clip_g` (ComfyUI's rule); the service applies the embeddings folder
+to the base model alone, so the refiner reads their names as words, as in A1111 (whose refiner, 1280
+wide, skips 2048-wide SDXL embeddings).
 
-Applying follows diffusers' `load_textual_inversion`: the vectors become new rows of the text
-encoder's token-embedding table and the tokenizer encodes the name to their ids, so prompts go
-through the ordinary path (`ember.prompts`). `AppliedEmbeddings.remove()` puts the original table
-back (the same tensor: bit-identical) and forgets the names.
+Applying follows diffusers' `load_textual_inversion`: the vectors become new rows of each text
+encoder's token-embedding table and each tokenizer encodes the name to its encoder's new ids, so
+prompts go through the ordinary path (`ember.prompts`, `ember.conditioning`).
+`AppliedEmbeddings.remove()` puts every original table back (the same tensors: bit-identical) and
+forgets the names.
 """
 
 from __future__ import annotations
@@ -28,22 +36,37 @@ from ember.errors import EmberError
 from ember.files import sha256_file
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
-_SDXL_KEYS = ("clip_g", "clip_l")
+# The part of an embedding each text encoder takes: SDXL files hold `clip_l` (CLIP ViT-L) and
+# `clip_g` (OpenCLIP bigG); SD 1.x/2.x files one tensor for their one encoder.
+CLIP_L, CLIP_G, SINGLE = "clip_l", "clip_g", "single"
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """One embedding file: `vectors` (n_vectors, width) in float32."""
+    """One embedding file: `vectors` maps each part (`SINGLE`, or `CLIP_L` and `CLIP_G` for an
+    SDXL file) to its (n_vectors, width) float32 tensor; every part has the same n_vectors."""
 
     name: str
     path: str
     sha256: str  # of the whole file
     a1111_hash: str  # the first 12 hex digits A1111 writes in "TI hashes"
-    vectors: torch.Tensor
+    vectors: dict[str, torch.Tensor]
 
     @property
-    def width(self) -> int:
-        return int(self.vectors.shape[1])
+    def n_vectors(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {part: int(vec.shape[1]) for part, vec in self.vectors.items()}
+
+
+def describe_widths(widths: dict[str, int]) -> str:
+    """A kind of embedding and its widths, for messages: "SD 1.x/2.x, 768 wide" or
+    "SDXL (clip_l 768, clip_g 1280 wide)"."""
+    if set(widths) == {SINGLE}:
+        return f"SD 1.x/2.x, {widths[SINGLE]} wide"
+    return "SDXL (" + ", ".join(f"{part} {width}" for part, width in widths.items()) + " wide)"
 
 
 def find_embeddings(folder: str | Path) -> dict[str, Path]:
@@ -93,30 +116,40 @@ def read_embedding(path: str | Path) -> Embedding:
     return Embedding(path.stem, str(path), sha, sha[:12], vectors)
 
 
-def _vectors_of(data: object, name: str) -> torch.Tensor:
-    """The (n, width) vectors of a loaded file, by A1111's `create_embedding_from_data` layouts."""
+def _vectors_of(data: object, name: str) -> dict[str, torch.Tensor]:
+    """The parts of a loaded file, by A1111's `create_embedding_from_data` layouts."""
     if isinstance(data, dict) and "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         tensors = list(params.values()) if isinstance(params, dict) else []
         if len(tensors) != 1:
             raise EmberError(f"{name}: string_to_param holds {len(tensors)} terms; expected one")
-        vec = tensors[0]
-    elif isinstance(data, dict) and "emb_params" in data:  # A1111 .safetensors
-        vec = data["emb_params"]
-    elif isinstance(data, dict) and all(k in data for k in _SDXL_KEYS):
-        raise EmberError(
-            f"{name} is an SDXL embedding (clip_g/clip_l); ember's models take SD 1.x/2.x ones"
-        )
-    elif isinstance(data, dict) and len(data) == 1:  # diffusers learned_embeds: {token: tensor}
-        vec = next(iter(data.values()))
-    elif isinstance(data, torch.Tensor):
-        vec = data
-    else:
-        keys = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
-        raise EmberError(
-            f"{name}: not a textual-inversion embedding (found {keys}); expected string_to_param "
-            "(A1111 .pt), emb_params or a single tensor"
-        )
+        return {SINGLE: _checked(tensors[0], name)}
+    if isinstance(data, dict) and "emb_params" in data:  # A1111 .safetensors
+        return {SINGLE: _checked(data["emb_params"], name)}
+    if isinstance(data, dict) and (CLIP_L in data or CLIP_G in data):  # SDXL
+        if not (CLIP_L in data and CLIP_G in data):
+            raise EmberError(f"{name}: an SDXL embedding needs both {CLIP_L} and {CLIP_G}")
+        parts = {part: _checked(data[part], f"{name} ({part})") for part in (CLIP_L, CLIP_G)}
+        counts = {part: vec.shape[0] for part, vec in parts.items()}
+        if len(set(counts.values())) != 1:
+            raise EmberError(
+                f"{name}: SDXL embedding with {counts[CLIP_L]} {CLIP_L} and {counts[CLIP_G]} "
+                f"{CLIP_G} vectors; expected as many of each"
+            )
+        return parts
+    if isinstance(data, dict) and len(data) == 1:  # diffusers learned_embeds: {token: tensor}
+        return {SINGLE: _checked(next(iter(data.values())), name)}
+    if isinstance(data, torch.Tensor):
+        return {SINGLE: _checked(data, name)}
+    keys = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
+    raise EmberError(
+        f"{name}: not a textual-inversion embedding (found {keys}); expected string_to_param "
+        f"(A1111 .pt), emb_params, {CLIP_L} and {CLIP_G} (SDXL) or a single tensor"
+    )
+
+
+def _checked(vec: object, name: str) -> torch.Tensor:
+    """`vec` as a (n, width) float32 copy; EmberError for anything else."""
     if not isinstance(vec, torch.Tensor) or not vec.is_floating_point():
         raise EmberError(f"{name}: the embedding is not a floating-point tensor")
     if vec.ndim == 1:  # diffusers stores one vector as (width,)
@@ -143,15 +176,22 @@ def read_embeddings(folder: str | Path) -> tuple[list[Embedding], dict[str, str]
 
 
 @dataclass
+class _Table:
+    """One text encoder's token table and tokenizer: the weight before and after applying."""
+
+    tokenizer: object
+    table: torch.nn.Embedding
+    before: torch.nn.Parameter
+    after: torch.nn.Parameter
+
+
+@dataclass
 class AppliedEmbeddings:
     """Embeddings added to a loaded model; `remove()` undoes it exactly."""
 
     embeddings: dict[str, Embedding]  # applied, by name
-    skipped: dict[str, str]  # name -> why (width)
-    _tokenizer: object = field(repr=False)
-    _table: torch.nn.Embedding = field(repr=False)
-    _weight_before: torch.nn.Parameter = field(repr=False)
-    _weight_after: torch.nn.Parameter = field(repr=False)
+    skipped: dict[str, str]  # name -> why (width, kind)
+    _tables: list[_Table] = field(repr=False)  # one per text encoder
     _patterns: dict[tuple[int, ...], str] = field(repr=False)  # name's plain ids -> name
     _removed: bool = field(default=False, repr=False)
 
@@ -159,16 +199,23 @@ class AppliedEmbeddings:
     def names(self) -> list[str]:
         return list(self.embeddings)
 
+    @property
+    def _tokenizer(self):
+        """The tokenizer prompts are searched for names with (the first encoder's, as A1111's
+        `GeneralConditioner.tokenize`; SDXL's two share CLIP's vocabulary)."""
+        return self._tables[0].tokenizer
+
     def remove(self) -> None:
-        """Restore the tokenizer and the encoder's table as they were (the same tensor)."""
+        """Restore every tokenizer and encoder table as they were (the same tensors)."""
         if self._removed:
             return
-        if self._table.weight is not self._weight_after:
+        if any(t.table.weight is not t.after for t in self._tables):
             raise RuntimeError("embeddings applied later must be removed first")
-        self._table.weight = self._weight_before
-        self._table.num_embeddings = self._weight_before.shape[0]
-        for name in self.embeddings:
-            self._tokenizer.remove_word(name)
+        for t in self._tables:
+            t.table.weight = t.before
+            t.table.num_embeddings = t.before.shape[0]
+            for name in self.embeddings:
+                t.tokenizer.remove_word(name)
         self._removed = True
 
     def hashes(self, names: list[str]) -> str:
@@ -182,58 +229,75 @@ def _infotext_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
+def model_parts(cfg) -> list[str]:
+    """The embedding part each text encoder of a model (`config.ModelConfig`) takes, in
+    `model.text_encoders` order: on SDXL models (base and refiner) the encoder with a projection
+    is bigG (`clip_g`), the other CLIP ViT-L (`clip_l`); SD 1.x/2.x take the single tensor."""
+    if not cfg.sdxl:
+        return [SINGLE] * len(cfg.text_encoders())
+    return [CLIP_G if t.projection_dim else CLIP_L for t in cfg.text_encoders()]
+
+
 def apply_embeddings(
     loaded, embeddings: list[Embedding], unreadable: dict[str, str] | None = None
 ) -> AppliedEmbeddings:
     """Add `embeddings` to `loaded` (a `checkpoints.LoadedModel`): each becomes `n_vectors` new
-    rows of the text encoder's token table and its name encodes to their ids.
+    rows of every text encoder's token table (the part that encoder takes, `model_parts`) and
+    each tokenizer encodes its name to its encoder's new ids.
 
-    Embeddings whose width is not the encoder's are left out and listed in `skipped`. A name that
-    tokenises as an earlier one does is skipped too (A1111 keeps one of the two as well). The
-    `unreadable` files of the folder (name -> why) are listed in `skipped` as well, so a prompt
-    that names one is an error rather than its name read as words.
+    Embeddings of another kind or width than the encoders take are left out and listed in
+    `skipped`. A name that tokenises as an earlier one does is skipped too (A1111 keeps one of the
+    two as well). The `unreadable` files of the folder (name -> why) are listed in `skipped` as
+    well, so a prompt that names one is an error rather than its name read as words.
     """
-    tokenizer = loaded.tokenizer
-    table = loaded.model.text_encoders[0].token_embedding()
-    before = table.weight
-    rows, width = before.shape
-    taken = _patterns_of(tokenizer)
+    tokenizers = loaded.tokenizers
+    tables = [encoder.token_embedding() for encoder in loaded.model.text_encoders]
+    assert len(tables) == len(tokenizers), "one tokenizer per text encoder"
+    parts = model_parts(loaded.config)
+    wants = {part: t.weight.shape[1] for part, t in zip(parts, tables, strict=True)}
+    rows = [t.weight.shape[0] for t in tables]
+    taken = [_patterns_of(tok) for tok in tokenizers]
+    claimed: list[set[tuple[int, ...]]] = [set() for _ in tokenizers]
     kept: dict[str, Embedding] = {}
     skipped: dict[str, str] = {}
     patterns: dict[tuple[int, ...], str] = {}
-    new_rows: list[torch.Tensor] = []
+    new_rows: list[list[torch.Tensor]] = [[] for _ in tables]
     for emb in embeddings:
-        pattern = tuple(tokenizer.encode_plain(emb.name))
-        if not pattern or emb.name in kept or pattern in patterns or pattern in taken:
+        names = [tuple(tok.encode_plain(emb.name)) for tok in tokenizers]
+        if emb.name in kept or any(
+            not p or p in c or p in t for p, c, t in zip(names, claimed, taken, strict=True)
+        ):
             skipped[emb.name] = f"embedding {emb.name}: its name is empty or already taken"
             continue
-        patterns[pattern] = emb.name
-        if loaded.config.sdxl:
-            skipped[emb.name] = f"embedding {emb.name}: embeddings for SDXL are not supported yet"
-            continue
-        if emb.width != width:
+        patterns[names[0]] = emb.name
+        for pattern, seen in zip(names, claimed, strict=True):
+            seen.add(pattern)
+        if any(emb.widths.get(part) != width for part, width in wants.items()):
             skipped[emb.name] = (
-                f"embedding {emb.name} is {emb.width} wide; this model's text encoder takes "
-                f"{width}-wide embeddings"
+                f"embedding {emb.name} does not fit this model: it is "
+                f"{describe_widths(emb.widths)}; the model takes {describe_widths(wants)}"
             )
             continue
-        ids = list(range(rows, rows + emb.vectors.shape[0]))
-        rows += len(ids)
-        tokenizer.add_word(emb.name, ids)
+        for i, (part, tok) in enumerate(zip(parts, tokenizers, strict=True)):
+            tok.add_word(emb.name, range(rows[i], rows[i] + emb.n_vectors))
+            rows[i] += emb.n_vectors
+            new_rows[i].append(emb.vectors[part])
         kept[emb.name] = emb
-        new_rows.append(emb.vectors)
     for name, why in (unreadable or {}).items():
-        pattern = tuple(tokenizer.encode_plain(name))
-        if pattern and pattern not in patterns and pattern not in taken:
+        pattern = tuple(tokenizers[0].encode_plain(name))
+        if pattern and pattern not in patterns and pattern not in taken[0]:
             patterns[pattern] = name
             skipped[name] = f"embedding {name} cannot be used: {why}"
-    after = before
-    if new_rows:
-        extra = torch.cat(new_rows).to(device=before.device, dtype=before.dtype)
-        after = torch.nn.Parameter(torch.cat([before.detach(), extra]), requires_grad=False)
-        table.weight = after
-        table.num_embeddings = after.shape[0]
-    return AppliedEmbeddings(kept, skipped, tokenizer, table, before, after, patterns)
+    applied = []
+    for table, tok, extra in zip(tables, tokenizers, new_rows, strict=True):
+        before = after = table.weight
+        if extra:
+            added = torch.cat(extra).to(device=before.device, dtype=before.dtype)
+            after = torch.nn.Parameter(torch.cat([before.detach(), added]), requires_grad=False)
+            table.weight = after
+            table.num_embeddings = after.shape[0]
+        applied.append(_Table(tok, table, before, after))
+    return AppliedEmbeddings(kept, skipped, applied, patterns)
 
 
 def _patterns_of(tokenizer) -> set[tuple[int, ...]]:
