@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ember.models.prepack import Conv2d
+from ember.models.prepack import Conv2d, Linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -99,8 +99,8 @@ class ResBlock(nn.Module):
         # x (B, C, H, W), emb (B, E)
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        norm, act, drop, conv = self.out_layers
+        return conv.fused(drop(act(norm(h))), add=self.skip_connection(x))  # skip + h
 
 
 class Downsample(nn.Module):
@@ -184,7 +184,7 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
 
     def register_weights_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Have `hook(weights)` called with each forward's (B, heads, N, L) attention weights.
@@ -197,8 +197,14 @@ class CrossAttention(nn.Module):
         self._weights_hooks[handle.id] = hook
         return handle
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (B, N, query_dim), context (B, L, context_dim)
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, query_dim), context (B, L, context_dim) -> (B, N, query_dim); with `residual`
+        (B, N, query_dim), residual + that, the sum fused into the output projection."""
         context = x if context is None else context
         out = attention(
             self.to_q(x),
@@ -207,7 +213,7 @@ class CrossAttention(nn.Module):
             self.heads,
             tuple(self._weights_hooks.values()),
         )
-        return self.to_out(out)
+        return self.to_out[1](self.to_out[0].fused(out, add=residual))
 
 
 class GEGLU(nn.Module):
@@ -215,9 +221,15 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proj.packable(x):
+            # Two GEMMs, the GELU fused into the gate's and the product into the value's: the
+            # separate GELU and product passes cost more than the GEMMs' split does.
+            n = self.proj.out_features // 2
+            gate = self.proj.fused(x, rows=(n, 2 * n), gelu=True)
+            return self.proj.fused(x, rows=(0, n), mul=gate)
         value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
@@ -228,10 +240,12 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), Linear(inner, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `residual`, residual + the output, the sum fused into the last projection."""
+        geglu, drop, out = self.net
+        return out.fused(drop(geglu(x)), add=residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -248,9 +262,17 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x (B, N, dim), context (B, L, context_dim)
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = _plus(self.attn1, x, self.norm1(x))
+        x = _plus(self.attn2, x, self.norm2(x), context)
+        return _plus(self.ff, x, self.norm3(x))
+
+
+def _plus(layer: nn.Module, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """x + layer(*args), the sum fused into the layer's last projection, unless hooks on the
+    layer (token merging's) see its output, which must then be the layer's alone."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return x + layer(*args)
+    return layer(*args, residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -276,7 +298,7 @@ class SpatialTransformer(nn.Module):
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(channels, inner)
-            self.proj_out: nn.Module = zero_module(nn.Linear(inner, channels))
+            self.proj_out: nn.Module = zero_module(Linear(inner, channels))
         else:
             self.proj_in = Conv2d(channels, inner, 1)
             self.proj_out = zero_module(Conv2d(inner, channels, 1))
@@ -295,9 +317,8 @@ class SpatialTransformer(nn.Module):
             h_ = self.proj_in(h_)
         for block in self.transformer_blocks:
             h_ = block(h_, context)
-        if self.use_linear:
-            h_ = self.proj_out(h_)
+        if self.use_linear:  # x + proj_out(h_), the sum fused into it
+            h_ = self.proj_out.fused(h_, add=x.flatten(2).transpose(1, 2))
+            return h_.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
         h_ = h_.transpose(1, 2).reshape(b, -1, h, w)  # (B, inner, H, W)
-        if not self.use_linear:
-            h_ = self.proj_out(h_)
-        return x + h_
+        return self.proj_out.fused(h_, add=x)

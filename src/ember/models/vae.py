@@ -36,10 +36,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return self.conv2.fused(F.silu(self.norm2(h)), add=x)  # x + conv2(...), in one call
 
 
 class AttnBlock(nn.Module):
@@ -60,7 +59,7 @@ class AttnBlock(nn.Module):
         q, k, v = (m(h_).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))
         out = sdpa(q, k, v)
         out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        return self.proj_out.fused(out, add=x)  # x + proj_out(out)
 
 
 class Downsample(nn.Module):
