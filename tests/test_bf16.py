@@ -1,5 +1,5 @@
 """The bf16 fast path: close to fp32, never chosen silently where the CPU lacks bf16, and the
-prepacked oneDNN convolution equal to `nn.Conv2d`."""
+prepacked oneDNN convolutions and fused linears equal to the plain ops."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from ember.checkpoints import load_model
 from ember.cli import main
 from ember.errors import EmberError
 from ember.models import prepack
-from ember.models.prepack import Conv2d, onednn_usable
+from ember.models.layers import GEGLU, BasicTransformerBlock
+from ember.models.prepack import Conv2d, Linear, onednn_usable
 from ember.settings import GenerationParams
 
 NO_BF16 = {"fpu", "sse2", "avx2", "avx512f", "avx512bw"}  # an AVX-512 CPU without AVX512-BF16
@@ -111,6 +112,56 @@ def test_fused_conv_is_relu_of_conv_plus_residual(monkeypatch, dtype, packed):
         ]:
             torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
     assert (conv._packed is not None) == (packed and onednn_usable(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_linear_is_gelu_sum_or_product(monkeypatch, dtype, packed):
+    """The U-Net's GEGLU and residual sums run inside the GEMM: the same values as the separate
+    ops, for a block of output rows too, on 3-d activations, and after an in-place weight update
+    (a LoRA merged after the first image)."""
+    monkeypatch.setattr(prepack, "PREPACK", packed)
+    torch.manual_seed(0)
+    lin = Linear(24, 40).to(dtype).requires_grad_(False)
+    x, other = torch.randn(2, 7, 24, dtype=dtype), torch.randn(2, 7, 16, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        for _ in range(2):
+            w, b = lin.weight.float(), lin.bias.float()
+            ref = F.linear(x.float(), w[8:24], b[8:24])
+            for got, want in [
+                (lin.fused(x, rows=(8, 24)), ref),
+                (lin.fused(x, rows=(8, 24), gelu=True), F.gelu(ref)),
+                (lin.fused(x, rows=(8, 24), add=other), ref + other.float()),
+                (lin.fused(x, rows=(8, 24), mul=other), ref * other.float()),
+                (lin.fused(x), F.linear(x.float(), w, b)),
+            ]:
+                assert got.shape == want.shape
+                torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+            lin.weight.mul_(-2.0)  # the packed copies must follow
+    assert bool(lin._packed) == (packed and onednn_usable(dtype))
+
+
+def test_fused_transformer_block_equals_separate_ops(monkeypatch):
+    """A transformer block (fused residuals and GEGLU) computes what it does op by op; with a hook
+    on its self-attention (token merging's) the sum stays outside, where the hook sees it."""
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, 24).eval()
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        fused = block(x, ctx)
+        monkeypatch.setattr(prepack, "PREPACK", False)
+        plain = block(x, ctx)
+        monkeypatch.setattr(prepack, "PREPACK", True)
+        seen = []
+        handle = block.attn1.register_forward_hook(lambda m, a, out: seen.append(out))
+        hooked = block(x, ctx)
+        handle.remove()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)
+    assert isinstance(block.ff.net[0], GEGLU)
+    attn1_alone = block.attn1(block.norm1(x))
+    torch.testing.assert_close(seen[0], attn1_alone, atol=1e-5, rtol=1e-5)  # not x + attn1
 
 
 def test_conv_with_gradients_is_plain_conv():
