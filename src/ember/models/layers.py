@@ -224,7 +224,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.proj.packable(x):
+        if self.proj.fusable(x):
             # Two GEMMs, the GELU fused into the gate's and the product into the value's: the
             # separate GELU and product passes cost more than the GEMMs' split does.
             n = self.proj.out_features // 2

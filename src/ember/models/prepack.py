@@ -1,4 +1,4 @@
-"""Convolutions and linear layers that run prepacked in oneDNN's blocked layout, on CPU at inference.
+"""Convolutions prepacked in oneDNN's blocked layout, and linear layers with fused post-ops (CPU).
 
 A plain `F.conv2d` call on CPU reorders the weight into oneDNN's layout on every call; for the deep,
 small-spatial layers of a U-Net (1280 channels at 8x8 or 4x4) the reorder costs more than the
@@ -6,14 +6,14 @@ convolution itself (measured 2-4x per layer, bench/profile-sd15-256.md). `Conv2d
 `nn.Conv2d` that makes the packed copy once, through private torch ops (`torch.ops.mkldnn`), so
 the model definitions (`layers.py`, `unet.py`, `vae.py`) read like the ldm code they mirror.
 
-Both also fuse what follows them into the same oneDNN call (`fused`): a residual sum, a ReLU, and for
+Both also run what follows them in the same oneDNN call (`fused`): a residual sum, a ReLU, and for
 `Linear` a GELU or a product. Each such pass over a large activation costs as much as a small
-GEMM; fused, the SD 1.5 U-Net's batch-2 pass at 512x512 in bf16 went from 1.85 to 1.66 s
-(`layers.py`: the transformer's residuals and GEGLU, the ResBlocks' skips).
+GEMM; fused (`layers.py`: the transformers' residuals and GEGLU, the ResBlocks' skips; `vae.py`),
+SD 1.5's U-Net pass at 512x512 in bf16 is 1.10x and its VAE decode 1.19x faster (bench/fused.py).
 
-EMBER_PREPACK=0, read at import, turns the prepacked convolutions and fused linears off: each conv weight then exists
-once instead of twice (SD 1.5 in fp32: 2.3 GB less peak memory, ~20% slower;
-bench/prepack_memory.py). Setting `PREPACK` at run time takes effect on the next call.
+EMBER_PREPACK=0, read at import, turns both off: each conv weight then exists once instead of
+twice (SD 1.5 in fp32: 2.3 GB less peak memory, ~20% slower; bench/prepack_memory.py). Setting
+`PREPACK` at run time takes effect on the next call.
 """
 
 from __future__ import annotations
@@ -121,18 +121,16 @@ class Conv2d(nn.Conv2d):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose `fused` runs, at inference on CPU, as one oneDNN call with the weight
-    prepacked and a GELU, a residual sum or a product applied to the output before it is stored.
+    """`nn.Linear` whose `fused` runs, at inference on CPU, as one oneDNN GEMM with a GELU, a
+    residual sum or a product applied to the output before it is stored.
 
-    `forward` is `nn.Linear`'s: a plain GEMM gains nothing from the packed copy (measured on the
-    SD 1.5 U-Net), so only the layers whose output feeds an elementwise op call `fused`, and only
-    those keep a second copy of their weight. Parameter names and the state dict are unchanged.
+    The weight is handed to oneDNN as it is (no packed copy): for these GEMMs a prepacked weight
+    measured no faster, and SDXL's fused layers would hold 2.8 GB more in bf16. `forward` is
+    `nn.Linear`'s; parameter names and the state dict are unchanged.
     """
 
-    _packed: dict | None = None  # rows -> (key, packed weight)
-
-    def packable(self, x: torch.Tensor) -> bool:
-        """Whether `fused` runs the oneDNN path for `x` (else it computes the same in steps)."""
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether `fused` runs as one oneDNN call for `x` (else it computes the same in steps)."""
         w = self.weight
         return not (
             x.device.type != "cpu"
@@ -157,40 +155,22 @@ class Linear(nn.Linear):
         assert gelu + (add is not None) + (mul is not None) <= 1, "one post-op at a time"
         w, b = self.weight, self.bias
         if rows is not None:
-            w = w[rows[0] : rows[1]]
+            w = w[rows[0] : rows[1]]  # a block of rows: contiguous
             b = None if b is None else b[rows[0] : rows[1]]
-        if not self.packable(x):
+        if not self.fusable(x):
             y = F.linear(x, w, b)
             if gelu:
                 return F.gelu(y)
             return y if add is None and mul is None else y + add if mul is None else y * mul
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        packed = self._packed_weight(w, rows, x2.shape[0])
-        b = None if b is None else b.detach()
+        w, b = w.detach(), None if b is None else b.detach()
         other, attr = (add, "add") if mul is None else (mul, "mul")
         if other is None:
+            # "none" as the GELU's algorithm is the exact (erf) GELU, F.gelu's default
             attr = "gelu" if gelu else "none"
-            y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, attr, [], "none" if gelu else "")
+            y = torch.ops.mkldnn._linear_pointwise(x2, w, b, attr, [], "none" if gelu else "")
         else:
             other = other.reshape(x2.shape[0], -1)
-            y = torch.ops.mkldnn._linear_pointwise.binary(x2, other, packed, b, attr)
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, other, w, b, attr)
         return y.reshape(*lead, y.shape[-1])
-
-    def _packed_weight(self, w: torch.Tensor, rows: tuple[int, int] | None, m: int):
-        # Packed for the row count of the first call (the batch hint matters little once
-        # near; a hint of 1 is up to 1.3x slower on 8192-row GEMMs), rebuilt whenever the weight's
-        # storage, version or dtype changes (a merged LoRA, a cast).
-        key = (w.data_ptr(), self.weight._version, w.dtype)
-        if self._packed is None:
-            self._packed = {}
-        held = self._packed.get(rows)
-        if held is None or held[0] != key:
-            held = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), m))
-            self._packed[rows] = held
-        return held[1]
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_packed", None)
-        return state
