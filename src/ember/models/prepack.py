@@ -161,16 +161,18 @@ class Linear(nn.Linear):
             y = F.linear(x, w, b)
             if gelu:
                 return F.gelu(y)
-            return y if add is None and mul is None else y + add if mul is None else y * mul
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
+            if add is not None:
+                return y + add
+            return y if mul is None else y * mul
+        x2 = x.reshape(-1, x.shape[-1])
         w, b = w.detach(), None if b is None else b.detach()
-        other, attr = (add, "add") if mul is None else (mul, "mul")
-        if other is None:
-            # "none" as the GELU's algorithm is the exact (erf) GELU, F.gelu's default
-            attr = "gelu" if gelu else "none"
-            y = torch.ops.mkldnn._linear_pointwise(x2, w, b, attr, [], "none" if gelu else "")
+        pointwise = torch.ops.mkldnn._linear_pointwise
+        if add is not None:
+            y = pointwise.binary(x2, add.reshape(len(x2), -1), w, b, "add")
+        elif mul is not None:
+            y = pointwise.binary(x2, mul.reshape(len(x2), -1), w, b, "mul")
+        elif gelu:  # "none" as the algorithm: the exact (erf) GELU, F.gelu's default
+            y = pointwise(x2, w, b, "gelu", [], "none")
         else:
-            other = other.reshape(x2.shape[0], -1)
-            y = torch.ops.mkldnn._linear_pointwise.binary(x2, other, w, b, attr)
-        return y.reshape(*lead, y.shape[-1])
+            y = pointwise(x2, w, b, "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
