@@ -80,8 +80,9 @@ def no_embeddings(cache: Path) -> Path:
     return folder
 
 
-def machine() -> str:
-    """CPU model, cores, the ISA flags that decide ember's dtype, RAM, versions and load."""
+def machine(*, with_malloc: bool = True) -> str:
+    """CPU model, cores, the ISA flags that decide ember's dtype, RAM, versions, the malloc the
+    workers run under and the load."""
     info = cpu_info()
     flags = set(info.get("flags", "").split())
     # a virtual machine often names only the vendor ("Intel(R) Xeon(R) Processor"): the family and
@@ -95,8 +96,18 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores ({' '.join(isa)}), {mem:.0f} GiB RAM; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"load average at start {os.getloadavg()[0]:.1f}"
+        + (f"{malloc()} on every side, " if with_malloc else "")
+        + f"load average at start {os.getloadavg()[0]:.1f}"
     )
+
+
+def malloc() -> str:
+    """The malloc every worker and `ember generate` runs under, as the `ember` command picks it:
+    tcmalloc where it is installed, unless EMBER_TCMALLOC=0 (src/ember/process.py)."""
+    from ember.process import env_on, find_tcmalloc
+
+    lib = find_tcmalloc()
+    return f"malloc {lib}" if lib and env_on("EMBER_TCMALLOC") else "glibc malloc"
 
 
 def generate_command(prompt: str, model: str, out: str | Path, *, dtype: str = "auto",
@@ -111,13 +122,16 @@ def generate_command(prompt: str, model: str, out: str | Path, *, dtype: str = "
     return cmd
 
 
-def timed_generate(cmd: list[str], out: Path, threads: int) -> dict:
+def timed_generate(
+    cmd: list[str], out: Path, threads: int, extra_env: dict[str, str] | None = None
+) -> dict:
     """Run an `ember generate` command from process start to exit (the PNG written) with
     `threads` threads: its seconds ("first") and the child's peak RSS as the kernel counts it
     (`ru_maxrss`, which can include the parent's size at the fork)."""
     out.unlink(missing_ok=True)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=threads_env(threads), stdout=subprocess.DEVNULL)
+    env = {**threads_env(threads), **(extra_env or {})}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -195,12 +209,14 @@ def write_report(text: str, out: Path | None) -> None:
         print(text)
 
 
-def spawn_worker(python: str, script: str, *lead: str, **kw) -> dict:
+def spawn_worker(
+    python: str, script: str, *lead: str, extra_env: dict[str, str] | None = None, **kw
+) -> dict:
     """Run `script` under `python` as a worker (`--name value` per keyword; True is a bare flag,
-    a list several values, None and False nothing) with bench/ on its path; the JSON object on
-    the last line of its stdout."""
-    import json
-    import subprocess
+    a list several values, None and False nothing) with bench/ on its path and the malloc the
+    `ember` command would use (`malloc()`; `extra_env` can set EMBER_TCMALLOC=0); the JSON object
+    on the last line of its stdout."""
+    from ember.process import preload_env
 
     cmd = [python, script, *lead]
     for k, v in kw.items():
@@ -211,7 +227,8 @@ def spawn_worker(python: str, script: str, *lead: str, **kw) -> dict:
             cmd += [flag, *map(str, v)]
         elif v is not None and v is not False:
             cmd += [flag, str(v)]
-    env = {**os.environ, "PYTHONPATH": _pythonpath(ROOT / "bench")}
+    env = preload_env({**os.environ, **(extra_env or {})})
+    env["PYTHONPATH"] = _pythonpath(ROOT / "bench")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-3000:])

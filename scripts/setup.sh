@@ -19,3 +19,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e "$spec"
   touch "$stamp"
 fi
+# tcmalloc, which the `ember` command runs under when present (optional: faster, same images).
+bash scripts/install-tcmalloc.sh 2>/dev/null \
+  || echo "note: could not install libtcmalloc-minimal4 (needs root or sudo); ember runs without it, slower" >&2

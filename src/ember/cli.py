@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.process import restart_with_tcmalloc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time, ever
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -527,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `ember` command itself, not a call from Python
+        restart_with_tcmalloc()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -37,6 +37,7 @@ from ember.device import cpu_flags, dtype_name
 from ember.errors import EmberError
 from ember.files import atomic_path, write_atomic
 from ember.models import prepack
+from ember.process import env_on
 
 FORMAT = 1  # bump when what a package holds or how it is called changes
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -49,7 +50,7 @@ def packages_dir() -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("EMBER_COMPILED", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_on("EMBER_COMPILED")
 
 
 @dataclass(frozen=True)

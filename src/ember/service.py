@@ -10,6 +10,7 @@ output; nothing here knows about argparse or HTTP.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +118,20 @@ class GenerationService:
         (a full SD VAE or TAESD), and the embeddings folder's embeddings join its vocabulary."""
         from ember.checkpoints import load_model
         from ember.embeddings import apply_embeddings, read_embeddings
+        from ember.process import release_freed_memory
         from ember.vae_files import load_vae
 
         key = (str(Path(path).resolve()), config, prediction)
         if self._loaded is not None and key == self._key:
             self.use_vae(vae)
             return self._loaded
+        replacing = self._loaded is not None
         self._loaded = self._key = self._merged = self._vae = self._embeddings = None
         self._vae_path = self._vae_remove = None
         self._lora_key, self._lora_records = (), ()  # the old weights are freed first
+        if replacing:  # and handed back, not kept by malloc for buffers that will not come
+            gc.collect()
+            release_freed_memory()
         loaded = load_model(
             path, config, dtype=self.dtype, progress=progress, prediction=prediction
         )

@@ -18,7 +18,6 @@ twice (SD 1.5 in fp32: 2.3 GB less peak memory, ~20% slower; bench/prepack_memor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PREPACK = os.environ.get("EMBER_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+from ember.process import env_on
+
+PREPACK = env_on("EMBER_PREPACK")
 
 
 def onednn_usable(dtype: torch.dtype) -> bool:
