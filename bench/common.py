@@ -96,7 +96,7 @@ def machine(*, with_malloc: bool = True) -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores ({' '.join(isa)}), {mem:.0f} GiB RAM; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        + (f"{malloc()} on every side, " if with_malloc else "")
+        + (f"{malloc()} for ember and diffusers, " if with_malloc else "")
         + f"load average at start {os.getloadavg()[0]:.1f}"
     )
 
@@ -213,9 +213,11 @@ def spawn_worker(
     python: str, script: str, *lead: str, extra_env: dict[str, str] | None = None, **kw
 ) -> dict:
     """Run `script` under `python` as a worker (`--name value` per keyword; True is a bare flag,
-    a list several values, None and False nothing) with bench/ on its path and the malloc the
-    `ember` command would use (`malloc()`; `extra_env` can set EMBER_TCMALLOC=0); the JSON object
-    on the last line of its stdout."""
+    a list several values, None and False nothing) with bench/ on its path; the JSON object on
+    the last line of its stdout. Workers in ember's venv (ember's and diffusers') get the malloc
+    the `ember` command would use (`malloc()`; `extra_env` can set EMBER_TCMALLOC=0); the
+    OpenVINO venv's keep glibc's: OpenVINO aborts under a preloaded tcmalloc (`munmap_chunk():
+    invalid pointer`, a pointer freed by the other malloc)."""
     from ember.process import preload_env
 
     cmd = [python, script, *lead]
@@ -227,7 +229,9 @@ def spawn_worker(
             cmd += [flag, *map(str, v)]
         elif v is not None and v is not False:
             cmd += [flag, str(v)]
-    env = preload_env({**os.environ, **(extra_env or {})})
+    env = {**os.environ, **(extra_env or {})}
+    if python == sys.executable:
+        env = preload_env(env)
     env["PYTHONPATH"] = _pythonpath(ROOT / "bench")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:

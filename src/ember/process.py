@@ -90,7 +90,10 @@ def restart_with_tcmalloc() -> None:
     env[_RESTART] = os.environ.get("LD_PRELOAD", "")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:  # no interpreter path to start again (embedded Python): run on as it is
+        return
 
 
 def release_freed_memory() -> None:
