@@ -17,7 +17,7 @@ BERT_TYPE_VOCAB = 2
 BERT_LAYER_NORM_EPS = 1e-12
 
 
-def _embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+def make_embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
     """`nn.Embedding(num, dim, padding_idx)` that skips `normal_` on the meta device, where it goes
     through `torch._refs` and imports `torch._dynamo`: about 1 s of start-up for nothing."""
     weight = torch.empty(num, dim)
@@ -79,9 +79,9 @@ class Bert(nn.Module):
         d = cfg.hidden_size
         self.embeddings = nn.ModuleDict(
             {
-                "word_embeddings": _embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id),
-                "position_embeddings": _embedding(BERT_MAX_POSITIONS, d),
-                "token_type_embeddings": _embedding(BERT_TYPE_VOCAB, d),
+                "word_embeddings": make_embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id),
+                "position_embeddings": make_embedding(BERT_MAX_POSITIONS, d),
+                "token_type_embeddings": make_embedding(BERT_TYPE_VOCAB, d),
                 "LayerNorm": nn.LayerNorm(d, eps=BERT_LAYER_NORM_EPS),
             }
         )

@@ -3,15 +3,15 @@ tokenizers are `ember.models.tokenizer`.
 
 Contract (docs/architecture.md): `TextEncoder.forward(ids (B, L) long, clip_skip=1) -> (B, L, D)`.
 
-MiniLM (ember's default model) needs no `transformers` at all: its encoder is a plain-torch BERT
-and its tokenizer the `tokenizers` WordPiece, so `ember generate` with the default model never
-imports `transformers` (about 3 s of start-up); exporting still uses it.
+Both encoders are plain torch under transformers' parameter names (`models/clip.py`,
+`models/bert.py`), so running a model never imports `transformers` (about 4 s of start-up);
+exporting a diffusers folder still uses it for the config files.
 
 State-dict names: SD 1.x single files hold the text model as
 `cond_stage_model.transformer.text_model.*` (the transformers 4 `CLIPTextModel` layout).
 transformers 5 dropped the `text_model` level from `CLIPTextModel`, so `ClipTextEncoder.transformer`
-is a small holder whose `text_model` *is* the `CLIPTextModel`; the keys below the encoder read
-`transformer.text_model.*` again and SD 1.x files load without renaming. SD 2.x files store OpenCLIP
+is a small holder whose `text_model` is the `ClipText`; the keys below the encoder read
+`transformer.text_model.*` and SD 1.x files load without renaming. SD 2.x files store OpenCLIP
 names (`cond_stage_model.model.*`); `openclip_to_hf` / `hf_to_openclip` convert losslessly.
 """
 
@@ -29,6 +29,7 @@ from torch import nn
 from ember.config import MINILM, TextConfig
 from ember.errors import EmberError
 from ember.models.bert import BERT_LAYER_NORM_EPS, BERT_MAX_POSITIONS, BERT_TYPE_VOCAB, Bert
+from ember.models.clip import ClipText
 from ember.models.tokenizer import minilm_path
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ class _TextModelHolder(nn.Module):
 
 
 class ClipTextEncoder(TextEncoder):
-    """CLIP / OpenCLIP text transformer (transformers `CLIPTextModel`), causal mask only.
+    """CLIP / OpenCLIP text transformer (`models/clip.py`, transformers' `CLIPTextModel` in plain
+    torch), causal mask only.
 
     Layer choice follows ldm and A1111: `layer="last"` returns `last_hidden_state` (final layer
     norm applied); `clip_skip=k > 1` takes `hidden_states[-k]` and applies the final layer norm
@@ -148,10 +150,8 @@ class ClipTextEncoder(TextEncoder):
         super().__init__()
         if cfg.kind != "clip":
             raise ValueError(f"ClipTextEncoder needs kind='clip', got {cfg.kind!r}")
-        from transformers import CLIPTextModel
-
         self.cfg = cfg
-        self.transformer = _TextModelHolder(CLIPTextModel(clip_text_config(cfg)))
+        self.transformer = _TextModelHolder(ClipText(cfg))
         if cfg.projection_dim:
             # OpenCLIP's `text_projection` (D, P) parameter, stored as transformers' (P, D) Linear.
             self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
@@ -173,21 +173,18 @@ class ClipTextEncoder(TextEncoder):
         """
         position_ids = self._check(ids, clip_skip, self.cfg.depth)
         skip = clip_skip + self.cfg.num_layers - self.cfg.depth
-        model = self.transformer.text_model
-        if skip == 1:
-            out = model(input_ids=ids, position_ids=position_ids)
-            states = out.last_hidden_state
-        else:
-            out = model(input_ids=ids, position_ids=position_ids, output_hidden_states=True)
-            # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
-            states = out.hidden_states[-skip]
-            if self.cfg.final_norm:
-                states = model.final_layer_norm(states)
+        model, n = self.transformer.text_model, self.cfg.num_layers
+        # The pooled embedding needs every layer; the context only those up to its own.
+        states = model(ids, position_ids, n if self.cfg.projection_dim else n + 1 - skip)
+        context = states[n + 1 - skip]
+        if skip == 1 or self.cfg.final_norm:
+            context = model.final_layer_norm(context)
         if not self.cfg.projection_dim:
-            return states, None
+            return context, None
         eos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)  # (B,) first end-of-text
-        last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), eos]
-        return states, self.text_projection(last)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        last = model.final_layer_norm(states[-1][rows, eos])
+        return context, self.text_projection(last)
 
 
 class MiniLMTextEncoder(TextEncoder):
