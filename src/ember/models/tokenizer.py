@@ -5,8 +5,11 @@ that textual-inversion embeddings add.
 
 The CLIP vocabulary is rebuilt from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT, shipped in
 `ember/assets`) exactly as `clip/simple_tokenizer.py` builds it, and tokenised by the `tokenizers`
-BPE inside `transformers.CLIPTokenizer`, so ids equal those of the CLIP tokenizer diffusers uses.
-MiniLM's tokenizer is the `tokenizers` WordPiece of its `tokenizer.json`, without `transformers`.
+pipeline that `transformers.CLIPTokenizer` builds, constructed here without importing
+`transformers` (seconds of start-up), so ids equal those of the CLIP tokenizer diffusers uses.
+MiniLM's tokenizer is the `tokenizers` WordPiece of its `tokenizer.json`, also without
+`transformers`. Only exporting (`Tokenizer.to_transformers`) and a diffusers folder's own
+vocabulary (`build_clip_tokenizer_from_folder`) load `transformers`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ CLIP_BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # Number of merges OpenAI's CLIP uses from the BPE file: 49152 - 256 - 2 (clip/simple_tokenizer.py).
 _CLIP_NUM_MERGES = 49152 - 256 - 2
+# CLIP's word pattern (clip/simple_tokenizer.py), as transformers' CLIPTokenizer splits with it.
+_CLIP_WORDS = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
 _NO_LIMIT = 10**9  # internal tokenizers never truncate nor warn; chunking is the caller's job
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +225,52 @@ def _make_clip_tokenizer(pad_token: str, model_max_length: int) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _clip_encoding_backend() -> Any:
-    # Encoding uses eos as pad so that "!" is never special (see `Tokenizer.to_transformers`).
-    return _make_clip_tokenizer(CLIP_EOS, _NO_LIMIT)
+    """The `tokenizers` pipeline of transformers' `CLIPTokenizer` (5.x, `tokenization_clip.py`)
+    over OpenAI's vocabulary, built without importing `transformers`.
+
+    NFC, whitespace runs -> " ", per-character lower case; CLIP's word pattern, then GPT-2's
+    byte-level mapping and regex (which splits only a bos/eos that lower-casing made, such as
+    `<|ENDOFTEXT|>`, into `<|`, `endoftext`, `|>`); BPE with `</w>` ending a word, eos for unknown
+    pieces, no dropout, the library's default word cache. bos/eos typed in a prompt exactly as
+    written (matched before normalisation, as transformers' added special tokens are) encode to
+    their ids. Only bos and eos are special: with eos as pad, "!" is never special (see
+    `Tokenizer.to_transformers`). No post-processor (framing is the caller's job) and no decoder
+    (ember never decodes).
+    """
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Pipeline
+    from tokenizers.models import BPE
+
+    vocab, merges = load_clip_bpe()
+    bpe = BPE(
+        vocab=dict(vocab),
+        merges=list(merges),
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="</w>",
+        fuse_unk=False,
+        unk_token=CLIP_EOS,
+    )
+    backend = Pipeline(bpe)
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (CLIP_BOS, CLIP_EOS)]
+    )
+    return backend
 
 
 def build_clip_tokenizer(cfg: TextConfig) -> Tokenizer:
-    """CLIP BPE tokenizer (transformers' `CLIPTokenizer`: NFC, whitespace runs -> " ", lower case,
-    CLIP's pre-tokenizer regex, byte-level BPE): the cleaning transformers applies without ftfy."""
+    """CLIP BPE tokenizer (transformers' `CLIPTokenizer` pipeline: NFC, whitespace runs -> " ",
+    lower case, CLIP's pre-tokenizer regex, byte-level BPE): the cleaning transformers applies
+    without ftfy. Encoding does not import `transformers`; exporting does."""
     vocab, _ = load_clip_bpe()
     if not 0 <= cfg.pad_token_id < len(vocab):
         raise ValueError(f"pad_token_id {cfg.pad_token_id} outside the CLIP vocabulary [0, 49408)")
@@ -235,7 +281,10 @@ def build_clip_tokenizer(cfg: TextConfig) -> Tokenizer:
         )
     pad_token = next(t for t, i in vocab.items() if i == cfg.pad_token_id)
     export = functools.partial(_make_clip_tokenizer, pad_token, cfg.max_length)
-    return _clip_tokenizer(_clip_encoding_backend(), cfg, export, builtin=True)
+    backend = _clip_encoding_backend()
+    return _clip_tokenizer(
+        lambda text: backend.encode(text, add_special_tokens=False).ids, cfg, export, builtin=True
+    )
 
 
 def build_clip_tokenizer_from_folder(folder: str | Path, cfg: TextConfig) -> Tokenizer:
@@ -255,13 +304,20 @@ def build_clip_tokenizer_from_folder(folder: str | Path, cfg: TextConfig) -> Tok
     export = functools.partial(
         CLIPTokenizer.from_pretrained, folder, model_max_length=cfg.max_length
     )
-    return _clip_tokenizer(backend, cfg, export, builtin=False)
-
-
-def _clip_tokenizer(backend: Any, cfg: TextConfig, export: Callable, *, builtin: bool) -> Tokenizer:
-    """A `Tokenizer` encoding with a transformers `CLIPTokenizer` (no bos/eos added)."""
-    return Tokenizer(
+    return _clip_tokenizer(
         lambda text: backend(text, add_special_tokens=False)["input_ids"],
+        cfg,
+        export,
+        builtin=False,
+    )
+
+
+def _clip_tokenizer(
+    encode: Callable[[str], list[int]], cfg: TextConfig, export: Callable, *, builtin: bool
+) -> Tokenizer:
+    """A CLIP `Tokenizer` around `encode` (content ids, no bos/eos added)."""
+    return Tokenizer(
+        encode,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
