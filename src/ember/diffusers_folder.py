@@ -10,6 +10,7 @@ inverse. Single `.safetensors` files, and `load_model` for both kinds, are in `e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -249,8 +250,18 @@ def _has_own_tokenizer(folder: Path, sub: str = "tokenizer") -> bool:
     """Whether `tokenizer/` holds a BPE vocabulary, merges or added tokens other than CLIP's.
 
     Raises EmberError for tokenizer files that are not a BPE tokenizer's. A folder without
-    tokenizer files is taken to use CLIP's (as ember's own folders of older versions).
+    tokenizer files is taken to use CLIP's (as ember's own folders of older versions). Read once
+    per state of the files (parsing and comparing them takes ~0.7 s; loading asks twice).
     """
+    tok = folder / sub
+    files = sorted(tok.iterdir()) if tok.is_dir() else []
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    return _compare_tokenizer(folder, sub, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _compare_tokenizer(folder: Path, sub: str, stamp: tuple) -> bool:
+    """`_has_own_tokenizer`'s reading, cached by the files' `stamp` (name, mtime, size)."""
     from ember.models.tokenizer import CLIP_BOS, CLIP_EOS, load_clip_bpe
 
     tok = folder / sub
