@@ -170,23 +170,6 @@ def sd2v_folder(tmp_path_factory):
     return build_diffusers_folder(tmp_path_factory.mktemp("sd2v") / "tiny-sd2v", "tiny-v", seed=1)
 
 
-def _transformers_initialised_clip(cfg):
-    """ember's CLIP encoder holding the weights transformers' `CLIPTextModel` draws from the
-    global generator, drawn exactly as it does (ember's CLIP was that class when the references in
-    tests/data/same-images were made; the U-Net's weights come from the generator after it)."""
-    from transformers import CLIPTextModel
-
-    from ember.models.text import build_text_encoder, clip_text_config
-
-    drawn = CLIPTextModel(clip_text_config(cfg)).state_dict()
-    with torch.device("meta"):
-        encoder = build_text_encoder(cfg)
-    encoder.transformer.text_model.load_state_dict(
-        {k.removeprefix("text_model."): v for k, v in drawn.items()}, strict=True, assign=True
-    )
-    return encoder
-
-
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory):
     """A tiny random-weight ember single-file model (preset `tiny`, 64x64 native)."""
@@ -194,10 +177,11 @@ def tiny_model_file(tmp_path_factory):
     from ember.config import get_preset
     from ember.models.ldm import LatentDiffusion
     from ember.safetensors_io import save_safetensors
+    from server_support import transformers_initialised_clip
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = LatentDiffusion(cfg, _transformers_initialised_clip(cfg.text))
+    model = LatentDiffusion(cfg, transformers_initialised_clip(cfg.text))
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     sd = checkpoints.internal_to_ldm(model.state_dict(), cfg, {})
     save_safetensors(sd, path, {checkpoints.CONFIG_KEY: cfg.to_json(), "format": "pt"})

@@ -132,6 +132,25 @@ def make_settings(data_dir: Path, **kw):
     return Settings(data_dir=data_dir, **kw)
 
 
+def transformers_initialised_clip(cfg):
+    """ember's CLIP encoder holding the weights transformers' `CLIPTextModel` draws from the
+    global generator, drawn exactly as it does (ember's CLIP was that class when the references in
+    tests/data/same-images were made and the tiny models' fp32 batching was checked; the U-Net's
+    weights come from the generator after it)."""
+    import torch
+    from transformers import CLIPTextModel
+
+    from ember.models.text import build_text_encoder, clip_text_config
+
+    drawn = CLIPTextModel(clip_text_config(cfg)).state_dict()
+    with torch.device("meta"):
+        encoder = build_text_encoder(cfg)
+    encoder.transformer.text_model.load_state_dict(
+        {k.removeprefix("text_model."): v for k, v in drawn.items()}, strict=True, assign=True
+    )
+    return encoder
+
+
 def make_tiny_model(path: Path) -> Path:
     """A tiny random-weight single-file model (preset `tiny`, 64x64)."""
     import torch
@@ -139,12 +158,11 @@ def make_tiny_model(path: Path) -> Path:
     from ember.checkpoints import LoadedModel, save_single_file
     from ember.config import get_preset
     from ember.models.ldm import LatentDiffusion
-    from ember.models.text import build_text_encoder
     from ember.models.tokenizer import build_tokenizer
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = LatentDiffusion(cfg, build_text_encoder(cfg.text)).eval()
+    model = LatentDiffusion(cfg, transformers_initialised_clip(cfg.text)).eval()
     loaded = LoadedModel(model, build_tokenizer(cfg.text), cfg, str(path), "tiny", "", "")
     save_single_file(loaded, path)
     return path

@@ -78,6 +78,24 @@ class ClipText(nn.Module):
             {"layers": nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.num_layers))}
         )
         self.final_layer_norm = nn.LayerNorm(d, eps=CLIP_LAYER_NORM_EPS)
+        if not self.final_layer_norm.weight.is_meta:
+            self._init_weights(cfg)
+
+    @torch.no_grad()
+    def _init_weights(self, cfg: TextConfig) -> None:
+        """CLIP's initialisation (OpenAI CLIP's `initialize_parameters`, as transformers'
+        `CLIPTextModel` draws it): small embeddings and depth-scaled projections, zero biases. A
+        model trained from scratch starts from it (torch's defaults give contexts 50x larger)."""
+        d, depth = cfg.hidden_size, (2 * cfg.num_layers) ** -0.5
+        for table in self.embeddings.values():
+            table.weight.normal_(0, 0.02)
+        for layer in self.encoder["layers"]:
+            for name, proj in layer.self_attn.items():
+                proj.weight.normal_(0, d**-0.5 * (1 if name == "out_proj" else depth))
+            layer.mlp["fc1"].weight.normal_(0, (2 * d) ** -0.5)
+            layer.mlp["fc2"].weight.normal_(0, d**-0.5 * depth)
+            for linear in (*layer.self_attn.values(), *layer.mlp.values()):
+                linear.bias.zero_()
 
     def forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor, layers: int
