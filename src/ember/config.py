@@ -134,7 +134,8 @@ class VAEConfig:
 class TextConfig:
     """A frozen text encoder.
 
-    kind="clip": a transformers `CLIPTextModel` (SD 1.x CLIP ViT-L/14, SD 2.x OpenCLIP ViT-H/14).
+    kind="clip": the CLIP text transformer (`models/clip.py`; SD 1.x CLIP ViT-L/14, SD 2.x
+    OpenCLIP ViT-H/14, SDXL's ViT-L and bigG).
     kind="minilm": the all-MiniLM-L6-v2 BERT encoder used by ember's own default model.
     `layer`: "last" takes the final hidden state; "penultimate" the one before it (SD 2.x),
     both followed by the final layer norm, as ldm's FrozenOpenCLIPEmbedder does; a number k
