@@ -102,8 +102,9 @@ def machine(*, with_malloc: bool = True) -> str:
 
 
 def malloc() -> str:
-    """The malloc every worker and `ember generate` runs under, as the `ember` command picks it:
-    tcmalloc where it is installed, unless EMBER_TCMALLOC=0 (src/ember/process.py)."""
+    """The malloc ember's and diffusers' workers and `ember generate` run under, as the `ember`
+    command picks it: tcmalloc where it is installed, unless EMBER_TCMALLOC=0
+    (src/ember/process.py)."""
     from ember.process import env_on, find_tcmalloc
 
     lib = find_tcmalloc()

@@ -307,14 +307,17 @@ def spawn(python: str, **kw) -> dict:
     return spawn_worker(python, __file__, "--t0", repr(time.time()), **kw)
 
 
-def run_cli(r: Recipe, files: dict[str, str], out: Path, threads: int) -> dict:
-    """`ember generate` from process start to exit (PNG written), and the child's peak RSS."""
+def run_cli(
+    r: Recipe, files: dict[str, str], out: Path, threads: int, extra_env: dict | None = None
+) -> dict:
+    """`ember generate` from process start to exit (PNG written), and the child's peak RSS;
+    `extra_env` on top of this process's environment (bench/malloc.py: EMBER_TCMALLOC)."""
     cmd = generate_command(
         PROMPT, files["sd15"], out, steps=r.steps, size=f"{SIZE}x{SIZE}", sampler=r.sampler,
         cfg=r.cfg, embeddings_dir=files["embeddings"], timestep_spacing=r.spacing,
         vae=files["taesd"] if r.taesd else None, lora=f"{files['lora']}:1" if r.lora else None,
     )  # fmt: skip
-    return timed_generate(cmd, out, threads)
+    return timed_generate(cmd, out, threads, extra_env)
 
 
 def med(xs: list[float]) -> float:

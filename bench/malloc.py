@@ -26,7 +26,6 @@ from common import (
     native_bf16,
     peak_rss_mb,
     spawn_worker,
-    timed_generate,
     write_report,
 )
 
@@ -110,14 +109,9 @@ def main() -> None:
                                      size=int(row[3:]), decodes=a.decodes, threads=a.threads)  # fmt: skip
                     add(row, m, first=r["first"], warm=r["warm"], peak=r["peak_rss_mb"])
                 else:
-                    cmd = fewstep.generate_command(
-                        fewstep.PROMPT, files["sd15"], a.cache / "out" / "malloc-cli.png",
-                        steps=1, size="512x512", sampler="euler", cfg=1.0,
-                        embeddings_dir=files["embeddings"], timestep_spacing="trailing",
-                        vae=files["taesd"],
-                    )  # fmt: skip
                     (a.cache / "out").mkdir(exist_ok=True)
-                    r = timed_generate(cmd, a.cache / "out" / "malloc-cli.png", a.threads, env)
+                    r = fewstep.run_cli(fewstep.RECIPES["turbo1"], files,
+                                        a.cache / "out" / "malloc-cli.png", a.threads, env)  # fmt: skip
                     add(row, m, first=r["first"], peak=r["peak_rss_mb"])
     write_report(report(a, rows, res, line, started), a.out)
 

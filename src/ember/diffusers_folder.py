@@ -254,8 +254,10 @@ def _has_own_tokenizer(folder: Path, sub: str = "tokenizer") -> bool:
     per state of the files (parsing and comparing them takes ~0.7 s; loading asks twice).
     """
     tok = folder / sub
-    files = sorted(tok.iterdir()) if tok.is_dir() else []
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    stats = (
+        [(f.name, f.stat()) for f in sorted(tok.iterdir()) if f.is_file()] if tok.is_dir() else []
+    )
+    stamp = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     return _compare_tokenizer(folder, sub, stamp)
 
 

@@ -2,10 +2,9 @@
 
 glibc's malloc gives every buffer over 32 MB a fresh `mmap` and unmaps it when freed, so each
 large activation (the VAE's maps, TAESD's, SDXL's) is zeroed by the kernel and page-faulted in
-again on every call: on a 2-core Xeon, a third of the SD VAE's 1024x1024 decode and most of TAESD's
-at 512x512. tcmalloc keeps freed pages for the next buffer and hands them back gradually; with it
-the SD-Turbo recipe's warm image took 1.09 s instead of 1.51 s, with a lower peak RSS
-(docs/speed.md). So the `ember` command runs under tcmalloc where it is installed (Debian and
+again on every call. tcmalloc keeps freed pages for the next buffer and hands them back gradually;
+with it the SD VAE decodes 1.30x faster at 512x512 and 1.48x at 1024x1024, TAESD 0.135 -> 0.087 s
+(bench/malloc.md, a 2-core Xeon). So the `ember` command runs under tcmalloc where it is installed (Debian and
 Ubuntu: `libtcmalloc-minimal4`, which `scripts/setup.sh` installs when it can), as A1111's
 launcher does: it starts itself again with the library in `LD_PRELOAD`, before torch is
 imported. EMBER_TCMALLOC=0 keeps glibc's malloc. A Python program using ember as a library gets
